@@ -1,0 +1,219 @@
+"""`finetunekit fit|evaluate|predict|demo|recipes`. The `fit` flags are generated from the Recipe schema.
+
+Options are validated before torch is imported, so a typo fails in well under a second, as one line
+naming the option, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, NoReturn, get_args, get_origin
+
+from .config import build_recipe, leaf_fields, read_yaml
+from .errors import UserError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _metavar(annotation: Any) -> str | None:
+    args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    inner = args[0]
+    if get_origin(inner) is Literal:
+        return "{" + ",".join(get_args(inner)) + "}"
+    return {int: "N", float: "X", str: "TEXT"}.get(inner, "PATH")
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """One flag per leaf option of the Recipe; returns dest -> flag."""
+    dests = {}
+    for key, flag, info in leaf_fields():
+        dest = key.replace(".", "__")
+        default = info.default
+        help_text = f"{info.description} (default: {default})"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, metavar=_metavar(info.annotation), default=argparse.SUPPRESS,
+                                help=help_text)
+        dests[dest] = flag
+    return dests
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = _Parser(prog="finetunekit", description="Fine-tune pretrained models on your own data.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    fit = sub.add_parser("fit", help="fine-tune a model (options from --config, overridden by flags)")
+    fit.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+    dests = _add_recipe_flags(fit)
+
+    ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
+    ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    ev.add_argument("--data", required=True, metavar="PATH", help="folder of class folders or CSV manifest")
+    ev.add_argument("--batch-size", type=int, default=64, metavar="N")
+    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+    ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+
+    pr = sub.add_parser("predict", help="labels for images (files or folders)")
+    pr.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    pr.add_argument("--format", choices=("csv", "json", "table"), default="table")
+    pr.add_argument("--top-k", type=int, default=1, metavar="K")
+    pr.add_argument("--batch-size", type=int, default=64, metavar="N")
+    pr.add_argument("--output", metavar="FILE", help="write the predictions to FILE instead of stdout")
+
+    demo = sub.add_parser("demo", help="fine-tune the offline EfficientNet-Lite0 on scikit-learn's digits")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
+    demo.add_argument("--epochs", type=int, default=None, metavar="N")
+    demo.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser, dests
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = args.command or ""
+        sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
+        flags = [s for a in (sub or parser)._actions for s in a.option_strings]
+        word = next((u for u in unknown if u.startswith("-")), unknown[0])
+        where = f"finetunekit {command}".strip()
+        raise UserError(f"{where}: unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
+    return args
+
+
+def resolve_config(name: str) -> Path:
+    p = Path(name)
+    if p.is_file() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = RECIPES_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = [r.stem for r in RECIPES_DIR.glob("*.yaml")]
+    raise UserError(f"--config {name}: no such file or shipped recipe{did_you_mean(name, names)}")
+
+
+def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
+    overrides: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for dest, flag in dests.items():
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            if isinstance(value, str) and value.lower() in ("none", "null"):
+                value = None
+            key = dest.replace("__", ".")
+            overrides[key], names[key] = value, flag
+    base, source = {}, "flags"
+    if args.config:
+        path = resolve_config(args.config)
+        base, source = read_yaml(path), str(path)
+    return build_recipe(base, overrides, source=source, override_names=names)
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def _format_predictions(preds: list[dict], fmt: str, top_k: int) -> str:
+    if fmt == "json":
+        return json.dumps(preds, indent=2) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        cols = ["path", "label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
+        writer.writerow(cols)
+        for p in preds:
+            row = [p.get("path", ""), p["label"], f"{p['score']:.6f}"]
+            for alt in p["top_k"][1:]:
+                row += [alt["label"], f"{alt['score']:.6f}"]
+            writer.writerow(row)
+        return buf.getvalue()
+    width = max((len(p.get("path", "")) for p in preds), default=4)
+    lines = [f"{'path':<{width}}  {'label':<16} score"]
+    lines += [f"{p.get('path', ''):<{width}}  {p['label']:<16} {p['score']:.4f}" for p in preds]
+    return "\n".join(lines) + "\n"
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "loss", "samples") if k in metrics]
+    print("  ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                    for k in keys))
+    per_class = metrics.get("per_class", {})
+    if per_class:
+        width = max(len(c) for c in per_class)
+        print(f"{'class':<{width}}  precision  recall")
+        for c, v in per_class.items():
+            print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}")
+
+
+def run(argv: list[str]) -> int:
+    parser, dests = _build_parser()
+    args = _parse(parser, argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "recipes":
+        for path in sorted(RECIPES_DIR.glob("*.yaml")):
+            print(f"{path.stem:<28} {read_yaml(path).get('description', '')}")
+        return 0
+    if args.command == "fit":
+        recipe = recipe_from_args(args, dests)  # validated before torch loads
+        from .pipeline import fit
+
+        result = fit(recipe)
+        print(f"run: {result.run_dir}")
+        return 0
+    if args.command == "evaluate":
+        from .pipeline import evaluate
+
+        metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
+        _print_metrics(metrics)
+        if args.output:
+            Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return 0
+    if args.command == "predict":
+        if args.top_k < 1:
+            raise UserError(f"--top-k: expected a value >= 1, got {args.top_k}")
+        from .artifacts import load
+
+        preds = load(args.run).predict(args.inputs, batch_size=args.batch_size, top_k=args.top_k)
+        _write(_format_predictions(preds, args.format, args.top_k), args.output)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"finetunekit: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("finetunekit: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The Recipe: one typed schema for every option.
+
+The CLI flags, the YAML recipe file and the Python API all derive from these classes. Each leaf field has
+a default and a one-line description; its flag is `--field-name` unless the field names another
+(`flag=`). Unknown or misplaced keys and out-of-range values are a `UserError` naming the option.
+
+This module must stay free of torch imports: the CLI validates a recipe before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError, did_you_mean
+
+
+def _opt(default: Any, description: str, flag: str | None = None, **constraints: Any) -> Any:
+    extra = {"flag": flag} if flag else None
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    path: Path | None = _opt(
+        None, "images: a folder of class folders, a folder with train/ (val/, test/) class folders, "
+        "or a CSV manifest with columns path,label", flag="data")
+    val: Path | None = _opt(
+        None, "validation folder or CSV; default: val/ beside train/, else a seeded stratified split of the "
+        "training data")
+    test: Path | None = _opt(None, "test folder or CSV, evaluated once with the best model; default: test/ "
+                             "beside train/")
+    val_fraction: float = _opt(0.1, "fraction of the training data held out for validation when no "
+                               "validation set is given", gt=0, lt=1)
+    image_size: int | None = _opt(None, "input size in pixels; default: the model's pretrained size",
+                                  ge=16, le=2048)
+    augment: Literal["none", "light", "standard"] = _opt(
+        "light", "training augmentation: none; light = random resized crop + horizontal flip; "
+        "standard = light + color jitter + RandAugment")
+    max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
+                                   "files cannot be read", ge=0, le=1)
+    num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count",
+                                   ge=0, le=64)
+
+
+class ModelConfig(_Section):
+    name: str = _opt("efficientnet_lite0", "backbone: timm:<name>, torchvision:<name>, or the built-in "
+                     "offline efficientnet_lite0", flag="model", min_length=1)
+    weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
+                                "dict) instead of the source's pretrained weights")
+    pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
+
+
+class TrainConfig(_Section):
+    strategy: Literal["full", "linear-probe"] = _opt(
+        "full", "what trains: full = every parameter; linear-probe = the new head only, backbone frozen")
+    epochs: int = _opt(10, "training epochs", ge=1, le=100_000)
+    batch_size: int = _opt(32, "samples per optimizer step on one device (before accumulation)",
+                           ge=1, le=65_536)
+    lr: float | None = _opt(None, "peak learning rate; default: 1e-3 for full, 1e-2 for linear-probe, "
+                            "for a batch of 64 and scaled linearly with the effective batch", gt=0, le=10)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
+                               ge=0, le=10)
+    warmup: float = _opt(1.0, "linear learning-rate warmup, in epochs (fractions allowed)", ge=0)
+    min_lr_ratio: float = _opt(0.01, "final learning rate of the cosine schedule, as a fraction of lr",
+                               ge=0, le=1)
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss", ge=0, lt=1)
+    grad_accum: int = _opt(1, "gradient accumulation steps (effective batch = batch-size x grad-accum)",
+                           ge=1, le=4096)
+    clip_grad: float | None = _opt(1.0, "clip the gradient norm to this value ('none' to disable)", gt=0)
+    precision: Literal["auto", "no", "bf16", "fp16"] = _opt(
+        "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs, off on the CPU")
+    early_stopping: int | None = _opt(None, "stop after this many epochs without improvement of the "
+                                      "validation metric", ge=1)
+    metric: Literal["accuracy", "macro_f1", "loss"] = _opt(
+        "accuracy", "validation metric that picks the best checkpoint and drives early stopping")
+    seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
+    cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+
+
+class Recipe(_Section):
+    """Everything a fine-tuning run needs. `Recipe(**dict)`, `Recipe.load(yaml)`, or flags."""
+
+    task: Literal["image-classification"] = _opt("image-classification", "what to learn")
+    description: str = _opt("", "one line on what this recipe is for (shown by `finetunekit recipes`)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: Path | None = _opt(None, "run directory; default: runs/<model>-<date>-<time>")
+    overwrite: bool = _opt(False, "replace an existing run directory at --out")
+    quiet: bool = _opt(False, "no progress bars, log lines only")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+        """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file."""
+        return build_recipe(read_yaml(path), overrides or {}, source=str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def leaf_fields() -> list[tuple[str, str, Any]]:
+    """(dotted key, flag, FieldInfo) for every leaf option, in schema order."""
+    out = []
+    for name, info in Recipe.model_fields.items():
+        if name in SECTIONS:
+            for sub, sub_info in SECTIONS[name].model_fields.items():
+                out.append((f"{name}.{sub}", _flag(sub, sub_info), sub_info))
+        else:
+            out.append((name, _flag(name, info), info))
+    return out
+
+
+def _flag(name: str, info: Any) -> str:
+    extra = info.json_schema_extra or {}
+    return "--" + (extra.get("flag") or name).replace("_", "-")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {p}: no such recipe file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{p}: not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a recipe must be a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            nested.setdefault(section, {})[sub] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def build_recipe(base: dict[str, Any], overrides: dict[str, Any], source: str = "recipe",
+                 override_names: dict[str, str] | None = None) -> Recipe:
+    """Merge `overrides` (dotted or nested keys) over `base` and validate.
+
+    Errors name the flag for overridden keys (`override_names`: dotted key -> flag) and
+    `source: key` for keys from the file.
+    """
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in _nest(overrides).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    _check_keys(merged, source)
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as e:
+        raise UserError(_one_line(e, source, set(_flatten(overrides)), override_names or {})) from None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and (prefix or k in SECTIONS):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_keys(merged: dict[str, Any], source: str) -> None:
+    """Unknown or misplaced keys, with a did-you-mean over every valid dotted key."""
+    valid = [key for key, _, _ in leaf_fields()]
+    for key, value in merged.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: '{key}' must be a mapping of options, got {value!r}")
+            for sub in value:
+                dotted = f"{key}.{sub}"
+                if dotted not in valid:
+                    raise UserError(f"{source}: unknown option '{dotted}'{_suggest(sub, dotted, valid)}")
+        elif key not in Recipe.model_fields:
+            raise UserError(f"{source}: unknown option '{key}'{_suggest(key, key, valid)}")
+
+
+def _suggest(leaf: str, dotted: str, valid: list[str]) -> str:
+    placed = [v for v in valid if v.rsplit(".", 1)[-1] == leaf]
+    if placed:
+        return f" (did you mean {placed[0]!r}?)"
+    hint = did_you_mean(dotted, valid)
+    return hint or did_you_mean(leaf, [v.rsplit(".", 1)[-1] for v in valid])
+
+
+def _one_line(err: ValidationError, source: str, overridden: set[str],
+              override_names: dict[str, str]) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "lax-", "json-")))
+    # pydantic reports `int | None` failures per branch: keep the key, drop the branch names
+    key = ".".join(p for p in key.split(".") if p not in {"int", "float", "none", "str", "path",
+                                                          "bool", "literal['none']"})
+    where = override_names.get(key, key) if key in overridden else f"{source}: {key}"
+    msg = e["msg"].replace("Input should be", "expected").replace("Value error, ", "")
+    for words, sign in (("greater than or equal to", ">="), ("less than or equal to", "<="),
+                        ("greater than", ">"), ("less than", "<")):
+        msg = msg.replace(f"expected {words}", f"expected a value {sign}")
+    given = e.get("input")
+    hint = ""
+    expected = (e.get("ctx") or {}).get("expected")
+    if e["type"] == "literal_error" and isinstance(given, str) and expected:
+        hint = did_you_mean(given, [s.strip(" '") for s in expected.replace(" or ", ",").split(",")])
+    return f"{where}: {msg}, got {given!r}{hint}"

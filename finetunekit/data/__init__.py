@@ -1,0 +1,42 @@
+"""Data: readers and splits (sources), robust image decoding (images), transforms, and the loaders."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import load_rgb, to_rgb
+from .sources import Split, Splits, resolve_splits
+from .transforms import Preprocessing, build_transform
+
+__all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "default_workers",
+           "load_rgb", "make_loader", "resolve_splits", "to_rgb"]
+
+
+class ImageDataset(Dataset):
+    """(image tensor [3, H, W], class index) for each file of a split."""
+
+    def __init__(self, split: Split, transform):
+        self.paths, self.labels, self.transform = split.paths, split.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.paths[i])), self.labels[i]
+
+
+def default_workers() -> int:
+    """Leave a core for the training process; more than 8 workers rarely helps a single device."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int, seed: int,
+                pin_memory: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if train else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=generator)

@@ -1,0 +1,195 @@
+"""Where labelled images come from: class folders or a CSV manifest, and how they split into train/val/test.
+
+Everything here runs before training starts, so every problem is a one-line `UserError` naming the
+option and file, and unreadable files are skipped, counted and listed (never a crash, never silent).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .images import scan_images
+
+log = logging.getLogger("finetunekit")
+
+_VAL_NAMES = ("val", "valid", "validation")
+_PATH_COLUMNS = ("path", "file", "filename", "image")
+_LABEL_COLUMNS = ("label", "class", "target")
+
+
+@dataclass
+class LabeledFiles:
+    """Image files with their class names, as read from one folder or manifest."""
+
+    paths: list[str]
+    labels: list[str]
+    origin: str  # the option and path it came from, for messages: "--val data/val"
+    declared: list[str] = field(default_factory=list)  # class folders, even empty ones
+
+
+@dataclass
+class Split:
+    paths: list[str]
+    labels: list[int]  # indices into Splits.classes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split | None
+    record: dict  # how the split was made, saved with the run
+    skipped: list[tuple[str, str]]  # (path, reason) of unreadable files
+
+
+def class_sort_key(name: str) -> tuple:
+    """Natural order: '2' before '10', numbers before words."""
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def read_labeled_files(path: Path, option: str) -> LabeledFiles:
+    if path.is_dir():
+        return _read_class_folders(path, option)
+    if path.is_file():
+        return _read_manifest(path, option)
+    raise UserError(f"{option} {path}: no such file or folder")
+
+
+def _read_class_folders(root: Path, option: str) -> LabeledFiles:
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: class_sort_key(d.name))
+    if not folders:
+        raise UserError(f"{option} {root}: expected one sub-folder per class, found no sub-folders")
+    paths, labels = [], []
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"{option} {root}: class folder '{folder.name}' is empty")
+        paths += [str(p) for p in files]
+        labels += [folder.name] * len(files)
+    return LabeledFiles(paths, labels, f"{option} {root}", declared=[d.name for d in folders])
+
+
+def _read_manifest(path: Path, option: str) -> LabeledFiles:
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+            path_col = next((columns[c] for c in _PATH_COLUMNS if c in columns), None)
+            label_col = next((columns[c] for c in _LABEL_COLUMNS if c in columns), None)
+            if path_col is None or label_col is None:
+                raise UserError(f"{option} {path}: a manifest needs columns 'path' and 'label', "
+                                f"found {list(columns) or 'no header'}")
+            paths, labels = [], []
+            for row in reader:
+                file, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
+                if not file or not label:
+                    raise UserError(f"{option} {path}, line {reader.line_num}: empty "
+                                    f"{'path' if not file else 'label'}")
+                p = Path(file)
+                paths.append(str(p if p.is_absolute() else path.parent / p))
+                labels.append(label)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise UserError(f"{option} {path}: malformed CSV: {e}") from None
+    if not paths:
+        raise UserError(f"{option} {path}: the manifest has no rows")
+    return LabeledFiles(paths, labels, f"{option} {path}")
+
+
+def stratified_split(labels: list[str], fraction: float, seed: int) -> list[bool]:
+    """Mark about `fraction` of each class (at least one where a class has two or more) as held out."""
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    rng = random.Random(seed)
+    held = [False] * len(labels)
+    for label in sorted(by_class):
+        idx = by_class[label]
+        rng.shuffle(idx)
+        n = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        for i in idx[:n]:
+            held[i] = True
+    return held
+
+
+def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_fraction: float,
+                   seed: int, max_bad_fraction: float) -> Splits:
+    if path is None:
+        raise UserError("--data: required: a folder of class folders, a folder with train/ and val/, "
+                        "or a CSV manifest path,label")
+    train_path = path
+    if path.is_dir() and (path / "train").is_dir():
+        train_path = path / "train"
+        val = val or next((path / n for n in _VAL_NAMES if (path / n).is_dir()), None)
+        test = test or ((path / "test") if (path / "test").is_dir() else None)
+    train = read_labeled_files(train_path, "--data")
+    val_files = read_labeled_files(val, "--val") if val else None
+    test_files = read_labeled_files(test, "--test") if test else None
+
+    every = [f for f in (train, val_files, test_files) if f is not None]
+    all_paths = [p for f in every for p in f.paths]
+    report = scan_images(all_paths)
+    if report.bad:
+        log.warning("skipped %d unreadable file(s) of %d:", len(report.bad), len(all_paths))
+        for p, reason in report.bad:
+            log.warning("  skipped %s: %s", p, reason)
+    converted = {m: n for m, n in report.modes.items() if m != "RGB"}
+    if converted:
+        log.info("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
+    if len(report.bad) > max_bad_fraction * len(all_paths):
+        p, reason = report.bad[0]
+        raise UserError(f"--data {path}: {len(report.bad)} of {len(all_paths)} image files cannot be read, "
+                        f"more than --max-bad-fraction {max_bad_fraction} (first: {p}: {reason})")
+    readable = dict(zip(all_paths, report.ok))
+    for f in every:
+        keep = [i for i, p in enumerate(f.paths) if readable[p]]
+        f.paths, f.labels = [f.paths[i] for i in keep], [f.labels[i] for i in keep]
+
+    counts = Counter(train.labels)
+    for name in train.declared:
+        if not counts[name]:
+            raise UserError(f"{train.origin}: class '{name}' has no readable images")
+    classes = sorted(counts, key=class_sort_key)
+    if len(classes) < 2:
+        raise UserError(f"{train.origin}: found {len(classes)} class{'es' if not classes else ''} "
+                        f"{classes}; classification needs at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    for f in (val_files, test_files):
+        if f is not None:
+            unknown = sorted(set(f.labels) - set(classes), key=class_sort_key)
+            if unknown:
+                raise UserError(f"{f.origin}: label{'s' if len(unknown) > 1 else ''} {unknown} not in the "
+                                f"training data (classes: {classes})")
+            if not f.paths:
+                raise UserError(f"{f.origin}: no readable images")
+
+    if val_files is not None:
+        train_split = Split(train.paths, [index[c] for c in train.labels])
+        val_split = Split(val_files.paths, [index[c] for c in val_files.labels])
+        record = {"val": {"from": str(val)}}
+    else:
+        held = stratified_split(train.labels, val_fraction, seed)
+        pairs = list(zip(train.paths, train.labels, held))
+        train_split = Split([p for p, _, h in pairs if not h], [index[c] for _, c, h in pairs if not h])
+        val_split = Split([p for p, _, h in pairs if h], [index[c] for _, c, h in pairs if h])
+        record = {"val": {"from": f"stratified split of {train_path}", "fraction": val_fraction,
+                          "seed": seed, "files": val_split.paths}}
+    test_split = (Split(test_files.paths, [index[c] for c in test_files.labels])
+                  if test_files is not None else None)
+    record.update(train={"from": str(train_path), "count": len(train_split)},
+                  test={"from": str(test), "count": len(test_split)} if test_split else None)
+    record["val"]["count"] = len(val_split)
+    return Splits(classes, train_split, val_split, test_split, record, report.bad)

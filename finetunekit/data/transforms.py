@@ -1,0 +1,49 @@
+"""Preprocessing (a model's data config) and the train/eval transforms built from it with timm's factory."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+# Augmentation presets: arguments for timm.data.create_transform(is_training=True).
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "light": dict(scale=(0.35, 1.0), hflip=0.5, color_jitter=None),
+    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1"),
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its pixels: the pretrained weights' data config (timm's `pretrained_cfg` terms)."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def with_size(self, size: int | None) -> Preprocessing:
+        return self if size is None else replace(self, input_size=size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=d.get("interpolation", "bilinear"), crop_pct=float(d.get("crop_pct", 0.875)),
+                   crop_mode=d.get("crop_mode", "center"))
+
+
+def build_transform(pre: Preprocessing, augment: str = "none"):
+    """PIL RGB image -> normalized float tensor [3, H, W]. `augment='none'` is the deterministic eval path."""
+    from timm.data import create_transform
+
+    common = dict(input_size=pre.input_size, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
+                  crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+    if augment == "none":
+        return create_transform(is_training=False, **common)
+    return create_transform(is_training=True, **common, **AUGMENT_PRESETS[augment])

@@ -1,0 +1,136 @@
+"""The one training loop. accelerate does devices, precision, accumulation and distribution."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .strategies import set_train_mode
+
+log = logging.getLogger("finetunekit")
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    strategy: str  # decides which modules stay in eval mode during training
+    head: str  # dotted name of the head module
+    clip_grad: float | None = None
+    monitor: str = "accuracy"  # validation metric that picks the best epoch: accuracy | macro_f1 | loss
+    patience: int | None = None  # early stopping: epochs without improvement
+    quiet: bool = False
+    log_every: int = 25  # steps between progress updates (each one syncs with the device)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_value: float
+    stopped_early: bool
+    train_seconds: float
+
+
+def _score(monitor: str, val: dict) -> tuple[float, float]:
+    """Higher is better; ties on the metric (common with accuracy on small sets) go to the lower loss."""
+    return (-val["loss"], 0.0) if monitor == "loss" else (val[monitor], -val["loss"])
+
+
+def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    if not all(math.isfinite(s) for s in score):
+        return False  # a NaN/Inf metric is never "best"
+    return best is None or score > best
+
+
+def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
+        val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict], None]) -> FitResult:
+    """Train for `cfg.epochs`, evaluate after each epoch, call `on_best(epoch, val)` on improvement."""
+    history: list[dict] = []
+    best: tuple[float, float] | None = None
+    best_epoch, stale, updates = -1, 0, 0
+    params = [p for p in module.parameters() if p.requires_grad]
+    train_seconds = 0.0
+    for epoch in range(cfg.epochs):
+        set_train_mode(cfg.strategy, module, cfg.head)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        correct = torch.zeros((), device=accelerator.device)
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=cfg.quiet or not accelerator.is_local_main_process)
+        for step, (x, y) in enumerate(bar):
+            with accelerator.accumulate(module):
+                logits = module(x)  # [B, num_outputs]
+                loss = task.loss(logits, y)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.clip_grad:
+                        accelerator.clip_grad_norm_(params, cfg.clip_grad)
+                    updates += 1
+                optimizer.step()  # a no-op inside an accumulation window (accelerate)
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    scheduler.step_update(num_updates=updates)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(-1) == y).sum()
+            seen += len(y)
+            if not bar.disable and step % cfg.log_every == 0:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - start
+        train_seconds += epoch_seconds
+        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+               "train_images_per_s": seen * accelerator.num_processes / epoch_seconds,
+               "epoch_seconds": epoch_seconds}
+        history.append(row)
+        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        score = _score(cfg.monitor, val)
+        improved = _better(score, best)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f macro-F1 %.4f  %.0f img/s%s",
+                 epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val["loss"], val["accuracy"],
+                 val["macro_f1"], row["train_images_per_s"], "  *best" if improved else "")
+        if improved:
+            best, best_epoch, stale = score, epoch + 1, 0
+            on_best(epoch + 1, val)
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                log.info("early stopping: no improvement of val %s for %d epochs", cfg.monitor, stale)
+                break
+    best_value = history[best_epoch - 1][f"val_{cfg.monitor}"] if best_epoch > 0 else float("nan")
+    return FitResult(history, best_epoch, best_value, stopped_early=best_epoch > 0 and len(history) < cfg.epochs,
+                     train_seconds=train_seconds)
+
+
+@torch.inference_mode()
+def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
+             quiet: bool = False) -> dict:
+    """Metrics of `task` over `loader`, plus the mean unsmoothed loss."""
+    module.eval()
+    metrics = task.metrics().to(accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = 0
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                     disable=quiet or not accelerator.is_local_main_process):
+        logits = module(x)
+        logits, y = accelerator.gather_for_metrics((logits, y))
+        metrics.update(logits.float(), y)
+        loss_sum += task.eval_loss(logits, y).sum()
+        count += len(y)
+    out = task.summarize(metrics.compute())
+    out["loss"] = loss_sum.item() / max(count, 1)
+    out["samples"] = count
+    return out

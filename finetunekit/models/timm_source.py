@@ -1,0 +1,78 @@
+"""timm models: any `timm:<name>`; pretrained weights from the Hugging Face Hub when reachable."""
+
+from __future__ import annotations
+
+import timm
+from timm.data import resolve_data_config
+from torch import nn
+
+from ..data.transforms import Preprocessing
+from ..errors import UserError, did_you_mean
+from .base import Backbone
+
+
+def check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:1]
+        hint = f" (did you mean 'timm:{close[0]}'?)" if close else did_you_mean(name, timm.list_models())
+        raise UserError(f"--model timm:{name}: not a timm model{hint}")
+
+
+def preprocessing_of(module: nn.Module) -> Preprocessing:
+    cfg = resolve_data_config({}, model=module)
+    return Preprocessing(input_size=int(cfg["input_size"][-1]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                         interpolation=cfg.get("interpolation", "bicubic"),
+                         crop_pct=float(cfg.get("crop_pct", 0.875)), crop_mode=cfg.get("crop_mode", "center"))
+
+
+def wrap(module: nn.Module, architecture: str, preprocessing: Preprocessing | None = None) -> Backbone:
+    classifier = module.get_classifier()
+    head = next(n for n, m in module.named_modules() if m is classifier)
+    return Backbone(module=module, source="timm", architecture=architecture, head=head,
+                    preprocessing=preprocessing or preprocessing_of(module), num_features=module.num_features)
+
+
+def _fail_fast_offline(name: str) -> None:
+    """Without a route to the Hub (and no cached weights), fail now rather than after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                      for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+            return
+        except OSError as e:
+            reason = f"cannot reach {urlparse(constants.ENDPOINT).hostname}: {e.strerror or e}"
+    raise UserError(f"--model timm:{name}: its pretrained weights are not cached and the Hugging Face Hub is "
+                    f"out of reach ({reason}); pass --weights FILE, use --no-pretrained, or the built-in "
+                    f"offline efficientnet_lite0")
+
+
+def create(name: str, pretrained: bool) -> Backbone:
+    """The model with its original head (replaced later, after any weights are loaded)."""
+    check_name(name)
+    if pretrained:
+        _fail_fast_offline(name)
+    try:
+        module = timm.create_model(name, pretrained=pretrained)
+    except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model timm:{name}: could not get its pretrained weights from the Hugging Face "
+                        f"Hub ({type(e).__name__}: {first}); without internet, pass --weights FILE or "
+                        f"--no-pretrained") from None
+    return wrap(module, name)
+
+
+def replace_head(backbone: Backbone, num_classes: int) -> None:
+    backbone.module.reset_classifier(num_classes)
+    rewrapped = wrap(backbone.module, backbone.architecture, backbone.preprocessing)
+    backbone.head = rewrapped.head

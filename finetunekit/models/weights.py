@@ -1,0 +1,67 @@
+"""Reading weight files safely (safetensors, or a weights-only torch state dict; never arbitrary pickle)
+and loading them into a backbone whose head may differ."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import Backbone
+
+log = logging.getLogger("finetunekit")
+
+
+def read_state_dict(path: Path, option: str = "--weights") -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure of the file is the user's input
+            raise UserError(f"{option} {path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{option} {path}: refused: not a weights-only state dict ({first}); "
+                        f"convert it to .safetensors") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{option} {path}: expected a state dict of tensors")
+    return obj
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "model.", "_orig_mod."):
+        if not (set(sd) & own) and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(backbone: Backbone, sd: dict[str, torch.Tensor], origin: str) -> None:
+    """Load every non-head tensor (all must be there); load the head too where its shape matches."""
+    own = backbone.module.state_dict()
+    sd = _strip_prefixes(sd, set(own))
+    head = f"{backbone.head}."
+    body_missing = [k for k in own if k not in sd and not k.startswith(head)]
+    mismatched = [k for k in own if k in sd and not k.startswith(head) and sd[k].shape != own[k].shape]
+    if body_missing or mismatched:
+        bad = (body_missing or mismatched)[:3]
+        what = "missing" if body_missing else "of another shape"
+        raise UserError(f"{origin}: does not fit {backbone.source}:{backbone.architecture}: "
+                        f"{len(body_missing) or len(mismatched)} tensors {what} (e.g. {', '.join(bad)})")
+    head_fits = all(k in sd and sd[k].shape == v.shape for k, v in own.items() if k.startswith(head))
+    keep = {k: v for k, v in sd.items() if k in own and (head_fits or not k.startswith(head))}
+    backbone.module.load_state_dict(keep, strict=False)
+    unused = len(sd) - len(keep)
+    log.info("loaded %s (%d tensors; head %s%s)", origin, len(keep),
+             "loaded" if head_fits else "newly initialized",
+             f"; {unused} unused tensors" if unused else "")
