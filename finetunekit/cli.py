@@ -19,6 +19,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # `--epoch` is a typo, not a prefix of --epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message}")
 

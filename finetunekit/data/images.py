@@ -22,9 +22,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB: 16/32-bit grayscale rescaled, transparency composited on white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if im.mode != "F" or a.max() > 1.0 else 1.0
-        im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        peak = float(a.max()) if a.size else 0.0
+        # 16-bit data -> /257; values already in 0..255 stay; float images in 0..1 are scaled up
+        top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else (1.0 if im.mode == "F" and peak <= 1.0 else 255.0)
+        im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class Splits:
 
 def class_sort_key(name: str) -> tuple:
     """Natural order: '2' before '10', numbers before words."""
-    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+    return (0, int(name), name) if re.fullmatch(r"-?[0-9]+", name) else (1, 0, name)
 
 
 def read_labeled_files(path: Path, option: str) -> LabeledFiles:
@@ -72,7 +73,8 @@ def _read_class_folders(root: Path, option: str) -> LabeledFiles:
         raise UserError(f"{option} {root}: expected one sub-folder per class, found no sub-folders")
     paths, labels = [], []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not files:
             raise UserError(f"{option} {root}: class folder '{folder.name}' is empty")
         paths += [str(p) for p in files]
@@ -106,7 +108,7 @@ def _read_manifest(path: Path, option: str) -> LabeledFiles:
         raise UserError(f"{option} {path}: malformed CSV: {e}") from None
     if not paths:
         raise UserError(f"{option} {path}: the manifest has no rows")
-    return LabeledFiles(paths, labels, f"{option} {path}")
+    return LabeledFiles(paths, labels, f"{option} {path}", declared=sorted(set(labels), key=class_sort_key))
 
 
 def stratified_split(labels: list[str], fraction: float, seed: int) -> list[bool]:

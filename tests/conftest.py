@@ -1,0 +1,43 @@
+"""Shared fixtures: real data from ../shared/data, cut to small subsets through CSV manifests."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CIFAR = SHARED_DATA / "cifar10-mini"
+
+
+def write_manifest(path: Path, split_dir: Path, per_class: int, classes: list[str] | None = None) -> Path:
+    classes = classes or sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for c in classes:
+            for img in sorted((split_dir / c).glob("*.jpg"))[:per_class]:
+                w.writerow([str(img), c])
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(tmp_path_factory) -> dict[str, Path]:
+    """Manifests over real CIFAR-10 mini images: 40 train and 20 test images per class."""
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not found (the shared datasets sit beside the repo)")
+    d = tmp_path_factory.mktemp("cifar")
+    return {"train": write_manifest(d / "train.csv", CIFAR / "train", 40),
+            "test": write_manifest(d / "test.csv", CIFAR / "test", 20)}
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real command line, in a fresh process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "finetunekit.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env=env)
