@@ -6,7 +6,7 @@ section. A timm-backed folder therefore also loads with plain timm:
 
     timm.create_model("local-dir:runs/x/model")
     timm.create_model(arch, pretrained=True, num_classes=N,
-                      pretrained_cfg_overlay=dict(file="runs/x/model/model.safetensors"))
+                      pretrained_cfg_overlay=dict(file="runs/x/model/model.safetensors", num_classes=N))
 """
 
 from __future__ import annotations
