@@ -117,7 +117,10 @@ class FineTunedModel:
             return to_rgb(item)
         if isinstance(item, np.ndarray):
             return to_rgb(Image.fromarray(item))
-        return load_rgb(item)
+        try:
+            return load_rgb(item)
+        except Exception as e:  # noqa: BLE001 - any decoding failure: name the file, no traceback
+            raise UserError(f"{item}: cannot read as an image ({type(e).__name__}: {e})") from None
 
     @torch.inference_mode()
     def logits(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:

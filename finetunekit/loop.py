@@ -59,7 +59,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     params = [p for p in module.parameters() if p.requires_grad]
     train_seconds = 0.0
     for epoch in range(cfg.epochs):
-        set_train_mode(cfg.strategy, module, cfg.head)
+        set_train_mode(cfg.strategy, module, cfg.head, inner=accelerator.unwrap_model(module))
         loss_sum = torch.zeros((), device=accelerator.device)
         correct = torch.zeros((), device=accelerator.device)
         seen = 0

@@ -24,10 +24,13 @@ def apply_strategy(strategy: str, backbone: Backbone) -> None:
         p.requires_grad_(strategy == "full" or name in head)
 
 
-def set_train_mode(strategy: str, module: nn.Module, head: str) -> None:
-    """model.train(), except frozen parts under linear-probe, which stay in eval mode."""
+def set_train_mode(strategy: str, module: nn.Module, head: str, inner: nn.Module | None = None) -> None:
+    """model.train(), except frozen parts under linear-probe, which stay in eval mode.
+
+    `module` may be a distributed wrapper; `inner` is then the wrapped model, whose names `head` uses.
+    """
     module.train()
     if strategy == "linear-probe":
-        for name, m in module.named_modules():
+        for name, m in (inner or module).named_modules():
             if name and not (name == head or name.startswith(head + ".")) and not head.startswith(name + "."):
                 m.eval()

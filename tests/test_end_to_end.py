@@ -100,6 +100,12 @@ def test_cli_predict_and_evaluate(lite0_run, cifar_subset, tmp_path):
     classes = json.loads((lite0_run / "metrics.json").read_text())["classes"]
     assert all(t["label"] in classes and 0 <= float(t["score"]) <= 1 and t["label2"] in classes for t in table)
 
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a picture")
+    r = run_cli("predict", str(lite0_run), str(bad))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "broken.jpg: cannot read as an image" in r.stderr
+
     r = run_cli("evaluate", str(lite0_run), "--data", str(cifar_subset["test"]), "--output", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "e.json").read_text())
