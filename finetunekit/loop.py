@@ -111,7 +111,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 log.info("early stopping: no improvement of val %s for %d epochs", cfg.monitor, stale)
                 break
     best_value = history[best_epoch - 1][f"val_{cfg.monitor}"] if best_epoch > 0 else float("nan")
-    return FitResult(history, best_epoch, best_value, stopped_early=best_epoch > 0 and len(history) < cfg.epochs,
+    return FitResult(history, best_epoch, best_value, stopped_early=len(history) < cfg.epochs,
                      train_seconds=train_seconds)
 
 

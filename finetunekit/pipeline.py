@@ -210,8 +210,11 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
              "%d updates/epoch", lr, effective_batch, t.weight_decay, t.warmup, updates_per_epoch)
 
     model_dir = out / "model"
+    best_val: dict = {}
 
     def on_best(epoch: int, val: dict) -> None:
+        best_val.clear()
+        best_val.update(val)  # the saved weights' validation metrics: no second validation pass
         if accelerator.is_main_process:
             save_model_folder(model_dir, backbone, splits.classes, m.name)
 
@@ -225,13 +228,13 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         raise UserError(f"training produced no finite validation {t.metric}; no model was saved "
                         f"(try a lower --lr)")
 
-    # final numbers come from the best checkpoint, exactly as saved
-    from safetensors.torch import load_file
-
-    accelerator.wait_for_everyone()
-    accelerator.unwrap_model(module).load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    metrics: dict[str, Any] = {"val": loop.evaluate(accelerator, module, val_loader, task, quiet=recipe.quiet)}
+    metrics: dict[str, Any] = {"val": best_val}
     if splits.test is not None:
+        # the test set is scored once, by the best checkpoint exactly as saved
+        from safetensors.torch import load_file
+
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(module).load_state_dict(load_file(str(model_dir / "model.safetensors")))
         test_loader = accelerator.prepare(make_loader(ImageDataset(splits.test, eval_tf), t.batch_size * 2,
                                                       train=False, workers=workers, seed=t.seed, pin_memory=pin))
         metrics["test"] = loop.evaluate(accelerator, module, test_loader, task, desc="test", quiet=recipe.quiet)
@@ -260,27 +263,17 @@ def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: boo
     """Metrics of a saved model on a labelled folder or CSV manifest (labels must be the model's)."""
     from . import loop
     from .artifacts import load
-    from .data import ImageDataset, Split, default_workers, make_loader
-    from .data.images import scan_images
-    from .data.sources import read_labeled_files
+    from .data import ImageDataset, default_workers, make_loader
+    from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
     model = load(run)
     files = read_labeled_files(Path(data), "--data")
-    report = scan_images(files.paths)
-    for p, reason in report.bad:
-        log.warning("skipped %s: %s", p, reason)
-    keep = [i for i, ok in enumerate(report.ok) if ok]
-    unknown = sorted({files.labels[i] for i in keep} - set(model.classes))
-    if unknown:
-        raise UserError(f"--data {data}: labels {unknown} are not among the model's classes {model.classes}")
-    if not keep:
-        raise UserError(f"--data {data}: no readable images")
-    index = {c: i for i, c in enumerate(model.classes)}
-    split = Split([files.paths[i] for i in keep], [index[files.labels[i]] for i in keep])
+    skipped, _ = drop_unreadable([files])
+    split = labeled_split(files, model.classes, "the model's classes")
     accelerator = _accelerator("auto", 1, cpu, None)
     loader = make_loader(ImageDataset(split, model.transform), batch_size, train=False,
                          workers=default_workers(), seed=0)
     module, loader = accelerator.prepare(model.module, loader)
     metrics = loop.evaluate(accelerator, module, loader, model.task, quiet=quiet)
-    metrics["skipped_files"] = len(report.bad)
+    metrics["skipped_files"] = len(skipped)
     return metrics

@@ -127,6 +127,39 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> list[bool
     return held
 
 
+def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], int]:
+    """Decode every file once; drop the unreadable ones from each set in place and log them.
+
+    Returns ((path, reason) for each skipped file, the number of files scanned).
+    """
+    all_paths = [p for f in sets for p in f.paths]
+    report = scan_images(all_paths)
+    if report.bad:
+        log.warning("skipped %d unreadable file(s) of %d:", len(report.bad), len(all_paths))
+        for p, reason in report.bad:
+            log.warning("  skipped %s: %s", p, reason)
+    converted = {m: n for m, n in report.modes.items() if m != "RGB"}
+    if converted:
+        log.info("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
+    readable = dict(zip(all_paths, report.ok))
+    for f in sets:
+        keep = [i for i, p in enumerate(f.paths) if readable[p]]
+        f.paths, f.labels = [f.paths[i] for i in keep], [f.labels[i] for i in keep]
+    return report.bad, len(all_paths)
+
+
+def labeled_split(f: LabeledFiles, classes: list[str], known_as: str) -> Split:
+    """`f` as class indices; labels outside `classes`, or no readable file left, are errors naming `f`."""
+    unknown = sorted(set(f.labels) - set(classes), key=class_sort_key)
+    if unknown:
+        raise UserError(f"{f.origin}: label{'s' if len(unknown) > 1 else ''} {unknown} not in {known_as} "
+                        f"(classes: {classes})")
+    if not f.paths:
+        raise UserError(f"{f.origin}: no readable images")
+    index = {c: i for i, c in enumerate(classes)}
+    return Split(f.paths, [index[c] for c in f.labels])
+
+
 def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_fraction: float,
                    seed: int, max_bad_fraction: float) -> Splits:
     if path is None:
@@ -142,23 +175,11 @@ def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_f
     test_files = read_labeled_files(test, "--test") if test else None
 
     every = [f for f in (train, val_files, test_files) if f is not None]
-    all_paths = [p for f in every for p in f.paths]
-    report = scan_images(all_paths)
-    if report.bad:
-        log.warning("skipped %d unreadable file(s) of %d:", len(report.bad), len(all_paths))
-        for p, reason in report.bad:
-            log.warning("  skipped %s: %s", p, reason)
-    converted = {m: n for m, n in report.modes.items() if m != "RGB"}
-    if converted:
-        log.info("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
-    if len(report.bad) > max_bad_fraction * len(all_paths):
-        p, reason = report.bad[0]
-        raise UserError(f"--data {path}: {len(report.bad)} of {len(all_paths)} image files cannot be read, "
+    skipped, total = drop_unreadable(every)
+    if len(skipped) > max_bad_fraction * total:
+        p, reason = skipped[0]
+        raise UserError(f"--data {path}: {len(skipped)} of {total} image files cannot be read, "
                         f"more than --max-bad-fraction {max_bad_fraction} (first: {p}: {reason})")
-    readable = dict(zip(all_paths, report.ok))
-    for f in every:
-        keep = [i for i, p in enumerate(f.paths) if readable[p]]
-        f.paths, f.labels = [f.paths[i] for i in keep], [f.labels[i] for i in keep]
 
     counts = Counter(train.labels)
     for name in train.declared:
@@ -169,18 +190,11 @@ def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_f
         raise UserError(f"{train.origin}: found {len(classes)} class{'es' if not classes else ''} "
                         f"{classes}; classification needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
-    for f in (val_files, test_files):
-        if f is not None:
-            unknown = sorted(set(f.labels) - set(classes), key=class_sort_key)
-            if unknown:
-                raise UserError(f"{f.origin}: label{'s' if len(unknown) > 1 else ''} {unknown} not in the "
-                                f"training data (classes: {classes})")
-            if not f.paths:
-                raise UserError(f"{f.origin}: no readable images")
+    val_split = labeled_split(val_files, classes, "the training data") if val_files is not None else None
+    test_split = labeled_split(test_files, classes, "the training data") if test_files is not None else None
 
-    if val_files is not None:
+    if val_split is not None:
         train_split = Split(train.paths, [index[c] for c in train.labels])
-        val_split = Split(val_files.paths, [index[c] for c in val_files.labels])
         record = {"val": {"from": str(val)}}
     else:
         held = stratified_split(train.labels, val_fraction, seed)
@@ -189,9 +203,7 @@ def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_f
         val_split = Split([p for p, _, h in pairs if h], [index[c] for _, c, h in pairs if h])
         record = {"val": {"from": f"stratified split of {train_path}", "fraction": val_fraction,
                           "seed": seed, "files": val_split.paths}}
-    test_split = (Split(test_files.paths, [index[c] for c in test_files.labels])
-                  if test_files is not None else None)
     record.update(train={"from": str(train_path), "count": len(train_split)},
                   test={"from": str(test), "count": len(test_split)} if test_split else None)
     record["val"]["count"] = len(val_split)
-    return Splits(classes, train_split, val_split, test_split, record, report.bad)
+    return Splits(classes, train_split, val_split, test_split, record, skipped)
