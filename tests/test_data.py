@@ -650,21 +650,17 @@ def test_error_manifest_without_path_label_columns(tmp_path, header):
     assert str(m) in msg and "--data" in msg and "'path' and 'label'" in msg
 
 
-def test_error_manifest_empty_label_names_line(tmp_path):
-    m = tmp_path / "m.csv"
-    m.write_text("path,label\na.png,cat\nb.png,\nc.png,dog\n")
+@pytest.mark.parametrize("name,text,line,what", [
+    ("m.csv", "path,label\na.png,cat\nb.png,\nc.png,dog\n", 3, "empty label"),
+    ("m.tsv", "path\tlabel\na.png\tcat\nb.png\tcat\n  \tdog\n", 4, "empty path"),
+])
+def test_error_manifest_empty_field_names_line(tmp_path, name, text, line, what):
+    m = tmp_path / name
+    m.write_text(text)
     with pytest.raises(UserError) as e:
         resolve(m)
     msg = str(e.value)
-    assert str(m) in msg and "line 3" in msg and "empty label" in msg
-
-
-def test_error_manifest_empty_path_names_line(tmp_path):
-    m = tmp_path / "m.tsv"
-    m.write_text("path\tlabel\na.png\tcat\nb.png\tcat\n  \tdog\n")
-    with pytest.raises(UserError) as e:
-        resolve(m)
-    assert "line 4" in str(e.value) and "empty path" in str(e.value)
+    assert str(m) in msg and f"line {line}" in msg and what in msg
 
 
 def test_error_manifest_short_row(tmp_path):

@@ -24,7 +24,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im, dtype=np.float32)
         peak = float(a.max()) if a.size else 0.0
         # 16-bit data -> /257; values already in 0..255 stay; float images in 0..1 are scaled up
-        top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else (1.0 if im.mode == "F" and peak <= 1.0 else 255.0)
+        if im.mode.startswith("I;16") or peak > 255:
+            top = 65535.0
+        elif im.mode == "F" and peak <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0
         im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
