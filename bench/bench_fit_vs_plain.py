@@ -65,7 +65,7 @@ def finetunekit_fit(manifest: Path, val: Path, out: Path, args) -> float:
         "model": {"name": "efficientnet_lite0"},
         "train": {"strategy": "full", "epochs": 1, "batch_size": args.batch_size},
         "out": str(out), "quiet": True})
-    return result.metrics["train_images_per_s"]
+    return result.metrics["train_samples_per_s"]
 
 
 def main() -> None:

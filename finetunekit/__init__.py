@@ -16,7 +16,7 @@ from .config import Recipe
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .artifacts import FineTunedModel
+    from .inference import FineTunedModel
     from .pipeline import RunResult
 
 __all__ = ["Recipe", "UserError", "evaluate", "fit", "load", "predict"]

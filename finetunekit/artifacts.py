@@ -1,12 +1,18 @@
-"""The model folder (save, load, predict) and the run directory's files.
+"""The model folder (save, load) and the run directory's files.
 
-A model folder holds `model.safetensors` (the source library's own state-dict names) and a `config.json`
-in timm's hub format (architecture, num_classes, pretrained_cfg, label_names) plus a `finetunekit`
-section. A timm-backed folder therefore also loads with plain timm:
+Image models: `model.safetensors` (the source library's own state-dict names) and a `config.json` in
+timm's hub format (architecture, num_classes, pretrained_cfg, label_names) plus a `finetunekit` section.
+A timm-backed folder therefore also loads with plain timm:
 
     timm.create_model("local-dir:runs/x/model")
     timm.create_model(arch, pretrained=True, num_classes=N,
                       pretrained_cfg_overlay=dict(file="runs/x/model/model.safetensors", num_classes=N))
+
+Text models: a standard Hugging Face folder (save_pretrained of the model and its tokenizer; id2label,
+label2id and problem_type set; the tokenizer's model_max_length is the training max length), plus a
+`finetunekit` entry in config.json:
+
+    AutoModelForSequenceClassification.from_pretrained("runs/x/model"); AutoTokenizer.from_pretrained(...)
 """
 
 from __future__ import annotations
@@ -19,20 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import __version__
-from .data import Preprocessing, build_transform, load_rgb, to_rgb
+from .data import Preprocessing
 from .errors import UserError
 from .models import Backbone, rebuild_backbone
-from .tasks import Classification
+from .tasks import build_task
 
 MODEL_DIR = "model"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -51,15 +54,29 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def save_model_folder(folder: Path, backbone: Backbone, classes: Sequence[str], spec: str,
-                      task: str = "image-classification") -> None:
+                      task: str = "image-classification", extra: dict | None = None) -> None:
     """Write the folder beside its final place, then swap it in: a crash never leaves half a model."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ours = {"version": __version__, "task": task, "source": backbone.source, "model": spec, "head": backbone.head,
+            **(extra or {})}
+    if backbone.source == "hf":
+        _write_hf(tmp, backbone, ours)
+    else:
+        _write_image(tmp, backbone, classes, ours)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_image(tmp: Path, backbone: Backbone, classes: Sequence[str], ours: dict) -> None:
     from safetensors.torch import save_file
 
     module = backbone.module
     module = getattr(module, "_orig_mod", module)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     pre = backbone.preprocessing
@@ -71,15 +88,32 @@ def save_model_folder(folder: Path, backbone: Backbone, classes: Sequence[str], 
                            "std": list(pre.std), "interpolation": pre.interpolation, "crop_pct": pre.crop_pct,
                            "crop_mode": pre.crop_mode, "num_classes": len(classes), "classifier": backbone.head},
         "label_names": list(classes),
-        "finetunekit": {"version": __version__, "task": task, "source": backbone.source, "model": spec,
-                        "head": backbone.head, "preprocessing": pre.to_dict()},
+        "finetunekit": {**ours, "preprocessing": pre.to_dict()},
     }
     write_json(tmp / CONFIG, config)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_hf(tmp: Path, backbone: Backbone, ours: dict) -> None:
+    module = getattr(backbone.module, "_orig_mod", backbone.module)
+    module.config.finetunekit = ours  # an extra config attribute: saved in config.json, ignored by transformers
+    module.save_pretrained(tmp)  # safetensors
+    tokenizer = backbone.tokenizer
+    tokenizer.model_max_length = ours["max_length"]  # plain transformers then truncates as we trained
+    tokenizer.save_pretrained(tmp)
+
+
+def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
+    """Load a saved model folder's weights into `module` (same architecture), in place."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / WEIGHTS))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # transformers leaves out tied or non-persistent tensors; anything else missing is a real mismatch
+    tied = set(getattr(module, "all_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{folder}: weights do not fit the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
 
 
 def _model_dir(path: Path) -> Path:
@@ -91,87 +125,35 @@ def _model_dir(path: Path) -> Path:
     raise UserError(f"{path}: not a finetunekit run or model folder (no {MODEL_DIR}/{CONFIG})")
 
 
-class FineTunedModel:
-    """A fine-tuned model restored from disk: `predict` takes files, folders, PIL images or arrays."""
-
-    def __init__(self, backbone: Backbone, task: Classification, folder: Path):
-        self.backbone, self.task, self.folder = backbone, task, folder
-        self.transform = build_transform(backbone.preprocessing, augment="none")
-        self.device = torch.device("cpu")
-
-    @property
-    def classes(self) -> list[str]:
-        return self.task.classes
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.backbone.module
-
-    def to(self, device: str | torch.device) -> FineTunedModel:
-        self.device = torch.device(device)
-        self.module.to(self.device)
-        return self
-
-    def _image(self, item: Any) -> Image.Image:
-        if isinstance(item, Image.Image):
-            return to_rgb(item)
-        if isinstance(item, np.ndarray):
-            return to_rgb(Image.fromarray(item))
-        try:
-            return load_rgb(item)
-        except Exception as e:  # noqa: BLE001 - any decoding failure: name the file, no traceback
-            raise UserError(f"{item}: cannot read as an image ({type(e).__name__}: {e})") from None
-
-    @torch.inference_mode()
-    def logits(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-        """[N, num_classes] logits for a sequence of images (paths, PIL images or HxWxC uint8 arrays)."""
-        self.module.eval()
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([self.transform(self._image(im)) for im in images[i:i + batch_size]])
-            out.append(self.module(x.to(self.device)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.task.num_outputs)
-
-    def predict(self, images: Any, batch_size: int = 64, top_k: int = 1) -> list[dict]:
-        """One dict per image: label, score, top_k; 'path' too for files. Folders are expanded."""
-        items = expand_inputs(images)
-        results = self.task.predict(self.logits(items, batch_size), top_k=top_k)
-        for item, r in zip(items, results):
-            if isinstance(item, (str, os.PathLike)):
-                r["path"] = str(item)
-        return results
-
-
-def expand_inputs(images: Any) -> list[Any]:
-    """A path, a folder (its image files, sorted, recursively), or a sequence of those and of images."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
-    out: list[Any] = []
-    for item in images:
-        if isinstance(item, (str, os.PathLike)):
-            p = Path(item)
-            if p.is_dir():
-                out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            elif p.is_file():
-                out.append(str(p))
-            else:
-                raise UserError(f"{p}: no such file or folder")
-        else:
-            out.append(item)
-    return out
-
-
-def load(path: str | os.PathLike) -> FineTunedModel:
-    """Restore a fine-tuned model from a run directory or a model folder."""
-    from safetensors.torch import load_file
+def load(path: str | os.PathLike):
+    """Restore a fine-tuned model from a run directory or a model folder: an ImageModel or a TextModel."""
+    from .inference import ImageModel, TextModel
 
     folder = _model_dir(Path(path))
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     ours = config.get("finetunekit") or {}
+    if "model_type" in config:  # a Hugging Face folder
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .models.hf_source import quiet_transformers, wrap
+
+        quiet_transformers()
+        try:
+            module = AutoModelForSequenceClassification.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - a broken folder fails in many ways
+            raise UserError(f"{folder}: cannot load the model folder ({type(e).__name__}: {e})") from None
+        task_name = ours.get("task") or {"multi_label_classification": "text-multilabel",
+                                         "regression": "text-regression"}.get(config.get("problem_type"),
+                                                                              "text-classification")
+        classes = [] if task_name.endswith("regression") else \
+            [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        task = build_task(task_name, classes, threshold=ours.get("threshold") or 0.5)
+        module.eval()
+        return TextModel(wrap(module, tokenizer), task, folder, ours)
     pre = Preprocessing.from_dict(ours["preprocessing"])
     classes = config["label_names"]
     backbone = rebuild_backbone(ours["source"], config["architecture"], len(classes), pre)
-    backbone.module.load_state_dict(load_file(str(folder / WEIGHTS)))
+    load_weights_file(backbone.module, folder)
     backbone.module.eval()
-    return FineTunedModel(backbone, Classification(classes), folder)
-
+    return ImageModel(backbone, build_task(ours.get("task", "image-classification"), classes), folder)

@@ -41,7 +41,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     for key, flag, info in leaf_fields():
         dest = key.replace(".", "__")
         default = info.default
-        help_text = f"{info.description} (default: {default})"
+        help_text = f"{info.description} (default: {default})".replace("%", "%%")  # argparse formats help
         if info.annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -62,14 +62,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 
     ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
-    ev.add_argument("--data", required=True, metavar="PATH", help="folder of class folders or CSV manifest")
+    ev.add_argument("--data", required=True, metavar="PATH",
+                    help="images: folder of class folders or CSV manifest; text: a table with the training columns")
     ev.add_argument("--batch-size", type=int, default=64, metavar="N")
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
 
-    pr = sub.add_parser("predict", help="labels for images (files or folders)")
+    pr = sub.add_parser("predict", help="predictions for images (files, folders) or texts (--text, files)")
     pr.add_argument("run", metavar="RUN", help="run directory (or model folder)")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    pr.add_argument("inputs", nargs="*", metavar="INPUT",
+                    help="images: files or folders; text: .txt files (one text per line) or tables")
+    pr.add_argument("--text", action="append", metavar="TEXT", default=[],
+                    help="a text to classify (repeatable; 'first ||| second' for a sentence pair)")
+    pr.add_argument("--threshold", type=float, metavar="X", help="multi-label: override the saved threshold")
     pr.add_argument("--format", choices=("csv", "json", "table"), default="table")
     pr.add_argument("--top-k", type=int, default=1, metavar="K")
     pr.add_argument("--batch-size", type=int, default=64, metavar="N")
@@ -92,6 +97,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         flags = [s for a in (sub or parser)._actions for s in a.option_strings]
         word = next((u for u in unknown if u.startswith("-")), unknown[0])
         where = f"finetunekit {command}".strip()
+        if not word.startswith("-"):
+            raise UserError(f"{where}: unexpected argument {word} (inputs go before the options)")
         raise UserError(f"{where}: unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
     return args
 
@@ -131,39 +138,55 @@ def _write(text: str, output: str | None) -> None:
         sys.stdout.write(text)
 
 
+def _rows(preds: list[dict], top_k: int) -> tuple[list[str], list[list[str]]]:
+    """Predictions of any task as a header and rows of strings."""
+    first = preds[0] if preds else {}
+    key = "path" if "path" in first else "text"
+    source = [p.get(key, "") if isinstance(p.get(key, ""), str) else " ||| ".join(p[key]) for p in preds]
+    if "value" in first:  # regression
+        return [key, "value"], [[s, f"{p['value']:.6g}"] for s, p in zip(source, preds)]
+    if "labels" in first:  # multi-label
+        return [key, "labels"], [[s, "|".join(p["labels"])] for s, p in zip(source, preds)]
+    cols = [key, "label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
+    rows = []
+    for s, p in zip(source, preds):
+        row = [s, p["label"], f"{p['score']:.4f}"]
+        for alt in p["top_k"][1:]:
+            row += [alt["label"], f"{alt['score']:.4f}"]
+        rows.append(row)
+    return cols, rows
+
+
 def _format_predictions(preds: list[dict], fmt: str, top_k: int) -> str:
     if fmt == "json":
-        return json.dumps(preds, indent=2) + "\n"
+        return json.dumps(preds, indent=2, ensure_ascii=False) + "\n"
+    cols, rows = _rows(preds, top_k)
     if fmt == "csv":
         import csv
         import io
 
         buf = io.StringIO()
         writer = csv.writer(buf)
-        cols = ["path", "label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
         writer.writerow(cols)
-        for p in preds:
-            row = [p.get("path", ""), p["label"], f"{p['score']:.6f}"]
-            for alt in p["top_k"][1:]:
-                row += [alt["label"], f"{alt['score']:.6f}"]
-            writer.writerow(row)
+        writer.writerows(rows)
         return buf.getvalue()
-    width = max((len(p.get("path", "")) for p in preds), default=4)
-    lines = [f"{'path':<{width}}  {'label':<16} score"]
-    lines += [f"{p.get('path', ''):<{width}}  {p['label']:<16} {p['score']:.4f}" for p in preds]
+    widths = [min(60, max(len(c), *(len(r[i]) for r in rows))) if rows else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(f"{v:<{w}}" for v, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "loss", "samples") if k in metrics]
+    keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "micro_f1", "map", "exact_match", "mae", "rmse",
+                        "r2", "spearman", "loss", "samples") if k in metrics]
     print("  ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                     for k in keys))
-    per_class = metrics.get("per_class", {})
+    per_class = metrics.get("per_class") or metrics.get("per_label") or {}
     if per_class:
         width = max(len(c) for c in per_class)
-        print(f"{'class':<{width}}  precision  recall")
+        print(f"{'class':<{width}}  precision  recall      f1")
         for c, v in per_class.items():
-            print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}")
+            print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
 
 
 def run(argv: list[str]) -> int:
@@ -194,9 +217,28 @@ def run(argv: list[str]) -> int:
     if args.command == "predict":
         if args.top_k < 1:
             raise UserError(f"--top-k: expected a value >= 1, got {args.top_k}")
+        if not args.inputs and not args.text:
+            raise UserError("finetunekit predict: give input files or folders, or --text TEXT")
         from .artifacts import load
 
-        preds = load(args.run).predict(args.inputs, batch_size=args.batch_size, top_k=args.top_k)
+        model = load(args.run)
+        for item in args.inputs:
+            if not Path(item).exists():
+                raise UserError(f"{item}: no such file or folder")
+        if args.threshold is not None:
+            if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
+                raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
+            model.task.threshold = args.threshold
+        if args.text:
+            if not hasattr(model, "tokenizer"):
+                raise UserError("--text: this is an image model; pass image files or folders")
+            texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
+            preds = model.predict(texts, batch_size=args.batch_size, top_k=args.top_k)
+        else:
+            preds = []
+        for item in args.inputs:
+            preds += model.predict(Path(item) if hasattr(model, "tokenizer") else [item],
+                                   batch_size=args.batch_size, top_k=args.top_k)
         _write(_format_predictions(preds, args.format, args.top_k), args.output)
         return 0
     if args.command == "demo":

@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     path: Path | None = _opt(
         None, "images: a folder of class folders, a folder with train/ (val/, test/) class folders, "
-        "or a CSV manifest with columns path,label", flag="data")
+        "or a CSV manifest with columns path,label; text: a CSV, TSV, JSONL or Parquet table", flag="data")
     val: Path | None = _opt(
         None, "validation folder or CSV; default: val/ beside train/, else a seeded stratified split of the "
         "training data")
@@ -44,17 +44,38 @@ class DataConfig(_Section):
         "light", "training augmentation: none; light = random resized crop + horizontal flip; "
         "standard = light + color jitter + RandAugment")
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
-                                   "files cannot be read", ge=0, le=1)
-    num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count",
-                                   ge=0, le=64)
+                                   "files or table rows cannot be read", ge=0, le=1)
+    num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "
+                                   "(images), 0 (text: batches come from pre-tokenized ids)", ge=0, le=64)
+    text_column: str | None = _opt(None, "text: the text column, or two comma-separated columns for sentence "
+                                   "pairs (premise,hypothesis); default: detected from common names")
+    label_column: str | None = _opt(None, "text: the label column (text-multilabel: a column of delimited "
+                                    "labels, or several comma-separated 0/1 columns); default: detected")
+    label_delimiter: str | None = _opt(None, "text-multilabel: separator inside the label column; default: "
+                                       "the first of | ; , found in it")
+    max_length: int | None = _opt(None, "text: tokens per sample after truncation; default: the model's "
+                                  "limit, at most 512", ge=8, le=65_536)
+    group_by_length: bool = _opt(True, "text: batch training samples of similar length (less padding; "
+                                 "batch order stays shuffled)")
+    token_delete: float = _opt(0.0, "text augmentation: probability of deleting each token", ge=0, lt=1)
+    token_swap: float = _opt(0.0, "text augmentation: probability of swapping each token with the next",
+                             ge=0, lt=1)
+    token_mask: float = _opt(0.0, "text augmentation: probability of replacing each token with the "
+                             "tokenizer's mask token (dynamic masking)", ge=0, lt=1)
+    synonyms: Path | None = _opt(None, "text augmentation: a synonym file, one group of interchangeable "
+                                 "words per line (comma- or tab-separated)")
+    synonym_prob: float = _opt(0.2, "text augmentation: probability of replacing a word that has synonyms",
+                               ge=0, le=1)
 
 
 class ModelConfig(_Section):
-    name: str = _opt("efficientnet_lite0", "backbone: timm:<name>, torchvision:<name>, or the built-in "
-                     "offline efficientnet_lite0", flag="model", min_length=1)
+    name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder>, or a "
+                            "built-in offline one: efficientnet_lite0 (images, the default), minilm (text, the "
+                            "default)", flag="model", min_length=1)
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
                                 "dict) instead of the source's pretrained weights")
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
+    trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
 
 
 class TrainConfig(_Section):
@@ -63,14 +84,27 @@ class TrainConfig(_Section):
     epochs: int = _opt(10, "training epochs", ge=1, le=100_000)
     batch_size: int = _opt(32, "samples per optimizer step on one device (before accumulation)",
                            ge=1, le=65_536)
-    lr: float | None = _opt(None, "peak learning rate; default: 1e-3 for full, 1e-2 for linear-probe, "
-                            "for a batch of 64 and scaled linearly with the effective batch", gt=0, le=10)
+    lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
+                            "effective batch: images 1e-3 full, 1e-2 linear-probe; text 1e-4 full, 2e-3 "
+                            "linear-probe", gt=0, le=10)
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
                                ge=0, le=10)
-    warmup: float = _opt(1.0, "linear learning-rate warmup, in epochs (fractions allowed)", ge=0)
-    min_lr_ratio: float = _opt(0.01, "final learning rate of the cosine schedule, as a fraction of lr",
-                               ge=0, le=1)
+    scheduler: Literal["auto", "cosine", "linear"] = _opt(
+        "auto", "learning-rate decay after warmup: auto = cosine for images, linear for text")
+    warmup: float | None = _opt(None, "linear learning-rate warmup, in epochs (fractions allowed); default: "
+                                "1 epoch for images, 10% of the run for text", ge=0)
+    min_lr_ratio: float | None = _opt(None, "final learning rate of the schedule, as a fraction of lr; "
+                                      "default: 0.01 (cosine), 0 (linear)", ge=0, le=1)
+    freeze_layers: int | None = _opt(None, "text encoders: freeze the embeddings and the first N encoder "
+                                     "layers", ge=0)
+    loss: Literal["auto", "ce", "focal", "bce", "mse", "huber"] = _opt(
+        "auto", "auto = ce (classification), bce (multi-label), mse (regression); focal for imbalanced "
+        "classes; huber for regression with outliers")
+    focal_gamma: float = _opt(2.0, "focusing parameter of the focal loss", ge=0, le=10)
+    class_weights: str | None = _opt(None, "weight the loss per class: auto = inverse class frequency "
+                                     "(normalised to mean 1), or one comma-separated number per class")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss", ge=0, lt=1)
+    threshold: float = _opt(0.5, "multi-label: probability above which a label is predicted", gt=0, lt=1)
     grad_accum: int = _opt(1, "gradient accumulation steps (effective batch = batch-size x grad-accum)",
                            ge=1, le=4096)
     clip_grad: float | None = _opt(1.0, "clip the gradient norm to this value ('none' to disable)", gt=0)
@@ -78,16 +112,29 @@ class TrainConfig(_Section):
         "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs, off on the CPU")
     early_stopping: int | None = _opt(None, "stop after this many epochs without improvement of the "
                                       "validation metric", ge=1)
-    metric: Literal["accuracy", "macro_f1", "loss"] = _opt(
-        "accuracy", "validation metric that picks the best checkpoint and drives early stopping")
+    metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "mae", "rmse", "r2", "spearman",
+                    "loss"] = _opt(
+        "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
+        "accuracy (classification), micro_f1 (multi-label), rmse (regression)")
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+
+
+# What each task reads and which losses and validation metrics fit it (the first loss is the default).
+TASKS = {
+    "image-classification": ("image", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
+    "text-classification": ("text", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
+    "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
+    "text-regression": ("text", ("mse", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
+}
+DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
 
 
 class Recipe(_Section):
     """Everything a fine-tuning run needs. `Recipe(**dict)`, `Recipe.load(yaml)`, or flags."""
 
-    task: Literal["image-classification"] = _opt("image-classification", "what to learn")
+    task: Literal["image-classification", "text-classification", "text-multilabel", "text-regression"] = _opt(
+        "image-classification", "what to learn")
     description: str = _opt("", "one line on what this recipe is for (shown by `finetunekit recipes`)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -100,6 +147,14 @@ class Recipe(_Section):
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
         """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file."""
         return build_recipe(read_yaml(path), overrides or {}, source=str(path))
+
+    @property
+    def modality(self) -> str:
+        return TASKS[self.task][0]
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or DEFAULT_MODEL[self.modality]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

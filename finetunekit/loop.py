@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .strategies import set_train_mode
+from .tasks import LOWER_IS_BETTER
 
 log = logging.getLogger("finetunekit")
 
@@ -22,9 +24,9 @@ log = logging.getLogger("finetunekit")
 class LoopConfig:
     epochs: int
     strategy: str  # decides which modules stay in eval mode during training
-    head: str  # dotted name of the head module
+    head: str  # dotted name(s) of the head module(s), comma-separated
     clip_grad: float | None = None
-    monitor: str = "accuracy"  # validation metric that picks the best epoch: accuracy | macro_f1 | loss
+    monitor: str = "accuracy"  # validation metric that picks the best epoch (see Recipe.train.metric)
     patience: int | None = None  # early stopping: epochs without improvement
     quiet: bool = False
     log_every: int = 25  # steps between progress updates (each one syncs with the device)
@@ -41,7 +43,14 @@ class FitResult:
 
 def _score(monitor: str, val: dict) -> tuple[float, float]:
     """Higher is better; ties on the metric (common with accuracy on small sets) go to the lower loss."""
-    return (-val["loss"], 0.0) if monitor == "loss" else (val[monitor], -val["loss"])
+    value = -val[monitor] if monitor in LOWER_IS_BETTER else val[monitor]
+    return (value, 0.0) if monitor == "loss" else (value, -val["loss"])
+
+
+def forward(module: torch.nn.Module, x: Any) -> torch.Tensor:
+    """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text)."""
+    out = module(**x) if isinstance(x, Mapping) else module(x)
+    return getattr(out, "logits", out)  # transformers models return a ModelOutput
 
 
 def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
@@ -61,14 +70,14 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     for epoch in range(cfg.epochs):
         set_train_mode(cfg.strategy, module, cfg.head, inner=accelerator.unwrap_model(module))
         loss_sum = torch.zeros((), device=accelerator.device)
-        correct = torch.zeros((), device=accelerator.device)
+        running = torch.zeros((), device=accelerator.device)  # task.running_metric, summed over samples
         seen = 0
         start = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
         for step, (x, y) in enumerate(bar):
             with accelerator.accumulate(module):
-                logits = module(x)  # [B, num_outputs]
+                logits = forward(module, x)  # [B, num_outputs]
                 loss = task.loss(logits, y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -80,28 +89,32 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 if accelerator.sync_gradients:
                     scheduler.step_update(num_updates=updates)
             loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(-1) == y).sum()
+            running += task.running(logits.detach(), y)
             seen += len(y)
             if not bar.disable and step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix({"loss": f"{loss_sum.item() / seen:.4f}",
+                                 task.running_metric: f"{running.item() / seen:.3f}",
+                                 "samples/s": f"{seen / max(elapsed, 1e-9):.0f}"})
         bar.close()
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-               "train_images_per_s": seen * accelerator.num_processes / epoch_seconds,
+               "train_loss": loss_sum.item() / max(seen, 1),
+               f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
+               **{f"val_{k}": val[k] for k in task.headline},
+               "train_samples_per_s": seen * accelerator.num_processes / epoch_seconds,
                "epoch_seconds": epoch_seconds}
         history.append(row)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         score = _score(cfg.monitor, val)
         improved = _better(score, best)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f macro-F1 %.4f  %.0f img/s%s",
-                 epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val["loss"], val["accuracy"],
-                 val["macro_f1"], row["train_images_per_s"], "  *best" if improved else "")
+        log.info("epoch %d/%d  train loss %.4f %s %.4f  val loss %.4f %s  %.0f samples/s%s",
+                 epoch + 1, cfg.epochs, row["train_loss"], task.running_metric,
+                 row[f"train_{task.running_metric}"], val["loss"],
+                 " ".join(f"{k} {val[k]:.4f}" for k in task.headline), row["train_samples_per_s"],
+                 "  *best" if improved else "")
         if improved:
             best, best_epoch, stale = score, epoch + 1, 0
             on_best(epoch + 1, val)
@@ -125,9 +138,9 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
     count = 0
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                      disable=quiet or not accelerator.is_local_main_process):
-        logits = module(x)
+        logits = forward(module, x)
         logits, y = accelerator.gather_for_metrics((logits, y))
-        metrics.update(logits.float(), y)
+        metrics.update(*task.for_metrics(logits, y))
         loss_sum += task.eval_loss(logits, y).sum()
         count += len(y)
     out = task.summarize(metrics.compute())

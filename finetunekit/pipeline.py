@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, build_recipe
+from .config import TASKS, Recipe, build_recipe
 from .errors import UserError
 
 log = logging.getLogger("finetunekit")
@@ -125,7 +125,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
     `fit("r.yaml", **{"train.epochs": 3})`). Returns the run directory and its final metrics."""
     recipe = as_recipe(recipe, overrides)
     preflight(recipe)
-    out = recipe.out or _default_out(recipe.model.name)
+    out = recipe.out or _default_out(recipe.model_name)
     created = not out.exists()
     prepare_run_dir(out, recipe.overwrite)
     try:
@@ -137,18 +137,43 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
         raise
 
 
+# options that only one kind of input reads: setting one for the other is a mistake worth a message
+_TEXT_ONLY = {"data": ("text_column", "label_column", "label_delimiter", "max_length", "group_by_length",
+                       "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
+              "model": ("trust_remote_code",)}
+_IMAGE_ONLY = {"data": ("image_size", "augment")}
+
+
 def preflight(recipe: Recipe) -> None:
-    """Checks that need no data scan: paths exist, the model name resolves."""
-    d, m = recipe.data, recipe.model
+    """Checks that need no data scan: paths exist, options fit the task, the model name resolves."""
+    d, m, t = recipe.data, recipe.model, recipe.train
+    modality, losses, monitors = TASKS[recipe.task]
     if d.path is None:
-        raise UserError("--data: required: a folder of class folders, a folder with train/ and val/, "
-                        "or a CSV manifest path,label")
-    for flag, path in (("--data", d.path), ("--val", d.val), ("--test", d.test), ("--weights", m.weights)):
+        raise UserError("--data: required: " + ("a folder of class folders, a folder with train/ and val/, "
+                                                "or a CSV manifest path,label" if modality == "image" else
+                                                "a CSV, TSV, JSONL or Parquet table"))
+    for flag, path in (("--data", d.path), ("--val", d.val), ("--test", d.test), ("--weights", m.weights),
+                       ("--synonyms", d.synonyms)):
         if path is not None and not path.exists():
             raise UserError(f"{flag} {path}: no such file or folder")
-    from .models import check_spec  # imports torch: after the instant checks
+    wrong = _TEXT_ONLY if modality == "image" else _IMAGE_ONLY
+    for section, names in wrong.items():
+        part = getattr(recipe, section)
+        for name in names:
+            if getattr(part, name) != type(part).model_fields[name].default:
+                raise UserError(f"--{name.replace('_', '-')}: does not apply to --task {recipe.task}")
+    if t.loss != "auto" and t.loss not in losses:
+        raise UserError(f"--loss {t.loss}: for --task {recipe.task} expected one of {', '.join(losses)}")
+    if t.metric != "auto" and t.metric not in monitors:
+        raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
+    from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
 
-    check_spec(m.name)
+    check_spec(recipe.model_name)
+    if model_modality(recipe.model_name) != modality:
+        hint = "hf:<hub id or folder> or minilm" if modality == "text" else \
+            "timm:<name>, torchvision:<name> or efficientnet_lite0"
+        raise UserError(f"--model {recipe.model_name}: reads {model_modality(recipe.model_name)}s, but --task "
+                        f"{recipe.task} needs a {modality} model ({hint})")
 
 
 def _fit(recipe: Recipe, out: Path) -> RunResult:
@@ -157,57 +182,56 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
 
     from . import loop
     from .artifacts import save_model_folder, write_history, write_json
-    from .data import ImageDataset, build_transform, default_workers, make_loader, resolve_splits
-    from .models import create_backbone
-    from .optim import build_optimizer, build_scheduler, default_lr
+    from .inputs import prepare_images, prepare_text
+    from .optim import (DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, build_scheduler, default_lr,
+                        default_warmup)
     from .strategies import apply_strategy
-    from .tasks import Classification
 
     started = time.perf_counter()
     d, m, t = recipe.data, recipe.model, recipe.train
-    log.info("finetunekit: fitting %s on %s -> %s", m.name, d.path, out)
-    splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
-    log.info("classes: %d; images: %d train, %d val%s (val: %s)", len(splits.classes), len(splits.train),
-             len(splits.val), f", {len(splits.test)} test" if splits.test else "", splits.record["val"]["from"])
-
     set_seed(t.seed)
     accelerator = _accelerator(t.precision, t.grad_accum, t.cpu, out)
-    backbone = create_backbone(m.name, len(splits.classes), pretrained=m.pretrained, weights=m.weights)
-    backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
-    apply_strategy(t.strategy, backbone)
-    task = Classification(splits.classes, label_smoothing=t.label_smoothing)
-
-    workers = default_workers() if d.num_workers is None else d.num_workers
-    pin = accelerator.device.type == "cuda"
-    train_tf = build_transform(backbone.preprocessing, d.augment)
-    eval_tf = build_transform(backbone.preprocessing, "none")
-    train_loader = make_loader(ImageDataset(splits.train, train_tf), t.batch_size, train=True, workers=workers,
-                               seed=t.seed, pin_memory=pin)
-    val_loader = make_loader(ImageDataset(splits.val, eval_tf), t.batch_size * 2, train=False, workers=workers,
-                             seed=t.seed, pin_memory=pin)
+    gpu = accelerator.device.type == "cuda"
+    prepare = prepare_images if recipe.modality == "image" else prepare_text
+    inputs = prepare(recipe, gpu=gpu)
+    backbone, task = inputs.backbone, inputs.task
+    log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, recipe.model_name, d.path, out)
+    for line in inputs.summary:
+        log.info("%s", line)
+    weights = getattr(task, "class_weights", None) if t.class_weights else None
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, weights)))
+    apply_strategy(t.strategy, backbone, t.freeze_layers)
 
     effective_batch = t.batch_size * t.grad_accum * accelerator.num_processes
-    lr = t.lr or default_lr(t.strategy, effective_batch)
-    optimizer = build_optimizer(backbone.module, lr, t.weight_decay, fused=accelerator.device.type == "cuda")
-    module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer, train_loader,
-                                                                      val_loader)
+    lr = t.lr or default_lr(recipe.modality, t.strategy, effective_batch)
+    kind = DEFAULT_SCHEDULER[recipe.modality] if t.scheduler == "auto" else t.scheduler
+    warmup = default_warmup(recipe.modality, t.epochs) if t.warmup is None else t.warmup
+    min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
+    monitor = task.default_monitor if t.metric == "auto" else t.metric
+    optimizer = build_optimizer(backbone.module, lr, t.weight_decay, fused=gpu)
+    module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer,
+                                                                      inputs.train_loader, inputs.val_loader)
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)
-    scheduler = build_scheduler(optimizer, epochs=t.epochs, updates_per_epoch=updates_per_epoch,
-                                warmup_epochs=t.warmup, min_lr_ratio=t.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, kind=kind, epochs=t.epochs, updates_per_epoch=updates_per_epoch,
+                                warmup_epochs=warmup, min_lr_ratio=min_lr_ratio)
 
     resolved = recipe.model_copy(deep=True)
-    resolved.out, resolved.train.lr, resolved.data.image_size = out, lr, backbone.preprocessing.input_size
-    resolved.data.num_workers = workers
+    resolved.out, resolved.train.lr, resolved.train.scheduler = out, lr, kind
+    resolved.train.warmup, resolved.train.min_lr_ratio, resolved.train.metric = warmup, min_lr_ratio, monitor
+    for key, value in inputs.resolved.items():
+        section, name = key.split(".")
+        setattr(getattr(resolved, section), name, value)
     (out / RUN_MARKER).write_text(resolved.to_yaml(), encoding="utf-8")
-    write_json(out / "split.json", {"classes": splits.classes, **splits.record,
-                                    "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]})
+    write_json(out / "split.json", inputs.split_record)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
-    log.info("model: %s (%s:%s), %.2fM parameters, %.2fM trainable (%s); input %dpx; device %s, precision %s",
-             m.name, backbone.source, backbone.architecture, total / 1e6, trainable / 1e6, t.strategy,
-             backbone.preprocessing.input_size, accelerator.device, accelerator.mixed_precision)
-    log.info("optimizer: AdamW lr %.3g (effective batch %d), weight decay %g, warmup %g epochs + cosine; "
-             "%d updates/epoch", lr, effective_batch, t.weight_decay, t.warmup, updates_per_epoch)
+    frozen = f", first {t.freeze_layers} layers frozen" if t.freeze_layers else ""
+    log.info("model: %s (%s:%s), %.2fM parameters, %.2fM trainable (%s%s); %s; device %s, precision %s",
+             recipe.model_name, backbone.source, backbone.architecture, total / 1e6, trainable / 1e6, t.strategy,
+             frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)
+    log.info("optimizer: AdamW lr %.3g (effective batch %d), weight decay %g, warmup %g epochs + %s decay; "
+             "%d updates/epoch", lr, effective_batch, t.weight_decay, warmup, kind, updates_per_epoch)
 
     model_dir = out / "model"
     best_val: dict = {}
@@ -216,64 +240,59 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         best_val.clear()
         best_val.update(val)  # the saved weights' validation metrics: no second validation pass
         if accelerator.is_main_process:
-            save_model_folder(model_dir, backbone, splits.classes, m.name)
+            save_model_folder(model_dir, backbone, task.classes, recipe.model_name, recipe.task,
+                              inputs.extra_config)
 
     accelerator.init_trackers("tensorboard")
     cfg = loop.LoopConfig(epochs=t.epochs, strategy=t.strategy, head=backbone.head, clip_grad=t.clip_grad,
-                          monitor=t.metric, patience=t.early_stopping, quiet=recipe.quiet)
+                          monitor=monitor, patience=t.early_stopping, quiet=recipe.quiet)
     result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)
     write_history(out / "history.csv", result.history)
     if result.best_epoch < 0:
         accelerator.end_training()
-        raise UserError(f"training produced no finite validation {t.metric}; no model was saved "
+        raise UserError(f"training produced no finite validation {monitor}; no model was saved "
                         f"(try a lower --lr)")
 
     metrics: dict[str, Any] = {"val": best_val}
-    if splits.test is not None:
+    if inputs.test_loader is not None:
         # the test set is scored once, by the best checkpoint exactly as saved
-        from safetensors.torch import load_file
+        from .artifacts import load_weights_file
 
         accelerator.wait_for_everyone()
-        accelerator.unwrap_model(module).load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        test_loader = accelerator.prepare(make_loader(ImageDataset(splits.test, eval_tf), t.batch_size * 2,
-                                                      train=False, workers=workers, seed=t.seed, pin_memory=pin))
+        load_weights_file(accelerator.unwrap_model(module), model_dir)
+        test_loader = accelerator.prepare(inputs.test_loader)
         metrics["test"] = loop.evaluate(accelerator, module, test_loader, task, desc="test", quiet=recipe.quiet)
     accelerator.end_training()
-    train_rates = [r["train_images_per_s"] for r in result.history]
+    train_rates = [r["train_samples_per_s"] for r in result.history]
     metrics.update(
-        model=m.name, strategy=t.strategy, image_size=backbone.preprocessing.input_size, classes=splits.classes,
+        task=recipe.task, model=recipe.model_name, strategy=t.strategy, classes=task.classes,
+        **{k.split(".")[1]: v for k, v in inputs.resolved.items() if k in ("data.image_size", "data.max_length")},
         best_epoch=result.best_epoch, epochs_run=len(result.history), stopped_early=result.stopped_early,
-        monitor=t.metric, train_seconds=round(result.train_seconds, 2),
-        train_images_per_s=round(sum(train_rates) / len(train_rates), 1),
-        wall_seconds=round(time.perf_counter() - started, 2), skipped_files=len(splits.skipped),
+        monitor=monitor, train_seconds=round(result.train_seconds, 2),
+        train_samples_per_s=round(sum(train_rates) / len(train_rates), 1),
+        wall_seconds=round(time.perf_counter() - started, 2), skipped=inputs.skipped,
         peak_rss_mb=_peak_rss_mb(), device=str(accelerator.device), precision=accelerator.mixed_precision,
     )
-    if torch.cuda.is_available() and accelerator.device.type == "cuda":
+    if torch.cuda.is_available() and gpu:
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     write_json(out / "metrics.json", metrics)
     final = metrics.get("test", metrics["val"])
-    log.info("done in %.0fs: best epoch %d; %s accuracy %.4f, macro-F1 %.4f; run: %s",
-             metrics["wall_seconds"], result.best_epoch, "test" if "test" in metrics else "val",
-             final["accuracy"], final["macro_f1"], out)
+    log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
+             "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
 
 
 def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: bool = True,
              cpu: bool = False) -> dict:
-    """Metrics of a saved model on a labelled folder or CSV manifest (labels must be the model's)."""
+    """Metrics of a saved model on labelled data in the form it was trained on (image folder or manifest;
+    a table with the same columns for text). Labels must be the model's."""
     from . import loop
     from .artifacts import load
-    from .data import ImageDataset, default_workers, make_loader
-    from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
     model = load(run)
-    files = read_labeled_files(Path(data), "--data")
-    skipped, _ = drop_unreadable([files])
-    split = labeled_split(files, model.classes, "the model's classes")
+    loader, skipped = model.labelled_loader(Path(data), batch_size)
     accelerator = _accelerator("auto", 1, cpu, None)
-    loader = make_loader(ImageDataset(split, model.transform), batch_size, train=False,
-                         workers=default_workers(), seed=0)
     module, loader = accelerator.prepare(model.module, loader)
     metrics = loop.evaluate(accelerator, module, loader, model.task, quiet=quiet)
-    metrics["skipped_files"] = len(skipped)
+    metrics["skipped"] = skipped
     return metrics

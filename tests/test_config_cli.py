@@ -100,7 +100,7 @@ def test_shipped_recipes_parse_and_are_listed():
         recipe = Recipe.load(path)
         assert recipe.description, f"{path.name} has no description"
         assert path.stem in listed
-        if recipe.model.name.startswith(("timm:", "torchvision:")):
-            from finetunekit.models import check_spec
+        from finetunekit.models import check_spec, modality
 
-            check_spec(recipe.model.name)  # the hub-only recipes name real models
+        check_spec(recipe.model_name)  # the hub-only recipes name real models (hub ids: well-formed)
+        assert modality(recipe.model_name) == recipe.modality, path.name  # the hub-only recipes name real models

@@ -45,7 +45,7 @@ def test_head_is_replaced_for_n_classes(spec):
     with torch.no_grad():
         out = backbone.module(torch.randn(2, 3, size, size))
     assert out.shape == (2, 7)
-    head = backbone.head_module()
+    head = backbone.module.get_submodule(backbone.head)
     assert head.out_features == 7
     assert backbone.head_parameter_names() == {f"{backbone.head}.weight", f"{backbone.head}.bias"}
 

@@ -1,9 +1,11 @@
 """Models: one adapter per source behind the Backbone contract.
 
     spec                   source
-    efficientnet_lite0     built-in, offline (timm architecture, weights from a registry package)
-    timm:<name>            timm (pretrained weights from the Hugging Face Hub)
-    torchvision:<name>     torchvision (pretrained weights from torchvision's URLs)
+    efficientnet_lite0     images, built-in, offline (timm architecture, weights from a registry package)
+    timm:<name>            images, timm (pretrained weights from the Hugging Face Hub)
+    torchvision:<name>     images, torchvision (pretrained weights from torchvision's URLs)
+    minilm                 text, built-in, offline (all-MiniLM-L6-v2, a Hugging Face folder in a registry package)
+    hf:<hub id or folder>  text, transformers (AutoModelForSequenceClassification)
 """
 
 from __future__ import annotations
@@ -11,26 +13,33 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import UserError
-from . import builtin, timm_source, torchvision_source
+from ..errors import UserError, did_you_mean
+from . import builtin, hf_source, timm_source, torchvision_source
 from .base import Backbone
 from .weights import load_weights, read_state_dict
 
-__all__ = ["Backbone", "check_spec", "create_backbone", "rebuild_backbone"]
+__all__ = ["Backbone", "check_spec", "create_backbone", "create_text_backbone", "modality", "rebuild_backbone"]
 
 log = logging.getLogger("finetunekit")
 
-_SOURCES = {"timm": timm_source, "torchvision": torchvision_source}
+_SOURCES = {"timm": timm_source, "torchvision": torchvision_source, "hf": hf_source}
 
 
 def _parse(spec: str) -> tuple[str, str]:
-    if spec in builtin.BUILTIN:
+    if spec in builtin.BUILTIN or spec in builtin.TEXT_BUILTIN:
         return "builtin", spec
     source, _, name = spec.partition(":")
     if source not in _SOURCES or not name:
-        raise UserError(f"--model {spec}: expected timm:<name>, torchvision:<name> or one of the built-in "
-                        f"{sorted(builtin.BUILTIN)}")
+        raise UserError(f"--model {spec}: expected timm:<name>, torchvision:<name>, hf:<hub id or folder>, or "
+                        f"one of the built-in {sorted(builtin.BUILTIN) + sorted(builtin.TEXT_BUILTIN)}"
+                        f"{did_you_mean(spec, list(builtin.BUILTIN) + list(builtin.TEXT_BUILTIN))}")
     return source, name
+
+
+def modality(spec: str) -> str:
+    """'image' or 'text': what kind of input the model named by `spec` reads."""
+    source, name = _parse(spec)
+    return "text" if source == "hf" or name in builtin.TEXT_BUILTIN else "image"
 
 
 def check_spec(spec: str) -> None:
@@ -51,6 +60,19 @@ def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True,
     use_hub = pretrained and weights is None
     backbone = builtin.create(name, use_hub) if source == "builtin" else _SOURCES[source].create(name, use_hub)
     _SOURCES[backbone.source].replace_head(backbone, num_classes)
+    if weights is not None:
+        load_weights(backbone, read_state_dict(weights), f"--weights {weights}")
+    return backbone
+
+
+def create_text_backbone(spec: str, labels: list[str], kind: str, *, pretrained: bool = True,
+                         weights: Path | None = None, trust_remote_code: bool = False) -> Backbone:
+    """A transformers encoder with a new sequence-classification head for `kind` (classification,
+    multilabel, regression) and `labels`."""
+    source, name = _parse(spec)
+    folder = builtin.text_folder(name) if source == "builtin" else name
+    backbone = hf_source.create(folder, labels, kind, pretrained=pretrained and weights is None,
+                                trust_remote_code=trust_remote_code, spec=spec)
     if weights is not None:
         load_weights(backbone, read_state_dict(weights), f"--weights {weights}")
     return backbone

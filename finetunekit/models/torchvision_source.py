@@ -52,6 +52,6 @@ def create(name: str, pretrained: bool) -> Backbone:
 
 
 def replace_head(backbone: Backbone, num_classes: int) -> None:
-    old = backbone.head_module()
+    old = backbone.module.get_submodule(backbone.head)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     backbone.module.set_submodule(backbone.head, new)

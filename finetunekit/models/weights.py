@@ -50,16 +50,16 @@ def load_weights(backbone: Backbone, sd: dict[str, torch.Tensor], origin: str) -
     """Load every non-head tensor (all must be there); load the head too where its shape matches."""
     own = backbone.module.state_dict()
     sd = _strip_prefixes(sd, set(own))
-    head = f"{backbone.head}."
-    body_missing = [k for k in own if k not in sd and not k.startswith(head)]
-    mismatched = [k for k in own if k in sd and not k.startswith(head) and sd[k].shape != own[k].shape]
+    head = backbone.is_head
+    body_missing = [k for k in own if k not in sd and not head(k)]
+    mismatched = [k for k in own if k in sd and not head(k) and sd[k].shape != own[k].shape]
     if body_missing or mismatched:
         bad = (body_missing or mismatched)[:3]
         what = "missing" if body_missing else "of another shape"
         raise UserError(f"{origin}: does not fit {backbone.source}:{backbone.architecture}: "
                         f"{len(body_missing) or len(mismatched)} tensors {what} (e.g. {', '.join(bad)})")
-    head_fits = all(k in sd and sd[k].shape == v.shape for k, v in own.items() if k.startswith(head))
-    keep = {k: v for k, v in sd.items() if k in own and (head_fits or not k.startswith(head))}
+    head_fits = all(k in sd and sd[k].shape == v.shape for k, v in own.items() if head(k))
+    keep = {k: v for k, v in sd.items() if k in own and (head_fits or not head(k))}
     backbone.module.load_state_dict(keep, strict=False)
     unused = len(sd) - len(keep)
     log.info("loaded %s (%d tensors; head %s%s)", origin, len(keep),

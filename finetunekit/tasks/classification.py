@@ -1,6 +1,8 @@
-"""Single-label classification: cross-entropy, torchmetrics metrics, top-k predictions."""
+"""Single-label classification: cross-entropy (or focal), optional class weights, top-k predictions."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,23 +11,57 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassPrecision, MulticlassRecall)
 
 
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, weight: torch.Tensor | None = None,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Multi-class focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, per sample."""
+    ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none")
+    p_true = logits.softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # [B]
+    return (1 - p_true).clamp_min(0).pow(gamma) * ce
+
+
 class Classification:
     """N classes, one per sample. Logits [B, N], targets [B] (class indices)."""
 
-    def __init__(self, classes: list[str], label_smoothing: float = 0.0):
+    running_metric = "accuracy"  # the cheap training-set figure shown per epoch
+    headline = ("accuracy", "macro_f1")
+    default_monitor = "accuracy"
+    target_dtype = torch.long
+
+    def __init__(self, classes: Sequence[str], label_smoothing: float = 0.0, loss: str = "ce",
+                 class_weights: Sequence[float] | None = None, focal_gamma: float = 2.0):
+        if loss not in ("ce", "focal"):
+            raise ValueError(f"classification loss must be ce or focal, not {loss!r}")
         self.classes = list(classes)
         self.label_smoothing = label_smoothing
+        self.loss_name, self.focal_gamma = loss, focal_gamma
+        self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
 
     @property
     def num_outputs(self) -> int:
         return len(self.classes)
 
+    def _weight(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.class_weights is not None and self.class_weights.device != logits.device:
+            self.class_weights = self.class_weights.to(logits.device)
+        return self.class_weights
+
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        logits, weight = logits.float(), self._weight(logits)
+        if self.loss_name == "focal":
+            per_sample = focal_loss(logits, target, self.focal_gamma, weight, self.label_smoothing)
+            # weighted mean, as F.cross_entropy(weight=...) normalises
+            return per_sample.sum() / (weight[target].sum() if weight is not None else len(target))
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=self.label_smoothing)
 
     def eval_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss without smoothing: comparable across recipes."""
+        """Per-sample plain cross-entropy (no smoothing, no weights): comparable across recipes."""
         return F.cross_entropy(logits.float(), target, reduction="none")
+
+    def running(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(-1) == target).sum()
+
+    def for_metrics(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits.float(), target
 
     def metrics(self) -> MetricCollection:
         n = self.num_outputs
@@ -33,6 +69,7 @@ class Classification:
              "macro_f1": MulticlassF1Score(n, average="macro"),
              "precision": MulticlassPrecision(n, average=None),
              "recall": MulticlassRecall(n, average=None),
+             "f1": MulticlassF1Score(n, average=None),
              "confusion_matrix": MulticlassConfusionMatrix(n)}
         if n > 5:
             m["top5_accuracy"] = MulticlassAccuracy(n, top_k=5, average="micro")
@@ -41,8 +78,9 @@ class Classification:
     def summarize(self, computed: dict[str, torch.Tensor]) -> dict:
         """torchmetrics output -> a JSON-ready dict with per-class figures named by class."""
         out = {k: float(v) for k, v in computed.items() if v.ndim == 0}
-        out["per_class"] = {c: {"precision": float(p), "recall": float(r)}
-                            for c, p, r in zip(self.classes, computed["precision"], computed["recall"])}
+        out["per_class"] = {c: {"precision": float(p), "recall": float(r), "f1": float(f)}
+                            for c, p, r, f in zip(self.classes, computed["precision"], computed["recall"],
+                                                  computed["f1"])}
         out["confusion_matrix"] = computed["confusion_matrix"].int().tolist()
         return out
 

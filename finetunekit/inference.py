@@ -1,0 +1,188 @@
+"""A fine-tuned model restored from disk (`finetunekit.load`): predict, and labelled loaders for evaluate.
+
+    ImageModel.predict(paths | folders | PIL images | arrays)
+    TextModel.predict(texts | (text, text) pairs | a .txt/.csv/.tsv/.jsonl file)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .data import build_transform, load_rgb, to_rgb
+from .errors import UserError
+from .models import Backbone
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".parquet"}
+
+
+class FineTunedModel:
+    """What every restored model offers: its module, task and classes, `to(device)`, `predict`."""
+
+    def __init__(self, backbone: Backbone, task, folder: Path):
+        self.backbone, self.task, self.folder = backbone, task, folder
+        self.device = torch.device("cpu")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.task.classes
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.backbone.module
+
+    def to(self, device: str | torch.device) -> FineTunedModel:
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+    def logits(self, items: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:
+        """(items to score, extra fields per result) from what the user passed."""
+        raise NotImplementedError
+
+    def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1) -> list[dict]:
+        """One dict per input: the task's prediction (label/score/top_k, labels/scores, or value)."""
+        items, extras = self._inputs(inputs)
+        results = self.task.predict(self.logits(items, batch_size), top_k=top_k)
+        return [{**extra, **r} for extra, r in zip(extras, results)]
+
+
+class ImageModel(FineTunedModel):
+    def __init__(self, backbone: Backbone, task, folder: Path):
+        super().__init__(backbone, task, folder)
+        self.transform = build_transform(backbone.preprocessing, augment="none")
+
+    def _image(self, item: Any) -> Image.Image:
+        if isinstance(item, Image.Image):
+            return to_rgb(item)
+        if isinstance(item, np.ndarray):
+            return to_rgb(Image.fromarray(item))
+        try:
+            return load_rgb(item)
+        except Exception as e:  # noqa: BLE001 - any decoding failure: name the file, no traceback
+            raise UserError(f"{item}: cannot read as an image ({type(e).__name__}: {e})") from None
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """[N, num_classes] logits for a sequence of images (paths, PIL images or HxWxC uint8 arrays)."""
+        self.module.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([self.transform(self._image(im)) for im in images[i:i + batch_size]])
+            out.append(self.module(x.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.task.num_outputs)
+
+    def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:
+        items = expand_inputs(inputs)
+        return items, [{"path": str(i)} if isinstance(i, (str, os.PathLike)) else {} for i in items]
+
+    def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        from .data import ImageDataset, default_workers, make_loader
+        from .data.sources import drop_unreadable, labeled_split, read_labeled_files
+
+        files = read_labeled_files(data, "--data")
+        skipped, _ = drop_unreadable([files])
+        split = labeled_split(files, self.classes, "the model's classes")
+        return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
+                           workers=default_workers(), seed=0), len(skipped)
+
+
+def expand_inputs(images: Any) -> list[Any]:
+    """A path, a folder (its image files, sorted, recursively), or a sequence of those and of images."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    out: list[Any] = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)):
+            p = Path(item)
+            if p.is_dir():
+                out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            elif p.is_file():
+                out.append(str(p))
+            else:
+                raise UserError(f"{p}: no such file or folder")
+        else:
+            out.append(item)
+    return out
+
+
+class TextModel(FineTunedModel):
+    def __init__(self, backbone: Backbone, task, folder: Path, config: dict):
+        super().__init__(backbone, task, folder)
+        self.text_columns: list[str] = config.get("text_columns") or ["text"]
+        self.label_columns: list[str] = config.get("label_columns") or ["label"]
+        self.label_delimiter: str | None = config.get("label_delimiter")
+        self.max_length: int = int(config.get("max_length") or backbone.tokenizer.model_max_length)
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @torch.inference_mode()
+    def logits(self, texts: Sequence[tuple[str, ...]], batch_size: int = 64) -> torch.Tensor:
+        """[N, num_outputs] logits; batches are formed by length (least padding), results in input order."""
+        from .data.text import PadCollate, tokenize
+
+        self.module.eval()
+        if not texts:
+            return torch.empty(0, self.task.num_outputs)
+        enc = tokenize(self.tokenizer, texts, self.max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        collate = PadCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left", torch.float32)
+        out = torch.empty(len(texts), self.task.num_outputs)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            features, _ = collate([({k: v[i] for k, v in enc.items()}, 0.0) for i in idx])
+            logits = self.module(**{k: v.to(self.device) for k, v in features.items()}).logits
+            out[idx] = logits.float().cpu()
+        return out
+
+    def _inputs(self, inputs: Any) -> tuple[list[tuple[str, ...]], list[dict]]:
+        """A string, a (text, text) pair, a list of those, or a path to a .txt (one per line) or table file."""
+        from .data.tables import read_texts
+
+        if isinstance(inputs, os.PathLike) or (isinstance(inputs, str) and _is_text_file(inputs)):
+            texts = read_texts(Path(inputs), self.text_columns, "predict")
+        else:
+            items = [inputs] if isinstance(inputs, (str, tuple)) else list(inputs)
+            texts = [(t,) if isinstance(t, str) else tuple(t) for t in items]
+        wrong = next((t for t in texts if len(t) != len(self.text_columns)), None)
+        if wrong is not None:
+            raise UserError(f"predict: this model reads {len(self.text_columns)} text(s) per sample "
+                            f"({', '.join(self.text_columns)}), got {len(wrong)}: {wrong!r}")
+        extras = [{"text": t[0]} if len(t) == 1 else {"text": list(t)} for t in texts]
+        return texts, extras
+
+    def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        from .data.tables import read_labelled_texts
+        from .data.text import PadCollate, TextDataset, make_text_loader
+
+        split, skipped = read_labelled_texts(data, _task_name(self.task), self.text_columns, self.label_columns,
+                                             self.label_delimiter, self.classes)
+        ds = TextDataset(split.texts, split.targets, self.tokenizer, self.max_length)
+        collate = PadCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left",
+                             self.task.target_dtype)
+        return make_text_loader(ds, batch_size, train=False, group_by_length=False, seed=0,
+                                collate=collate), len(skipped)
+
+
+def _is_text_file(s: str) -> bool:
+    return len(s) < 4096 and "\n" not in s and Path(s).suffix.lower() in TEXT_FILE_SUFFIXES and Path(s).is_file()
+
+
+def _task_name(task) -> str:
+    from .tasks import MultiLabel, Regression
+
+    return "text-multilabel" if isinstance(task, MultiLabel) else "text-regression" \
+        if isinstance(task, Regression) else "text-classification"

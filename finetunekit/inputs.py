@@ -1,0 +1,152 @@
+"""What differs between images and texts before the shared engine runs: reading the splits, building the
+backbone (its head sized by the data), the task, and the loaders.
+
+Each `prepare_*` reads the data first (every problem with it is a one-line error before a model loads),
+then the model, then the loaders, and returns a `Prepared`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .config import Recipe
+from .errors import UserError
+from .models import Backbone
+from .tasks import build_task, kind_of
+
+log = logging.getLogger("finetunekit")
+
+
+@dataclass
+class Prepared:
+    backbone: Backbone
+    task: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader | None
+    split_record: dict  # written to split.json
+    skipped: int  # files or rows that could not be used
+    resolved: dict[str, Any]  # recipe keys resolved from the data or model ({"data.image_size": 224})
+    input_desc: str  # for the log: "input 224px", "max 128 tokens"
+    summary: list[str] = field(default_factory=list)  # lines for the log, once data and model are known good
+    extra_config: dict[str, Any] = field(default_factory=dict)  # saved with the model (text columns...)
+
+
+def class_weights(spec: str | None, kind: str, classes: list[str], targets: list) -> list[float] | None:
+    """'auto' = inverse class frequency normalised to mean 1 (multi-label: negatives/positives per label),
+    or one comma-separated number per class."""
+    if spec is None or spec.lower() == "none":
+        return None
+    if kind == "regression":
+        raise UserError("--class-weights: only for classification and multi-label tasks")
+    if spec.lower() == "auto":
+        if kind == "multilabel":
+            n = len(targets)
+            pos = [sum(t[i] for t in targets) for i in range(len(classes))]
+            return [round((n - p) / p, 4) if p else 1.0 for p in pos]
+        counts = Counter(targets)
+        raw = [len(targets) / (len(classes) * counts[i]) if counts[i] else 0.0 for i in range(len(classes))]
+        return [round(w, 4) for w in raw]
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--class-weights {spec}: expected 'auto' or comma-separated numbers") from None
+    if len(weights) != len(classes) or any(w < 0 for w in weights):
+        raise UserError(f"--class-weights {spec}: expected {len(classes)} non-negative numbers, one per class in "
+                        f"this order: {', '.join(classes)}")
+    return weights
+
+
+def _task(recipe: Recipe, classes: list[str], targets: list):
+    t = recipe.train
+    kind = kind_of(recipe.task)
+    weights = class_weights(t.class_weights, kind, classes, targets)
+    return build_task(recipe.task, classes, loss=t.loss, label_smoothing=t.label_smoothing,
+                      class_weights=weights, focal_gamma=t.focal_gamma, threshold=t.threshold)
+
+
+def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
+    from .data import ImageDataset, build_transform, default_workers, make_loader, resolve_splits
+    from .models import create_backbone
+
+    d, m, t = recipe.data, recipe.model, recipe.train
+    splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
+    task = _task(recipe, splits.classes, splits.train.labels)
+    backbone = create_backbone(recipe.model_name, len(splits.classes), pretrained=m.pretrained, weights=m.weights)
+    summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
+               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
+    backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
+
+    workers = default_workers() if d.num_workers is None else d.num_workers
+    train_tf = build_transform(backbone.preprocessing, d.augment)
+    eval_tf = build_transform(backbone.preprocessing, "none")
+
+    def loader(split, tf, train: bool) -> DataLoader:
+        return make_loader(ImageDataset(split, tf), t.batch_size * (1 if train else 2), train=train,
+                           workers=workers, seed=t.seed, pin_memory=gpu)
+
+    size = backbone.preprocessing.input_size
+    return Prepared(backbone, task, loader(splits.train, train_tf, True), loader(splits.val, eval_tf, False),
+                    loader(splits.test, eval_tf, False) if splits.test is not None else None,
+                    {"classes": splits.classes, **splits.record,
+                     "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]},
+                    len(splits.skipped), {"data.image_size": size, "data.num_workers": workers, "model.name": recipe.model_name},
+                    f"input {size}px", summary)
+
+
+def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
+    from .data.tables import describe_columns, resolve_text_splits
+    from .data.text import PadCollate, TextDataset, TokenAugment, make_text_loader, read_synonyms
+    from .models import create_text_backbone
+    from .models.hf_source import model_max_length
+
+    d, m, t = recipe.data, recipe.model, recipe.train
+    kind = kind_of(recipe.task)
+    splits = resolve_text_splits(recipe.task, d.path, d.val, d.test, text_column=d.text_column,
+                                 label_column=d.label_column, label_delimiter=d.label_delimiter,
+                                 val_fraction=d.val_fraction, seed=t.seed, max_bad_fraction=d.max_bad_fraction)
+    synonyms = read_synonyms(d.synonyms) if d.synonyms else None
+    task = _task(recipe, splits.classes, splits.train.targets)
+    backbone = create_text_backbone(recipe.model_name, splits.classes, kind, pretrained=m.pretrained,
+                                    weights=m.weights, trust_remote_code=m.trust_remote_code)
+    tok = backbone.tokenizer
+    limit = model_max_length(backbone)
+    if d.max_length is not None and d.max_length > limit:
+        raise UserError(f"--max-length {d.max_length}: {recipe.model_name} takes at most {limit} tokens")
+    summary = [describe_columns(splits.record),
+               f"{f'classes: {len(splits.classes)}' if splits.classes else 'regression target'}; texts: "
+               f"{len(splits.train)} train, {len(splits.val)} val"
+               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
+    max_length = d.max_length or limit
+    augment = TokenAugment(d.token_delete, d.token_swap, d.token_mask, tok.mask_token_id,
+                           set(tok.all_special_ids))
+    if augment.active or synonyms:
+        summary.append(f"text augmentation: delete {d.token_delete:g}, swap {d.token_swap:g}, mask "
+                       f"{d.token_mask:g}" + (f", synonyms from {d.synonyms} (p {d.synonym_prob:g})" if synonyms else ""))
+    collate = PadCollate(tok.pad_token_id, tok.padding_side == "left", task.target_dtype, multiple=8 if gpu else 1)
+
+    def loader(split, train: bool) -> DataLoader:
+        ds = TextDataset(split.texts, split.targets, tok, max_length, augment if train else None,
+                         synonyms if train else None, d.synonym_prob, seed=t.seed)
+        return make_text_loader(ds, t.batch_size * (1 if train else 2), train=train,
+                                group_by_length=d.group_by_length, seed=t.seed, collate=collate)
+
+    train_loader = loader(splits.train, True)
+    lengths = train_loader.dataset.lengths
+    truncated = sum(n >= max_length for n in lengths)
+    summary.append(f"tokens per training sample: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}; "
+                   f"{truncated} of {len(lengths)} truncated to {max_length}")
+    record = {"classes": splits.classes, **splits.record,
+              "skipped": [{"row": w, "reason": r} for w, r in splits.skipped]}
+    text = {"text_columns": splits.text_columns, "label_columns": splits.label_columns,
+            "label_delimiter": splits.record.get("label_delimiter"), "max_length": max_length,
+            "threshold": t.threshold if kind == "multilabel" else None}
+    return Prepared(backbone, task, train_loader, loader(splits.val, False),
+                    loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
+                    {"data.max_length": max_length, "data.num_workers": 0, "model.name": recipe.model_name},
+                    f"max {max_length} tokens", summary, extra_config=text)

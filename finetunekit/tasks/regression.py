@@ -1,0 +1,54 @@
+"""Regression: one number per sample; MSE (or Huber); MAE, RMSE, R² and Spearman."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score, SpearmanCorrCoef
+
+
+class Regression:
+    """Outputs [B, 1], targets [B] floats. Targets are used on their own scale."""
+
+    running_metric = "mae"
+    headline = ("mae", "rmse", "r2", "spearman")
+    default_monitor = "rmse"
+    target_dtype = torch.float32
+    num_outputs = 1
+
+    def __init__(self, loss: str = "mse"):
+        if loss not in ("mse", "huber"):
+            raise ValueError(f"regression loss must be mse or huber, not {loss!r}")
+        self.loss_name = loss
+        self.classes: list[str] = []
+
+    def _per_sample(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fn = F.huber_loss if self.loss_name == "huber" else F.mse_loss
+        return fn(out.float().squeeze(-1), target.float(), reduction="none")
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._per_sample(out, target).mean()
+
+    def eval_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._per_sample(out, target)
+
+    def running(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (out.float().squeeze(-1) - target).abs().sum()
+
+    def for_metrics(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return out.float().squeeze(-1), target.float()
+
+    def metrics(self) -> MetricCollection:
+        with warnings.catch_warnings():  # Spearman keeps every prediction: one float per sample, by design
+            warnings.filterwarnings("ignore", message=".*will save all targets and predictions")
+            spearman = SpearmanCorrCoef()
+        return MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False),
+                                 "r2": R2Score(), "spearman": spearman})
+
+    def summarize(self, computed: dict[str, torch.Tensor]) -> dict:
+        return {k: float(v) for k, v in computed.items()}
+
+    def predict(self, out: torch.Tensor, top_k: int = 1) -> list[dict]:
+        return [{"value": float(v)} for v in out.float().squeeze(-1)]
