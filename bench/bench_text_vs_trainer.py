@@ -53,7 +53,7 @@ def run_trainer(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-            num_train_epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=0.1,
+            num_train_epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=0.1,
             lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=50, save_strategy="no",
             eval_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True,
             disable_tqdm=True)

@@ -14,6 +14,8 @@ from finetunekit.data import build_transform
 from finetunekit.models import create_backbone
 from finetunekit.models.weights import read_state_dict
 
+from conftest import hub_reachable
+
 
 def test_builtin_lite0_calls_chelsea_a_cat():
     """The registry weights, mapped onto timm's tf_efficientnet_lite0, are real ImageNet weights."""
@@ -93,17 +95,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not canary.exists()
 
 
-def _hub_reachable() -> bool:
-    import socket
-
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_hub_reachable(), reason="needs a machine without internet")
+@pytest.mark.skipif(hub_reachable(), reason="needs a machine without internet")
 def test_offline_hub_model_fails_fast_with_one_line():
     start = time.perf_counter()
     with pytest.raises(UserError) as e:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import finetunekit
 from finetunekit import UserError
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, hub_reachable, run_cli
 
 SST2 = SHARED_DATA / "sst2"
 POS, NEG = ["good", "great", "excellent", "wonderful"], ["bad", "awful", "terrible", "boring"]
@@ -264,15 +263,7 @@ def test_bad_text_options_are_one_line_errors(args, expected, sentiment, tiny_be
     assert not (tmp_path / "run").exists(), "a failed run left its directory behind"
 
 
-def _hub_reachable() -> bool:
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_hub_reachable(), reason="the Hub is reachable: the offline message cannot be shown")
+@pytest.mark.skipif(hub_reachable(), reason="the Hub is reachable: the offline message cannot be shown")
 def test_offline_hub_id_is_one_clear_line(sentiment, tmp_path):
     start = time.perf_counter()
     r = run_cli("fit", "--config", "bert-base-sst2", "--data", str(sentiment["train"]), "--val",
