@@ -85,6 +85,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     demo.add_argument("--epochs", type=int, default=None, metavar="N")
     demo.add_argument("--quiet", action="store_true")
 
+    ins = sub.add_parser("inspect", help="a model's layer groups, and when each trains under a strategy")
+    ins.add_argument("model", metavar="MODEL", help="a --model spec: efficientnet_lite0, timm:<name>, minilm, ...")
+    ins.add_argument("--strategy", default="full", metavar="STRATEGY", help="(default: full)")
+    ins.add_argument("--epochs", type=int, default=10, metavar="N", help="(default: 10)")
+    ins.add_argument("--head-epochs", type=int, metavar="N")
+    ins.add_argument("--unfreeze-every", type=int, default=1, metavar="N")
+    ins.add_argument("--freeze", metavar="PATTERNS")
+    ins.add_argument("--freeze-types", metavar="TYPES")
+    ins.add_argument("--freeze-layers", type=int, metavar="N")
+    ins.add_argument("--num-classes", type=int, default=2, metavar="N")
+
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser, dests
 
@@ -240,6 +251,23 @@ def run(argv: list[str]) -> int:
             preds += model.predict(Path(item) if hasattr(model, "tokenizer") else [item],
                                    batch_size=args.batch_size, top_k=args.top_k)
         _write(_format_predictions(preds, args.format, args.top_k), args.output)
+        return 0
+    if args.command == "inspect":
+        from .config import TrainConfig
+
+        strategies = TrainConfig.model_fields["strategy"].annotation.__args__
+        if args.strategy not in strategies:
+            raise UserError(f"--strategy {args.strategy}: expected one of {', '.join(strategies)}"
+                            f"{did_you_mean(args.strategy, list(strategies))}")
+        if args.epochs < 1 or args.num_classes < 1:
+            raise UserError("--epochs and --num-classes: expected values >= 1")
+        from .inspection import describe
+        from .models import check_spec
+
+        check_spec(args.model)
+        print(describe(args.model, strategy=args.strategy, epochs=args.epochs, num_classes=args.num_classes,
+                       head_epochs=args.head_epochs, unfreeze_every=args.unfreeze_every, freeze=args.freeze,
+                       freeze_types=args.freeze_types, freeze_layers=args.freeze_layers), end="")
         return 0
     if args.command == "demo":
         from .demo import run_demo

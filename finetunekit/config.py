@@ -79,8 +79,21 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["full", "linear-probe"] = _opt(
-        "full", "what trains: full = every parameter; linear-probe = the new head only, backbone frozen")
+    strategy: Literal["full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit", "norm-head"] = _opt(
+        "full", "what trains: full = every parameter; linear-probe = the new head only; freeze-unfreeze = the "
+        "head for --head-epochs at 10x lr, then all; lp-ft = a linear probe for --head-epochs (default half "
+        "the run), then all; gradual = the head, then one more layer group every --unfreeze-every epochs; "
+        "bitfit = biases + head; norm-head = norm layers + head")
+    head_epochs: int | None = _opt(None, "freeze-unfreeze and lp-ft: epochs that train the head alone; "
+                                   "default 1 (freeze-unfreeze), half the run (lp-ft)", ge=1)
+    unfreeze_every: int = _opt(1, "gradual: epochs between unfreezing one more layer group", ge=1)
+    freeze: str | None = _opt(None, "parameters kept frozen, by name: comma-separated globs "
+                              "('patch_embed*,pos_embed'; see `finetunekit inspect`)")
+    freeze_types: str | None = _opt(None, "layer types kept frozen: comma-separated of norm, embedding, conv, "
+                                    "linear")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay: group i of n (input to output) learns at "
+                                     "lr x decay^(n-1-i); 0.75 is common for ViTs", gt=0, le=1)
+    head_lr_mult: float = _opt(1.0, "the head learns at lr x this (discriminative learning rate)", gt=0, le=1000)
     epochs: int = _opt(10, "training epochs", ge=1, le=100_000)
     batch_size: int = _opt(32, "samples per optimizer step on one device (before accumulation)",
                            ge=1, le=65_536)
@@ -95,8 +108,8 @@ class TrainConfig(_Section):
                                 "1 epoch for images, 10% of the run for text", ge=0)
     min_lr_ratio: float | None = _opt(None, "final learning rate of the schedule, as a fraction of lr; "
                                       "default: 0.01 (cosine), 0 (linear)", ge=0, le=1)
-    freeze_layers: int | None = _opt(None, "text encoders: freeze the embeddings and the first N encoder "
-                                     "layers", ge=0)
+    freeze_layers: int | None = _opt(None, "freeze the embeddings and the first N encoder layers (models "
+                                     "that list their layers: transformers encoders)", ge=0)
     loss: Literal["auto", "ce", "focal", "bce", "mse", "huber"] = _opt(
         "auto", "auto = ce (classification), bce (multi-label), mse (regression); focal for imbalanced "
         "classes; huber for regression with outliers")

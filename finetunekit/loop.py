@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .strategies import set_train_mode
+from .strategies import Plan, apply_phase, set_train_mode
 from .tasks import LOWER_IS_BETTER
 
 log = logging.getLogger("finetunekit")
@@ -23,8 +23,7 @@ log = logging.getLogger("finetunekit")
 @dataclass
 class LoopConfig:
     epochs: int
-    strategy: str  # decides which modules stay in eval mode during training
-    head: str  # dotted name(s) of the head module(s), comma-separated
+    plan: Plan  # which parameters train in each epoch, at what lr multiple
     clip_grad: float | None = None
     monitor: str = "accuracy"  # validation metric that picks the best epoch (see Recipe.train.metric)
     patience: int | None = None  # early stopping: epochs without improvement
@@ -65,10 +64,18 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     history: list[dict] = []
     best: tuple[float, float] | None = None
     best_epoch, stale, updates = -1, 0, 0
-    params = [p for p in module.parameters() if p.requires_grad]
     train_seconds = 0.0
+    inner = accelerator.unwrap_model(module)
+    phase = None
     for epoch in range(cfg.epochs):
-        set_train_mode(cfg.strategy, module, cfg.head, inner=accelerator.unwrap_model(module))
+        if cfg.plan.phase_at(epoch) is not phase:
+            phase = cfg.plan.phase_at(epoch)
+            apply_phase(phase, inner, optimizer)
+            params = [p for p in module.parameters() if p.requires_grad]
+            if epoch > 0 or len(cfg.plan.phases) > 1:
+                log.info("epoch %d: %s trains (%d tensors, lr x%g)", epoch + 1, phase.description, len(params),
+                         phase.lr_mult)
+        set_train_mode(module, inner)
         loss_sum = torch.zeros((), device=accelerator.device)
         running = torch.zeros((), device=accelerator.device)  # task.running_metric, summed over samples
         seen = 0
@@ -100,7 +107,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
                f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
                **{f"val_{k}": val[k] for k in task.headline},

@@ -185,7 +185,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     from .inputs import prepare_images, prepare_text
     from .optim import (DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, build_scheduler, default_lr,
                         default_warmup)
-    from .strategies import apply_strategy
+    from .strategies import apply_phase, make_plan
 
     started = time.perf_counter()
     d, m, t = recipe.data, recipe.model, recipe.train
@@ -201,15 +201,19 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     weights = getattr(task, "class_weights", None) if t.class_weights else None
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, weights)))
-    apply_strategy(t.strategy, backbone, t.freeze_layers)
+    plan = make_plan(t.strategy, backbone, t.epochs, head_epochs=t.head_epochs, unfreeze_every=t.unfreeze_every,
+                     freeze=t.freeze, freeze_types=t.freeze_types, freeze_layers=t.freeze_layers)
+    apply_phase(plan.phases[0], backbone.module)
 
     effective_batch = t.batch_size * t.grad_accum * accelerator.num_processes
-    lr = t.lr or default_lr(recipe.modality, t.strategy, effective_batch)
+    lr = t.lr or default_lr(recipe.modality, "linear-probe" if t.strategy == "linear-probe" else "full",
+                            effective_batch)
     kind = DEFAULT_SCHEDULER[recipe.modality] if t.scheduler == "auto" else t.scheduler
     warmup = default_warmup(recipe.modality, t.epochs) if t.warmup is None else t.warmup
     min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
     monitor = task.default_monitor if t.metric == "auto" else t.metric
-    optimizer = build_optimizer(backbone.module, lr, t.weight_decay, fused=gpu)
+    optimizer = build_optimizer(backbone, lr, t.weight_decay, layer_decay=t.layer_decay,
+                                head_lr_mult=t.head_lr_mult, fused=gpu)
     module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer,
                                                                       inputs.train_loader, inputs.val_loader)
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)
@@ -227,11 +231,15 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     frozen = f", first {t.freeze_layers} layers frozen" if t.freeze_layers else ""
+    frozen += f", frozen: {t.freeze}" if t.freeze else ""
+    frozen += f", frozen types: {t.freeze_types}" if t.freeze_types else ""
     log.info("model: %s (%s:%s), %.2fM parameters, %.2fM trainable (%s%s); %s; device %s, precision %s",
              recipe.model_name, backbone.source, backbone.architecture, total / 1e6, trainable / 1e6, t.strategy,
              frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)
-    log.info("optimizer: AdamW lr %.3g (effective batch %d), weight decay %g, warmup %g epochs + %s decay; "
-             "%d updates/epoch", lr, effective_batch, t.weight_decay, warmup, kind, updates_per_epoch)
+    extras = (f", layer decay {t.layer_decay:g}" if t.layer_decay else "") + \
+        (f", head lr x{t.head_lr_mult:g}" if t.head_lr_mult != 1.0 else "")
+    log.info("optimizer: AdamW lr %.3g (effective batch %d), weight decay %g%s, warmup %g epochs + %s decay; "
+             "%d updates/epoch", lr, effective_batch, t.weight_decay, extras, warmup, kind, updates_per_epoch)
 
     model_dir = out / "model"
     best_val: dict = {}
@@ -244,7 +252,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
                               inputs.extra_config)
 
     accelerator.init_trackers("tensorboard")
-    cfg = loop.LoopConfig(epochs=t.epochs, strategy=t.strategy, head=backbone.head, clip_grad=t.clip_grad,
+    cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad,
                           monitor=monitor, patience=t.early_stopping, quiet=recipe.quiet)
     result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)
     write_history(out / "history.csv", result.history)

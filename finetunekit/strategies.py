@@ -1,32 +1,142 @@
-"""Strategies: which parameters train, and which modules stay in inference mode while they do.
+"""Strategies: which parameters train at each epoch, at what learning-rate multiple.
 
-- full: every parameter trains.
-- linear-probe: only the new head trains; the backbone is frozen *and* kept in eval mode, so BatchNorm
-  running statistics and dropout inside the frozen part do not drift (a frozen backbone is a fixed
-  feature extractor).
-- freeze_layers=N (with full): the input side (embeddings, stem) and the first N blocks are frozen; the rest
-  trains. Needs a backbone that names its blocks (transformers encoders do).
+A strategy is a `Plan`: a list of phases, each starting at an epoch, naming the trainable parameters and
+a multiplier on every group's learning rate. The optimizer holds *every* parameter from the first step
+(a frozen one simply has no gradient, so AdamW leaves it untouched, weight decay included), and the
+schedule spans the whole run; a phase change only flips `requires_grad` and scales each param group's
+`lr_scale`, which timm's schedulers apply at every update. So unfreezing never adds param groups that a
+scheduler or a resumed optimizer has not seen.
+
+    full             everything trains
+    linear-probe     the head only (the backbone runs in eval mode: a fixed feature extractor)
+    bitfit           biases + the head
+    norm-head        normalization layers + the head
+    freeze-unfreeze  the head only for --head-epochs at 10x lr, then everything (fastai's fine_tune)
+    lp-ft            a linear probe (eval-mode backbone) for --head-epochs at 10x lr, then full fine-tuning
+    gradual          the head, then one more layer group from the top every --unfreeze-every epochs
+                     (ULMFiT's gradual unfreezing)
+
+On top of any strategy: --freeze-layers N (the embeddings/stem and the first N blocks), --freeze PATTERNS
+(parameter-name globs), --freeze-types TYPES (norm, embedding, conv, linear) stay frozen throughout.
+A module none of whose parameters train runs in eval mode, so BatchNorm statistics and dropout inside a
+frozen part do not drift.
 """
 
 from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
 
 from torch import nn
 
 from .errors import UserError
 from .models import Backbone
+from .models.groups import Group, layer_groups
 
-STRATEGIES = ("full", "linear-probe")
+STRATEGIES = ("full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit", "norm-head")
+HEAD_PHASE_LR_MULT = 10.0  # head-only phases: the linear-probe default lr is 10x the full fine-tune one
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_TYPES = {"norm": _NORMS, "embedding": (nn.Embedding, nn.EmbeddingBag), "conv": (nn.modules.conv._ConvNd,),
+          "linear": (nn.Linear,)}
 
 
-def apply_strategy(strategy: str, backbone: Backbone, freeze_layers: int | None = None) -> None:
-    """Set requires_grad for `strategy`, then freeze the lowest `freeze_layers` blocks."""
+@dataclass
+class Phase:
+    start_epoch: int  # 0-based
+    trainable: frozenset[str]
+    lr_mult: float
+    description: str
+
+
+@dataclass
+class Plan:
+    strategy: str
+    phases: list[Phase]
+
+    def phase_at(self, epoch: int) -> Phase:
+        return [p for p in self.phases if p.start_epoch <= epoch][-1]
+
+
+def _is_norm_param(module: nn.Module, name: str) -> bool:
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    return isinstance(owner, _NORMS) or type(owner).__name__.lower().endswith(("norm", "layernorm", "rmsnorm"))
+
+
+def always_frozen(backbone: Backbone, freeze: str | None, freeze_types: str | None,
+                  freeze_layers: int | None) -> set[str]:
+    """Parameters that stay frozen whatever the phase (never head parameters)."""
+    module = backbone.module
+    names = [n for n, _ in module.named_parameters() if not backbone.is_head(n)]
+    frozen: set[str] = set()
+    if freeze:
+        patterns = [p.strip() for p in freeze.split(",") if p.strip()]
+        for pattern in patterns:
+            hits = {n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")}
+            if not hits:
+                raise UserError(f"--freeze {pattern}: matches no parameter of {backbone.architecture} "
+                                f"(see `finetunekit inspect`)")
+            frozen |= hits
+    if freeze_types:
+        for kind in (t.strip() for t in freeze_types.split(",") if t.strip()):
+            if kind not in _TYPES:
+                raise UserError(f"--freeze-types {kind}: expected some of {', '.join(_TYPES)}")
+            owners = {n for n, m in module.named_modules() if isinstance(m, _TYPES[kind])}
+            frozen |= {n for n in names if (n.rsplit(".", 1)[0] if "." in n else "") in owners
+                       or (kind == "norm" and _is_norm_param(module, n))}
+    if freeze_layers is not None:
+        frozen |= set(frozen_by_depth(backbone, freeze_layers))
+    return frozen
+
+
+def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: int | None = None,
+              unfreeze_every: int = 1, freeze: str | None = None, freeze_types: str | None = None,
+              freeze_layers: int | None = None) -> Plan:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
-    for name, p in backbone.module.named_parameters():
-        p.requires_grad_(strategy == "full" or backbone.is_head(name))
-    if freeze_layers is not None:
-        for name in frozen_by_depth(backbone, freeze_layers):
-            backbone.module.get_parameter(name).requires_grad_(False)
+    groups = layer_groups(backbone)
+    everything = {n for g in groups for n in g.params}
+    head = {n for g in groups if g.is_head for n in g.params}
+    fixed = always_frozen(backbone, freeze, freeze_types, freeze_layers)
+
+    def phase(start: int, names: set[str], mult: float, what: str) -> Phase:
+        return Phase(start, frozenset(names - fixed), mult, what)
+
+    if strategy == "full":
+        return Plan(strategy, [phase(0, everything, 1.0, "all parameters")])
+    if strategy == "linear-probe":
+        return Plan(strategy, [phase(0, head, 1.0, "head only")])
+    if strategy in ("bitfit", "norm-head"):
+        module = backbone.module
+        pick = (lambda n: n.endswith("bias")) if strategy == "bitfit" else (lambda n: _is_norm_param(module, n))
+        return Plan(strategy, [phase(0, head | {n for n in everything if pick(n)}, 1.0,
+                                     "biases + head" if strategy == "bitfit" else "norm layers + head")])
+    if strategy in ("freeze-unfreeze", "lp-ft"):
+        k = head_epochs if head_epochs is not None else (1 if strategy == "freeze-unfreeze" else max(1, epochs // 2))
+        if k >= epochs:
+            raise UserError(f"--head-epochs {k}: must be less than --epochs {epochs} for --strategy {strategy}")
+        return Plan(strategy, [phase(0, head, HEAD_PHASE_LR_MULT, f"head only ({k} epochs)"),
+                               phase(k, everything, 1.0, "all parameters")])
+    # gradual: head first, then one more group (top down) every `unfreeze_every` epochs
+    body = [g for g in groups if not g.is_head]
+    phases, names = [], set(head)
+    for i, start in enumerate(range(0, epochs, unfreeze_every)):
+        if i:
+            if not body:
+                break
+            g: Group = body.pop()
+            names = names | set(g.params)
+        phases.append(phase(start, names, 1.0, "head" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
+    return Plan(strategy, phases)
+
+
+def apply_phase(phase: Phase, module: nn.Module, optimizer=None) -> None:
+    """requires_grad for the phase; each param group's lr_scale = its base scale x the phase multiplier."""
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in phase.trainable)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr_scale", group.get("lr_scale", 1.0))
+            group["lr_scale"] = group["base_lr_scale"] * phase.lr_mult
 
 
 def frozen_by_depth(backbone: Backbone, n: int) -> list[str]:
@@ -49,17 +159,13 @@ def frozen_by_depth(backbone: Backbone, n: int) -> list[str]:
     return frozen
 
 
-def set_train_mode(strategy: str, module: nn.Module, head: str, inner: nn.Module | None = None) -> None:
-    """model.train(), except frozen parts under linear-probe, which stay in eval mode.
+def set_train_mode(module: nn.Module, inner: nn.Module | None = None) -> None:
+    """model.train(), except modules none of whose parameters train: they run in eval mode.
 
-    `module` may be a distributed wrapper; `inner` is then the wrapped model, whose names `head` uses
-    (comma-separated when the head is several modules).
+    `module` may be a distributed wrapper; `inner` is then the wrapped model.
     """
     module.train()
-    if strategy == "linear-probe":
-        heads = head.split(",")
-        for name, m in (inner or module).named_modules():
-            in_head = any(name == h or name.startswith(h + ".") for h in heads)
-            above_head = any(h.startswith(name + ".") for h in heads)
-            if name and not in_head and not above_head:
-                m.eval()
+    for _, m in (inner or module).named_modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()

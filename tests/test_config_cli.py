@@ -17,8 +17,8 @@ from conftest import run_cli
 
 @pytest.mark.parametrize("args, expected", [
     (["fit", "--epoch", "3"], "unknown option --epoch (did you mean '--epochs'?)"),
-    (["fit", "--strategy", "linear-prob"], "--strategy: expected 'full' or 'linear-probe', got 'linear-prob' "
-                                           "(did you mean 'linear-probe'?)"),
+    (["fit", "--strategy", "linear-prob"], "'bitfit' or 'norm-head', got 'linear-prob' (did you mean "
+                                           "'linear-probe'?)"),
     (["fit", "--epochs", "0"], "--epochs: expected a value >= 1, got '0'"),
     (["fit", "--lr", "fast"], "--lr: expected a valid number"),
     (["fit", "--image-size", "8"], "--image-size: expected a value >= 16"),

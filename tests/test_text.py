@@ -304,3 +304,20 @@ def test_minilm_on_an_sst2_slice(tmp_path):
     r = run_cli("predict", str(tmp_path / "run"), "--text", "a gripping, funny film", "--format", "json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["label"] == "1"
+
+
+def test_gradual_unfreezing_through_the_pipeline(tiny_bert, sentiment, tmp_path):
+    """3 epochs of gradual: head, then + pooler, then + the top layer; the bottom never moves."""
+    from safetensors.torch import load_file
+
+    run = _fit(tmp_path, tiny_bert, sentiment["train"], **{"train.strategy": "gradual"})
+    base = load_file(str(tiny_bert / "model.safetensors"))
+    after = load_file(str(run.model_dir / "model.safetensors"))
+    key = (lambda k: k if k in after else "bert." + k)
+    moved = {k for k, v in base.items() if not torch.equal(after[key(k)], v)}
+    assert not any("embeddings." in k or "layer.0." in k for k in moved), sorted(moved)[:5]
+    best = run.metrics["best_epoch"]  # the saved weights are the best epoch's
+    assert any("pooler." in k for k in moved) == (best >= 2) and any("layer.1." in k for k in moved) == (best == 3)
+    log = (run.run_dir / "log.txt").read_text()
+    assert "epoch 2: head + top 1 group(s) (down to bert.pooler) trains" in log
+    assert "epoch 3: head + top 2 group(s) (down to bert.encoder.layer.1) trains" in log
