@@ -75,6 +75,8 @@ class ModelConfig(_Section):
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
                                 "dict) instead of the source's pretrained weights")
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
+    drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
+                                   "stochastic_depth_prob) for models that have it", ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
 
 
@@ -102,17 +104,26 @@ class TrainConfig(_Section):
                             "linear-probe", gt=0, le=10)
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
                                ge=0, le=10)
-    scheduler: Literal["auto", "cosine", "linear"] = _opt(
-        "auto", "learning-rate decay after warmup: auto = cosine for images, linear for text")
+    optimizer: Literal["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"] = _opt(
+        "adamw", "optimizer: sgd = momentum SGD, nesterov = SGD with Nesterov momentum; the SGD family's "
+        "default lr is 10x the Adam family's")
+    momentum: float = _opt(0.9, "momentum of sgd, nesterov, rmsprop and lars", ge=0, lt=1)
+    scheduler: Literal["auto", "cosine", "linear", "step", "onecycle", "cosine-restarts", "plateau",
+                       "constant"] = _opt(
+        "auto", "learning rate after warmup: auto = cosine for images, linear for text; step = x0.1 after each "
+        "third of the run; onecycle = 30% warmup then cosine to lr/1e4; cosine-restarts = cycles of "
+        "--restart-epochs; plateau = x0.1 after 2 epochs without improvement; constant")
+    restart_epochs: float | None = _opt(None, "cosine-restarts: epochs per cycle; default: a third of the run",
+                                        gt=0)
     warmup: float | None = _opt(None, "linear learning-rate warmup, in epochs (fractions allowed); default: "
-                                "1 epoch for images, 10% of the run for text", ge=0)
+                                "1 epoch for images, 10% of the run for text, 30% for onecycle", ge=0)
     min_lr_ratio: float | None = _opt(None, "final learning rate of the schedule, as a fraction of lr; "
                                       "default: 0.01 (cosine), 0 (linear)", ge=0, le=1)
     freeze_layers: int | None = _opt(None, "freeze the embeddings and the first N encoder layers (models "
                                      "that list their layers: transformers encoders)", ge=0)
-    loss: Literal["auto", "ce", "focal", "bce", "mse", "huber"] = _opt(
+    loss: Literal["auto", "ce", "focal", "bce", "mse", "l1", "huber"] = _opt(
         "auto", "auto = ce (classification), bce (multi-label), mse (regression); focal for imbalanced "
-        "classes; huber for regression with outliers")
+        "classes; l1 or huber for regression with outliers")
     focal_gamma: float = _opt(2.0, "focusing parameter of the focal loss", ge=0, le=10)
     class_weights: str | None = _opt(None, "weight the loss per class: auto = inverse class frequency "
                                      "(normalised to mean 1), or one comma-separated number per class")
@@ -125,6 +136,8 @@ class TrainConfig(_Section):
         "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs, off on the CPU")
     early_stopping: int | None = _opt(None, "stop after this many epochs without improvement of the "
                                       "validation metric", ge=1)
+    early_stopping_delta: float = _opt(0.0, "early stopping: the smallest change of the metric that counts as "
+                                       "an improvement", ge=0)
     metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "mae", "rmse", "r2", "spearman",
                     "loss"] = _opt(
         "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
@@ -138,7 +151,7 @@ TASKS = {
     "image-classification": ("image", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
     "text-classification": ("text", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
     "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
-    "text-regression": ("text", ("mse", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
+    "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
 }
 DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
 

@@ -77,7 +77,8 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
     d, m, t = recipe.data, recipe.model, recipe.train
     splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
     task = _task(recipe, splits.classes, splits.train.labels)
-    backbone = create_backbone(recipe.model_name, len(splits.classes), pretrained=m.pretrained, weights=m.weights)
+    backbone = create_backbone(recipe.model_name, len(splits.classes), pretrained=m.pretrained, weights=m.weights,
+                               drop_path=m.drop_path)
     summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
                f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
     backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)

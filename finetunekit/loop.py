@@ -27,6 +27,7 @@ class LoopConfig:
     clip_grad: float | None = None
     monitor: str = "accuracy"  # validation metric that picks the best epoch (see Recipe.train.metric)
     patience: int | None = None  # early stopping: epochs without improvement
+    min_delta: float = 0.0  # early stopping: the smallest change of the monitored metric that counts
     quiet: bool = False
     log_every: int = 25  # steps between progress updates (each one syncs with the device)
 
@@ -46,6 +47,24 @@ def _score(monitor: str, val: dict) -> tuple[float, float]:
     return (value, 0.0) if monitor == "loss" else (value, -val["loss"])
 
 
+class EarlyStopping:
+    """Stop after `patience` epochs in which the score (see _score) has not beaten the last score that
+    counted by more than `min_delta`."""
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.reference: tuple[float, float] | None = None
+        self.stale = 0
+
+    def update(self, score: tuple[float, float]) -> bool:
+        """Record an epoch's score; True when training should stop."""
+        if _better((score[0] - self.min_delta, score[1]), self.reference):
+            self.reference, self.stale = score, 0
+        else:
+            self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def forward(module: torch.nn.Module, x: Any) -> torch.Tensor:
     """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text)."""
     out = module(**x) if isinstance(x, Mapping) else module(x)
@@ -63,7 +82,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     """Train for `cfg.epochs`, evaluate after each epoch, call `on_best(epoch, val)` on improvement."""
     history: list[dict] = []
     best: tuple[float, float] | None = None
-    best_epoch, stale, updates = -1, 0, 0
+    best_epoch, updates = -1, 0
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     train_seconds = 0.0
     inner = accelerator.unwrap_model(module)
     phase = None
@@ -116,6 +136,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         history.append(row)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         score = _score(cfg.monitor, val)
+        scheduler.step(epoch + 1, metric=val[cfg.monitor])  # epoch-based schedules (plateau); else a no-op
         improved = _better(score, best)
         log.info("epoch %d/%d  train loss %.4f %s %.4f  val loss %.4f %s  %.0f samples/s%s",
                  epoch + 1, cfg.epochs, row["train_loss"], task.running_metric,
@@ -123,13 +144,12 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                  " ".join(f"{k} {val[k]:.4f}" for k in task.headline), row["train_samples_per_s"],
                  "  *best" if improved else "")
         if improved:
-            best, best_epoch, stale = score, epoch + 1, 0
+            best, best_epoch = score, epoch + 1
             on_best(epoch + 1, val)
-        else:
-            stale += 1
-            if cfg.patience and stale >= cfg.patience:
-                log.info("early stopping: no improvement of val %s for %d epochs", cfg.monitor, stale)
-                break
+        if stopper.update(score):
+            log.info("early stopping: no improvement of val %s by more than %g for %d epochs", cfg.monitor,
+                     cfg.min_delta, stopper.stale)
+            break
     best_value = history[best_epoch - 1][f"val_{cfg.monitor}"] if best_epoch > 0 else float("nan")
     return FitResult(history, best_epoch, best_value, stopped_early=len(history) < cfg.epochs,
                      train_seconds=train_seconds)

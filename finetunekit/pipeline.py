@@ -141,7 +141,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
 _TEXT_ONLY = {"data": ("text_column", "label_column", "label_delimiter", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
-_IMAGE_ONLY = {"data": ("image_size", "augment")}
+_IMAGE_ONLY = {"data": ("image_size", "augment"), "model": ("drop_path",)}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -186,6 +186,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     from .optim import (DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, build_scheduler, default_lr,
                         default_warmup)
     from .strategies import apply_phase, make_plan
+    from .tasks import LOWER_IS_BETTER
 
     started = time.perf_counter()
     d, m, t = recipe.data, recipe.model, recipe.train
@@ -207,18 +208,20 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
 
     effective_batch = t.batch_size * t.grad_accum * accelerator.num_processes
     lr = t.lr or default_lr(recipe.modality, "linear-probe" if t.strategy == "linear-probe" else "full",
-                            effective_batch)
+                            effective_batch, t.optimizer)
     kind = DEFAULT_SCHEDULER[recipe.modality] if t.scheduler == "auto" else t.scheduler
-    warmup = default_warmup(recipe.modality, t.epochs) if t.warmup is None else t.warmup
+    warmup = t.warmup if t.warmup is not None else \
+        0.3 * t.epochs if kind == "onecycle" else default_warmup(recipe.modality, t.epochs)
     min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
     monitor = task.default_monitor if t.metric == "auto" else t.metric
-    optimizer = build_optimizer(backbone, lr, t.weight_decay, layer_decay=t.layer_decay,
-                                head_lr_mult=t.head_lr_mult, fused=gpu)
+    optimizer = build_optimizer(backbone, lr, t.weight_decay, name=t.optimizer, momentum=t.momentum,
+                                layer_decay=t.layer_decay, head_lr_mult=t.head_lr_mult, fused=gpu)
     module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer,
                                                                       inputs.train_loader, inputs.val_loader)
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)
     scheduler = build_scheduler(optimizer, kind=kind, epochs=t.epochs, updates_per_epoch=updates_per_epoch,
-                                warmup_epochs=warmup, min_lr_ratio=min_lr_ratio)
+                                warmup_epochs=warmup, min_lr_ratio=min_lr_ratio, restart_epochs=t.restart_epochs,
+                                plateau_mode="min" if monitor in LOWER_IS_BETTER else "max")
 
     resolved = recipe.model_copy(deep=True)
     resolved.out, resolved.train.lr, resolved.train.scheduler = out, lr, kind
@@ -238,8 +241,8 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
              frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)
     extras = (f", layer decay {t.layer_decay:g}" if t.layer_decay else "") + \
         (f", head lr x{t.head_lr_mult:g}" if t.head_lr_mult != 1.0 else "")
-    log.info("optimizer: AdamW lr %.3g (effective batch %d), weight decay %g%s, warmup %g epochs + %s decay; "
-             "%d updates/epoch", lr, effective_batch, t.weight_decay, extras, warmup, kind, updates_per_epoch)
+    log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %g epochs + %s decay; "
+             "%d updates/epoch", t.optimizer, lr, effective_batch, t.weight_decay, extras, warmup, kind, updates_per_epoch)
 
     model_dir = out / "model"
     best_val: dict = {}
@@ -253,7 +256,8 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
 
     accelerator.init_trackers("tensorboard")
     cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad,
-                          monitor=monitor, patience=t.early_stopping, quiet=recipe.quiet)
+                          monitor=monitor, patience=t.early_stopping, min_delta=t.early_stopping_delta,
+                          quiet=recipe.quiet)
     result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)
     write_history(out / "history.csv", result.history)
     if result.best_epoch < 0:

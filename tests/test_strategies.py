@@ -158,3 +158,83 @@ def test_inspect_prints_groups_and_when_they_train():
     assert "frozen" in r.stdout and "epoch 3" in r.stdout
     r = run_cli("inspect", "efficientnet_lite0", "--strategy", "lp-f")
     assert r.returncode == 2 and "did you mean 'lp-ft'" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"])
+def test_every_optimizer_keeps_groups_and_leaves_frozen_tensors_alone(name):
+    from finetunekit.optim import OPTIMIZERS
+
+    assert name in OPTIMIZERS
+    torch.manual_seed(0)
+    backbone = create_backbone("timm:test_efficientnet", 3, pretrained=False)
+    plan = make_plan("freeze-unfreeze", backbone, epochs=2)
+    optimizer = build_optimizer(backbone, 1e-2, weight_decay=0.05, name=name)
+    assert len(optimizer.param_groups) == len(param_groups(backbone, 0.05))
+    assert all("lr_scale" in g for g in optimizer.param_groups)
+    apply_phase(plan.phases[0], backbone.module, optimizer)
+    before = {n: p.detach().clone() for n, p in backbone.module.named_parameters()}
+    x, y = _batches(1)[0]
+    F.cross_entropy(backbone.module(x), y).backward()
+    optimizer.step()
+    changed = {n for n, p in backbone.module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(plan.phases[0].trainable)
+
+
+def _lrs(kind: str, metrics=None, epochs=6, **kw):
+    backbone = create_backbone("timm:test_efficientnet", 3, pretrained=False)
+    optimizer = build_optimizer(backbone, 1.0, weight_decay=0.0)
+    scheduler = build_scheduler(optimizer, kind=kind, epochs=epochs, updates_per_epoch=10, warmup_epochs=1,
+                                min_lr_ratio=0.01, **kw)
+    out, updates = [], 0
+    for epoch in range(epochs):
+        for _ in range(10):
+            updates += 1
+            scheduler.step_update(updates)
+        out.append(round(optimizer.param_groups[-1]["lr"], 3))
+        scheduler.step(epoch + 1, metric=(metrics or [0.0] * epochs)[epoch])
+    return out, scheduler
+
+
+def test_schedules_have_their_shapes():
+    assert _lrs("cosine")[0] == [1.0, 0.905, 0.658, 0.352, 0.105, 0.01]
+    assert _lrs("linear")[0] == [1.0, 0.802, 0.604, 0.406, 0.208, 0.01]
+    assert _lrs("step")[0] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    assert _lrs("constant")[0] == [1.0] * 6
+    restarts = _lrs("cosine-restarts", restart_epochs=2)[0]
+    assert restarts[0] == restarts[2] == restarts[4] == 1.0 and restarts[1] < 0.6
+    plateau, scheduler = _lrs("plateau", metrics=[0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7], epochs=8)
+    assert plateau == [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    state = scheduler.state_dict()
+    assert all(isinstance(v, (int, float)) for v in state.values())  # checkpointable as JSON
+    assert state["scale"] == pytest.approx(0.01)
+
+
+def test_early_stopping_patience_and_min_delta():
+    from finetunekit.loop import EarlyStopping, _score
+
+    def epochs_run(accuracies, patience, min_delta=0.0):
+        stopper = EarlyStopping(patience, min_delta)
+        for i, acc in enumerate(accuracies):
+            if stopper.update(_score("accuracy", {"accuracy": acc, "loss": 1.0})):
+                return i + 1
+        return len(accuracies)
+
+    assert epochs_run([0.5, 0.6, 0.6, 0.6, 0.7], patience=2) == 4
+    assert epochs_run([0.5, 0.6, 0.6, 0.7, 0.7], patience=2) == 5
+    # +0.005 per epoch: an improvement, but not by more than min_delta 0.01
+    assert epochs_run([0.5, 0.505, 0.51, 0.515, 0.52], patience=2, min_delta=0.01) == 3
+    assert epochs_run([0.5, 0.52, 0.54, 0.56], patience=2, min_delta=0.01) == 4
+    assert epochs_run([0.5, 0.4, 0.3, 0.2], patience=None) == 4
+    # lower-is-better metrics: rmse falling counts as progress
+    stopper = EarlyStopping(1)
+    assert not stopper.update(_score("rmse", {"rmse": 2.0, "loss": 1.0}))
+    assert not stopper.update(_score("rmse", {"rmse": 1.0, "loss": 1.0}))
+    assert stopper.update(_score("rmse", {"rmse": 1.5, "loss": 1.0}))
+
+
+def test_drop_path_reaches_the_model_or_is_refused():
+    backbone = create_backbone("efficientnet_lite0", 3, pretrained=False, drop_path=0.2)
+    rates = [m.drop_prob for m in backbone.module.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2, abs=0.02)
+    with pytest.raises(UserError, match="--drop-path: torchvision's resnet18 has no stochastic depth"):
+        create_backbone("torchvision:resnet18", 3, pretrained=False, drop_path=0.1)

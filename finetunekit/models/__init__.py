@@ -50,7 +50,7 @@ def check_spec(spec: str) -> None:
 
 
 def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True,
-                    weights: Path | None = None) -> Backbone:
+                    weights: Path | None = None, drop_path: float | None = None) -> Backbone:
     """The model for `spec` with a fresh head of `num_classes` outputs.
 
     `weights` (a file) replaces the source's pretrained weights; its head is kept when it has the same
@@ -58,7 +58,8 @@ def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True,
     """
     source, name = _parse(spec)
     use_hub = pretrained and weights is None
-    backbone = builtin.create(name, use_hub) if source == "builtin" else _SOURCES[source].create(name, use_hub)
+    create = builtin.create if source == "builtin" else _SOURCES[source].create
+    backbone = create(name, use_hub, drop_path=drop_path)
     _SOURCES[backbone.source].replace_head(backbone, num_classes)
     if weights is not None:
         load_weights(backbone, read_state_dict(weights), f"--weights {weights}")

@@ -33,6 +33,17 @@ def wrap(module: nn.Module, architecture: str, preprocessing: Preprocessing | No
                     preprocessing=preprocessing or preprocessing_of(module), num_features=module.num_features)
 
 
+def create_model(name: str, drop_path: float | None = None, **kwargs) -> nn.Module:
+    """timm.create_model, with stochastic depth when asked; an architecture without it is a UserError."""
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    try:
+        return timm.create_model(name, **kwargs, **extra)
+    except TypeError as e:
+        if "drop_path_rate" in str(e):
+            raise UserError(f"--drop-path: timm's {name} has no stochastic depth") from None
+        raise
+
+
 def _fail_fast_offline(name: str) -> None:
     """Without a route to the Hub (and no cached weights), fail now rather than after minutes of retries."""
     cfg = timm.models.get_pretrained_cfg(name)
@@ -46,13 +57,15 @@ def _fail_fast_offline(name: str) -> None:
                         f"offline efficientnet_lite0")
 
 
-def create(name: str, pretrained: bool) -> Backbone:
+def create(name: str, pretrained: bool, drop_path: float | None = None) -> Backbone:
     """The model with its original head (replaced later, after any weights are loaded)."""
     check_name(name)
     if pretrained:
         _fail_fast_offline(name)
     try:
-        module = timm.create_model(name, pretrained=pretrained)
+        module = create_model(name, drop_path, pretrained=pretrained)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"--model timm:{name}: could not get its pretrained weights from the Hugging Face "

@@ -37,10 +37,15 @@ def _preprocessing(name: str) -> Preprocessing:
                          crop_pct=crop / resize, crop_mode="center")
 
 
-def create(name: str, pretrained: bool) -> Backbone:
+def create(name: str, pretrained: bool, drop_path: float | None = None) -> Backbone:
     check_name(name)
+    extra = {"stochastic_depth_prob": drop_path} if drop_path else {}
     try:
-        module = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        module = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **extra)
+    except TypeError as e:
+        if "stochastic_depth_prob" in str(e):
+            raise UserError(f"--drop-path: torchvision's {name} has no stochastic depth") from None
+        raise
     except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"--model torchvision:{name}: could not download its pretrained weights "

@@ -16,7 +16,7 @@ from .regression import Regression
 __all__ = ["Classification", "MultiLabel", "Regression", "build_task", "LOSSES", "LOWER_IS_BETTER"]
 
 # the losses each kind of task accepts; the first is the default
-LOSSES = {"classification": ("ce", "focal"), "multilabel": ("bce", "focal"), "regression": ("mse", "huber")}
+LOSSES = {"classification": ("ce", "focal"), "multilabel": ("bce", "focal"), "regression": ("mse", "l1", "huber")}
 LOWER_IS_BETTER = {"loss", "mae", "rmse"}
 
 

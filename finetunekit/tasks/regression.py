@@ -1,4 +1,4 @@
-"""Regression: one number per sample; MSE (or Huber); MAE, RMSE, R² and Spearman."""
+"""Regression: one number per sample; MSE (or L1, Huber); MAE, RMSE, R² and Spearman."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ class Regression:
     num_outputs = 1
 
     def __init__(self, loss: str = "mse"):
-        if loss not in ("mse", "huber"):
-            raise ValueError(f"regression loss must be mse or huber, not {loss!r}")
+        if loss not in ("mse", "l1", "huber"):
+            raise ValueError(f"regression loss must be mse, l1 or huber, not {loss!r}")
         self.loss_name = loss
         self.classes: list[str] = []
 
     def _per_sample(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        fn = F.huber_loss if self.loss_name == "huber" else F.mse_loss
+        fn = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}[self.loss_name]
         return fn(out.float().squeeze(-1), target.float(), reduction="none")
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
