@@ -153,7 +153,9 @@ def load(path: str | os.PathLike):
         return TextModel(wrap(module, tokenizer), task, folder, ours)
     pre = Preprocessing.from_dict(ours["preprocessing"])
     classes = config["label_names"]
-    backbone = rebuild_backbone(ours["source"], config["architecture"], len(classes), pre)
+    backbone = rebuild_backbone(ours["source"], config["architecture"], len(classes), pre,
+                                head=ours.get("head_type", "linear"))
     load_weights_file(backbone.module, folder)
     backbone.module.eval()
-    return ImageModel(backbone, build_task(ours.get("task", "image-classification"), classes), folder)
+    return ImageModel(backbone, build_task(ours.get("task", "image-classification"), classes), folder,
+                      tta=ours.get("tta", "none"))

@@ -1,4 +1,5 @@
-"""`finetunekit fit|evaluate|predict|demo|recipes`. The `fit` flags are generated from the Recipe schema.
+"""`finetunekit fit|lr-find|evaluate|predict|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
 naming the option, with exit code 2.
@@ -59,6 +60,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     fit = sub.add_parser("fit", help="fine-tune a model (options from --config, overridden by flags)")
     fit.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
     dests = _add_recipe_flags(fit)
+
+    lf = sub.add_parser("lr-find", help="the learning-rate range test: loss against lr, and a suggested lr")
+    lf.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+    lf.add_argument("--steps", type=int, default=100, metavar="N", help="training steps (default: 100)")
+    lf.add_argument("--start", type=float, default=1e-7, metavar="LR", help="first lr (default: 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, metavar="LR", help="last lr (default: 10)")
+    _add_recipe_flags(lf)
 
     ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
@@ -125,13 +133,23 @@ def resolve_config(name: str) -> Path:
     raise UserError(f"--config {name}: no such file or shipped recipe{did_you_mean(name, names)}")
 
 
+def _literals(info: Any) -> tuple:
+    """The allowed values of a Literal option (also inside `Literal[...] | None`), else ()."""
+    annotation = info.annotation
+    if get_origin(annotation) is not Literal:
+        annotation = next((a for a in get_args(annotation) if get_origin(a) is Literal), None)
+    return get_args(annotation) if annotation is not None else ()
+
+
 def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
     overrides: dict[str, Any] = {}
     names: dict[str, str] = {}
+    infos = {key.replace(".", "__"): info for key, _, info in leaf_fields()}
     for dest, flag in dests.items():
         if hasattr(args, dest):
             value = getattr(args, dest)
-            if isinstance(value, str) and value.lower() in ("none", "null"):
+            # 'none' unsets an optional option, unless 'none' is one of the option's own values (--augment none)
+            if isinstance(value, str) and value.lower() in ("none", "null") and value not in _literals(infos[dest]):
                 value = None
             key = dest.replace("__", ".")
             overrides[key], names[key] = value, flag
@@ -216,6 +234,19 @@ def run(argv: list[str]) -> int:
 
         result = fit(recipe)
         print(f"run: {result.run_dir}")
+        return 0
+    if args.command == "lr-find":
+        recipe = recipe_from_args(args, dests)
+        from .lr_find import lr_range_test
+        from .pipeline import _RunLog, _default_out
+
+        out = recipe.out or _default_out("lr-find-" + recipe.model_name)
+        if (out / "lr_find.csv").exists() and not recipe.overwrite:
+            raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
+        with _RunLog(None, recipe.quiet):
+            result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
+        print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
+              f"plot: {out / 'lr_find.svg'})")
         return 0
     if args.command == "evaluate":
         from .pipeline import evaluate

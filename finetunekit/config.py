@@ -40,9 +40,16 @@ class DataConfig(_Section):
                                "validation set is given", gt=0, lt=1)
     image_size: int | None = _opt(None, "input size in pixels; default: the model's pretrained size",
                                   ge=16, le=2048)
-    augment: Literal["none", "light", "standard"] = _opt(
+    augment: Literal["none", "light", "standard", "strong"] = _opt(
         "light", "training augmentation: none; light = random resized crop + horizontal flip; "
-        "standard = light + color jitter + RandAugment")
+        "standard = light + color jitter + RandAugment; strong = standard + random erasing")
+    mixup: float | None = _opt(None, "images: MixUp with this alpha (0.2-0.8 are common)", gt=0)
+    cutmix: float | None = _opt(None, "images: CutMix with this alpha (1.0 is common); with --mixup, one of "
+                                "the two per batch", gt=0)
+    mixup_off_epoch: int | None = _opt(None, "images: no MixUp/CutMix from this epoch on (the last epochs "
+                                       "see clean images)", ge=1)
+    tta: Literal["none", "flip"] = _opt("none", "images: test-time augmentation at validation, test and "
+                                        "predict: flip = average with the horizontally flipped image")
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
                                    "files or table rows cannot be read", ge=0, le=1)
     num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "
@@ -75,6 +82,10 @@ class ModelConfig(_Section):
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
                                 "dict) instead of the source's pretrained weights")
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
+    head: str = _opt("linear", "images: the new head: linear, or mlp:N (Dropout, Linear N, GELU, Dropout, "
+                     "Linear)", min_length=1)
+    dropout: float | None = _opt(None, "images: dropout before the classifier (timm's drop_rate), or inside "
+                                 "the MLP head", ge=0, lt=1)
     drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
                                    "stochastic_depth_prob) for models that have it", ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
@@ -116,7 +127,8 @@ class TrainConfig(_Section):
     restart_epochs: float | None = _opt(None, "cosine-restarts: epochs per cycle; default: a third of the run",
                                         gt=0)
     warmup: float | None = _opt(None, "linear learning-rate warmup, in epochs (fractions allowed); default: "
-                                "1 epoch for images, 10% of the run for text, 30% for onecycle", ge=0)
+                                "1 epoch for images (20% of runs under 5 epochs), 10% of the run for text, 30% for "
+                                "onecycle", ge=0)
     min_lr_ratio: float | None = _opt(None, "final learning rate of the schedule, as a fraction of lr; "
                                       "default: 0.01 (cosine), 0 (linear)", ge=0, le=1)
     freeze_layers: int | None = _opt(None, "freeze the embeddings and the first N encoder layers (models "
@@ -136,6 +148,8 @@ class TrainConfig(_Section):
         "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs, off on the CPU")
     early_stopping: int | None = _opt(None, "stop after this many epochs without improvement of the "
                                       "validation metric", ge=1)
+    ema: float | None = _opt(None, "keep an exponential moving average of the weights with this decay "
+                             "(0.99-0.9999); it is evaluated every epoch and saved when it scores better", gt=0, lt=1)
     early_stopping_delta: float = _opt(0.0, "early stopping: the smallest change of the metric that counts as "
                                        "an improvement", ge=0)
     metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "mae", "rmse", "r2", "spearman",

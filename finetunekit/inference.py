@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .data import build_transform, load_rgb, to_rgb
 from .errors import UserError
+from .loop import forward
 from .models import Backbone
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -27,8 +28,9 @@ TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".par
 class FineTunedModel:
     """What every restored model offers: its module, task and classes, `to(device)`, `predict`."""
 
-    def __init__(self, backbone: Backbone, task, folder: Path):
+    def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
         self.backbone, self.task, self.folder = backbone, task, folder
+        self.tta = tta  # images: test-time augmentation used in training's validation (none | flip)
         self.device = torch.device("cpu")
 
     @property
@@ -59,8 +61,8 @@ class FineTunedModel:
 
 
 class ImageModel(FineTunedModel):
-    def __init__(self, backbone: Backbone, task, folder: Path):
-        super().__init__(backbone, task, folder)
+    def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
+        super().__init__(backbone, task, folder, tta)
         self.transform = build_transform(backbone.preprocessing, augment="none")
 
     def _image(self, item: Any) -> Image.Image:
@@ -80,7 +82,7 @@ class ImageModel(FineTunedModel):
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self.transform(self._image(im)) for im in images[i:i + batch_size]])
-            out.append(self.module(x.to(self.device)).float().cpu())
+            out.append(forward(self.module, x.to(self.device), self.tta).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.task.num_outputs)
 
     def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:

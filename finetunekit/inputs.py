@@ -78,7 +78,7 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
     splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
     task = _task(recipe, splits.classes, splits.train.labels)
     backbone = create_backbone(recipe.model_name, len(splits.classes), pretrained=m.pretrained, weights=m.weights,
-                               drop_path=m.drop_path)
+                               drop_path=m.drop_path, head=m.head, dropout=m.dropout)
     summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
                f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
     backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
@@ -97,7 +97,7 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
                     {"classes": splits.classes, **splits.record,
                      "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]},
                     len(splits.skipped), {"data.image_size": size, "data.num_workers": workers, "model.name": recipe.model_name},
-                    f"input {size}px", summary)
+                    f"input {size}px", summary, extra_config={"head_type": m.head} if m.head != "linear" else {})
 
 
 def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:

@@ -30,6 +30,10 @@ class LoopConfig:
     min_delta: float = 0.0  # early stopping: the smallest change of the monitored metric that counts
     quiet: bool = False
     log_every: int = 25  # steps between progress updates (each one syncs with the device)
+    mixup: Callable | None = None  # images: (x, y) -> (mixed x, soft targets), e.g. timm.data.Mixup
+    mixup_off_epoch: int | None = None  # 1-based epoch from which batches are no longer mixed
+    tta: str = "none"  # test-time augmentation at validation: none | flip
+    ema_decay: float | None = None  # keep an EMA of the weights; evaluated each epoch, saved when it scores better
 
 
 @dataclass
@@ -65,10 +69,14 @@ class EarlyStopping:
         return bool(self.patience) and self.stale >= self.patience
 
 
-def forward(module: torch.nn.Module, x: Any) -> torch.Tensor:
-    """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text)."""
+def forward(module: torch.nn.Module, x: Any, tta: str = "none") -> torch.Tensor:
+    """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text).
+    tta='flip': the mean of the logits for the images and their horizontal mirrors."""
     out = module(**x) if isinstance(x, Mapping) else module(x)
-    return getattr(out, "logits", out)  # transformers models return a ModelOutput
+    logits = getattr(out, "logits", out)  # transformers models return a ModelOutput
+    if tta == "flip":
+        logits = (logits + module(x.flip(-1))) / 2  # x: [B, C, H, W]
+    return logits
 
 
 def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
@@ -78,14 +86,21 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 
 
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
-        val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict], None]) -> FitResult:
-    """Train for `cfg.epochs`, evaluate after each epoch, call `on_best(epoch, val)` on improvement."""
+        val_loader: DataLoader, task, cfg: LoopConfig,
+        on_best: Callable[[int, dict, torch.nn.Module], None]) -> FitResult:
+    """Train for `cfg.epochs`, evaluate after each epoch, call `on_best(epoch, val, weights)` on improvement
+    (`weights`: the trained module, or its EMA when that scored better)."""
     history: list[dict] = []
     best: tuple[float, float] | None = None
     best_epoch, updates = -1, 0
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     train_seconds = 0.0
     inner = accelerator.unwrap_model(module)
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(inner, decay=cfg.ema_decay, use_warmup=True)  # decay ramps up over the first steps
     phase = None
     for epoch in range(cfg.epochs):
         if cfg.plan.phase_at(epoch) is not phase:
@@ -102,10 +117,12 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         start = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
+        mix = cfg.mixup if cfg.mixup_off_epoch is None or epoch + 1 < cfg.mixup_off_epoch else None
         for step, (x, y) in enumerate(bar):
             with accelerator.accumulate(module):
-                logits = forward(module, x)  # [B, num_outputs]
-                loss = task.loss(logits, y)
+                inputs, target = mix(x, y) if mix is not None else (x, y)  # soft targets [B, N] when mixed
+                logits = forward(module, inputs)  # [B, num_outputs]
+                loss = task.loss(logits, target)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.clip_grad:
@@ -115,6 +132,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     scheduler.step_update(num_updates=updates)
+                    if ema is not None:
+                        ema.update(inner, step=updates)
             loss_sum += loss.detach() * len(y)
             running += task.running(logits.detach(), y)
             seen += len(y)
@@ -126,7 +145,16 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         bar.close()
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
-        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet)
+        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet, tta=cfg.tta)
+        weights = inner
+        if ema is not None:
+            val_ema = evaluate(accelerator, ema.module, val_loader, task, desc="validate EMA", quiet=cfg.quiet,
+                               tta=cfg.tta)
+            ema_wins = _better(_score(cfg.monitor, val_ema), _score(cfg.monitor, val))
+            log.info("epoch %d: EMA val %s %.4f vs %.4f%s", epoch + 1, cfg.monitor, val_ema[cfg.monitor],
+                     val[cfg.monitor], " (EMA kept)" if ema_wins else "")
+            if ema_wins:
+                val, weights = {**val_ema, "ema": True}, ema.module
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
                f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
@@ -145,7 +173,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                  "  *best" if improved else "")
         if improved:
             best, best_epoch = score, epoch + 1
-            on_best(epoch + 1, val)
+            on_best(epoch + 1, val, weights)
         if stopper.update(score):
             log.info("early stopping: no improvement of val %s by more than %g for %d epochs", cfg.monitor,
                      cfg.min_delta, stopper.stale)
@@ -157,7 +185,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
 
 @torch.inference_mode()
 def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
-             quiet: bool = False) -> dict:
+             quiet: bool = False, tta: str = "none") -> dict:
     """Metrics of `task` over `loader`, plus the mean unsmoothed loss."""
     module.eval()
     metrics = task.metrics().to(accelerator.device)
@@ -165,7 +193,7 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
     count = 0
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                      disable=quiet or not accelerator.is_local_main_process):
-        logits = forward(module, x)
+        logits = forward(module, x, tta)
         logits, y = accelerator.gather_for_metrics((logits, y))
         metrics.update(*task.for_metrics(logits, y))
         loss_sum += task.eval_loss(logits, y).sum()

@@ -36,8 +36,8 @@ def default_lr(modality: str, strategy: str, effective_batch: int, optimizer: st
 
 
 def default_warmup(modality: str, epochs: int) -> float:
-    """In epochs: one for images; 10% of the run for text (BERT's recipe)."""
-    return 1.0 if modality == "image" else 0.1 * epochs
+    """In epochs: one for images (at most a fifth of a short run); 10% of the run for text (BERT's recipe)."""
+    return min(1.0, 0.2 * epochs) if modality == "image" else 0.1 * epochs
 
 
 def param_groups(backbone: Backbone, weight_decay: float, layer_decay: float | None = None,

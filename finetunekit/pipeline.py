@@ -5,6 +5,7 @@ Components receive plain typed arguments from here, never the Recipe itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import resource
@@ -141,7 +142,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
 _TEXT_ONLY = {"data": ("text_column", "label_column", "label_delimiter", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
-_IMAGE_ONLY = {"data": ("image_size", "augment"), "model": ("drop_path",)}
+_IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "tta"),
+               "model": ("drop_path", "head", "dropout")}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -162,11 +164,19 @@ def preflight(recipe: Recipe) -> None:
         for name in names:
             if getattr(part, name) != type(part).model_fields[name].default:
                 raise UserError(f"--{name.replace('_', '-')}: does not apply to --task {recipe.task}")
+    if (d.mixup or d.cutmix) and t.batch_size % 2:
+        raise UserError(f"--batch-size {t.batch_size}: MixUp/CutMix mix each batch with its reverse and need an "
+                        f"even batch size")
+    if (d.mixup or d.cutmix) and t.loss == "focal":
+        raise UserError("--loss focal: does not take the soft targets of MixUp/CutMix; use ce")
     if t.loss != "auto" and t.loss not in losses:
         raise UserError(f"--loss {t.loss}: for --task {recipe.task} expected one of {', '.join(losses)}")
     if t.metric != "auto" and t.metric not in monitors:
         raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
     from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
+    from .models.heads import check_head
+
+    check_head(m.head)
 
     check_spec(recipe.model_name)
     if model_modality(recipe.model_name) != modality:
@@ -247,15 +257,26 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     model_dir = out / "model"
     best_val: dict = {}
 
-    def on_best(epoch: int, val: dict) -> None:
+    def on_best(epoch: int, val: dict, weights) -> None:
         best_val.clear()
         best_val.update(val)  # the saved weights' validation metrics: no second validation pass
         if accelerator.is_main_process:
-            save_model_folder(model_dir, backbone, task.classes, recipe.model_name, recipe.task,
-                              inputs.extra_config)
+            save_model_folder(model_dir, dataclasses.replace(backbone, module=weights), task.classes,
+                              recipe.model_name, recipe.task,
+                              {**inputs.extra_config, **({"tta": tta} if tta != "none" else {})})
 
     accelerator.init_trackers("tensorboard")
-    cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad,
+    mixup = None
+    if recipe.modality == "image" and (d.mixup or d.cutmix):
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=d.mixup or 0.0, cutmix_alpha=d.cutmix or 0.0, label_smoothing=t.label_smoothing,
+                      num_classes=task.num_outputs)
+        log.info("MixUp %g, CutMix %g%s", d.mixup or 0, d.cutmix or 0,
+                 f", off from epoch {d.mixup_off_epoch}" if d.mixup_off_epoch else "")
+    tta = d.tta if recipe.modality == "image" else "none"
+    cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad, mixup=mixup,
+                          mixup_off_epoch=d.mixup_off_epoch, tta=tta, ema_decay=t.ema,
                           monitor=monitor, patience=t.early_stopping, min_delta=t.early_stopping_delta,
                           quiet=recipe.quiet)
     result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)
@@ -273,7 +294,8 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         accelerator.wait_for_everyone()
         load_weights_file(accelerator.unwrap_model(module), model_dir)
         test_loader = accelerator.prepare(inputs.test_loader)
-        metrics["test"] = loop.evaluate(accelerator, module, test_loader, task, desc="test", quiet=recipe.quiet)
+        metrics["test"] = loop.evaluate(accelerator, module, test_loader, task, desc="test", quiet=recipe.quiet,
+                                        tta=tta)
     accelerator.end_training()
     train_rates = [r["train_samples_per_s"] for r in result.history]
     metrics.update(
@@ -305,6 +327,6 @@ def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: boo
     loader, skipped = model.labelled_loader(Path(data), batch_size)
     accelerator = _accelerator("auto", 1, cpu, None)
     module, loader = accelerator.prepare(model.module, loader)
-    metrics = loop.evaluate(accelerator, module, loader, model.task, quiet=quiet)
+    metrics = loop.evaluate(accelerator, module, loader, model.task, quiet=quiet, tta=model.tta)
     metrics["skipped"] = skipped
     return metrics

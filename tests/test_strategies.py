@@ -238,3 +238,23 @@ def test_drop_path_reaches_the_model_or_is_refused():
     assert rates and max(rates) == pytest.approx(0.2, abs=0.02)
     with pytest.raises(UserError, match="--drop-path: torchvision's resnet18 has no stochastic depth"):
         create_backbone("torchvision:resnet18", 3, pretrained=False, drop_path=0.1)
+
+
+def test_lr_find_writes_the_curve_and_a_suggestion(cifar_subset, tmp_path):
+    import csv
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "lrf"
+    r = run_cli("lr-find", "--data", str(cifar_subset["train"]), "--model", "timm:test_efficientnet",
+                "--no-pretrained", "--image-size", "32", "--augment", "none", "--batch-size", "16", "--steps", "30",
+                "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((out / "lr_find.csv").open()))
+    lrs = [float(x["lr"]) for x in rows]
+    assert len(rows) >= 10 and lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-7)
+    lowest = lrs[min(range(len(rows)), key=lambda i: float(rows[i]["smoothed_loss"]))]
+    suggested = float(r.stdout.split("suggested lr:")[1].split()[0])
+    assert suggested == pytest.approx(lowest / 10, rel=0.01)
+    assert ET.parse(out / "lr_find.svg").getroot().tag.endswith("svg")
+    again = run_cli("lr-find", "--data", str(cifar_subset["train"]), "--out", str(out))
+    assert again.returncode == 2 and "already holds an lr-find result" in again.stderr

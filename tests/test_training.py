@@ -93,3 +93,72 @@ def test_existing_run_is_never_overwritten_silently(cifar_subset, tmp_path):
     with pytest.raises(finetunekit.UserError, match="replaces finetunekit runs only"):
         finetunekit.fit({"data": {"path": str(cifar_subset["train"])}, "out": str(mine), "overwrite": True})
     assert (mine / "notes.txt").read_text() == "precious"
+
+
+def test_soft_targets_give_the_cross_entropy_of_the_mixture():
+    from finetunekit.tasks import Classification
+
+    logits = torch.randn(4, 3)
+    soft = torch.softmax(torch.randn(4, 3), -1)
+    expected = -(soft * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(Classification(["a", "b", "c"], label_smoothing=0.1).loss(logits, soft), expected)
+
+
+def test_mixup_cutmix_strong_augment_and_flip_tta_run_end_to_end(cifar_subset, tmp_path):
+    run = finetunekit.fit({
+        "data": {"path": str(cifar_subset["train"]), "test": str(cifar_subset["test"]), "image_size": 32,
+                 "augment": "strong", "mixup": 0.2, "cutmix": 1.0, "mixup_off_epoch": 2, "tta": "flip",
+                 "num_workers": 0},
+        "model": {"name": "timm:test_efficientnet", "pretrained": False},
+        "train": {"epochs": 2, "batch_size": 16}, "out": str(tmp_path / "run"), "quiet": True})
+    log = (run.run_dir / "log.txt").read_text()
+    assert "MixUp 0.2, CutMix 1, off from epoch 2" in log
+    assert math.isfinite(run.metrics["val"]["loss"])
+    model = finetunekit.load(run.run_dir)
+    assert model.tta == "flip"
+    # the saved model predicts with the same flip-averaged logits that scored the test set
+    r = finetunekit.evaluate(run.run_dir, cifar_subset["test"])
+    assert r["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"], abs=1e-6)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain, mirrored = model.module(x), model.module(x.flip(-1))
+    from finetunekit.loop import forward
+
+    assert torch.allclose(forward(model.module, x, "flip"), (plain + mirrored) / 2)
+
+
+def test_mixup_needs_an_even_batch(cifar_subset, tmp_path):
+    with pytest.raises(finetunekit.UserError, match="--batch-size 15: MixUp/CutMix"):
+        finetunekit.fit({"data": {"path": str(cifar_subset["train"]), "mixup": 0.2}, "train": {"batch_size": 15},
+                         "out": str(tmp_path / "run")})
+
+
+def test_ema_is_evaluated_and_the_saved_weights_are_the_ones_scored(cifar_subset, tmp_path):
+    run = finetunekit.fit({
+        "data": {"path": str(cifar_subset["train"]), "val": str(cifar_subset["test"]), "image_size": 32,
+                 "augment": "none", "num_workers": 0},
+        "model": {"name": "timm:test_efficientnet", "pretrained": False},
+        "train": {"epochs": 2, "batch_size": 16, "ema": 0.9}, "out": str(tmp_path / "run"), "quiet": True})
+    log = (run.run_dir / "log.txt").read_text()
+    assert log.count("EMA val accuracy") == 2
+    again = finetunekit.evaluate(run.run_dir, cifar_subset["test"])
+    assert again["accuracy"] == pytest.approx(run.metrics["val"]["accuracy"], abs=1e-6)
+    assert again["loss"] == pytest.approx(run.metrics["val"]["loss"], rel=1e-4)
+
+
+def test_mlp_head_trains_as_the_head_and_reloads(cifar_subset, tmp_path):
+    run = finetunekit.fit({
+        "data": {"path": str(cifar_subset["train"]), "val": str(cifar_subset["test"]), "image_size": 32,
+                 "augment": "none", "num_workers": 0},
+        "model": {"name": "timm:test_efficientnet", "pretrained": False, "head": "mlp:32", "dropout": 0.2},
+        "train": {"epochs": 1, "batch_size": 16, "strategy": "linear-probe"}, "out": str(tmp_path / "run"),
+        "quiet": True})
+    model = finetunekit.load(run.run_dir)
+    head = model.module.get_submodule(model.backbone.head)
+    assert isinstance(head, torch.nn.Sequential) and head[1].out_features == 32 and head[-1].out_features == 10
+    again = finetunekit.evaluate(run.run_dir, cifar_subset["test"])
+    assert again["accuracy"] == pytest.approx(run.metrics["val"]["accuracy"], abs=1e-6)
+    backbone = create_backbone("timm:test_efficientnet", 10, pretrained=False, dropout=0.3)
+    assert backbone.module.drop_rate == 0.3
+    with pytest.raises(finetunekit.UserError, match="--head mlp:: expected linear or mlp:N"):
+        create_backbone("timm:test_efficientnet", 10, pretrained=False, head="mlp:")

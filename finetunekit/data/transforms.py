@@ -9,6 +9,9 @@ from typing import Any
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "light": dict(scale=(0.35, 1.0), hflip=0.5, color_jitter=None),
     "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1"),
+    # timm's ImageNet recipe: stronger RandAugment and random erasing
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                   re_prob=0.25, re_mode="pixel"),
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import UserError, did_you_mean
 from . import builtin, hf_source, timm_source, torchvision_source
 from .base import Backbone
+from .heads import apply_head
 from .weights import load_weights, read_state_dict
 
 __all__ = ["Backbone", "check_spec", "create_backbone", "create_text_backbone", "modality", "rebuild_backbone"]
@@ -49,8 +50,8 @@ def check_spec(spec: str) -> None:
         _SOURCES[source].check_name(name)
 
 
-def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True,
-                    weights: Path | None = None, drop_path: float | None = None) -> Backbone:
+def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True, weights: Path | None = None,
+                    drop_path: float | None = None, head: str = "linear", dropout: float | None = None) -> Backbone:
     """The model for `spec` with a fresh head of `num_classes` outputs.
 
     `weights` (a file) replaces the source's pretrained weights; its head is kept when it has the same
@@ -59,8 +60,9 @@ def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True,
     source, name = _parse(spec)
     use_hub = pretrained and weights is None
     create = builtin.create if source == "builtin" else _SOURCES[source].create
-    backbone = create(name, use_hub, drop_path=drop_path)
+    backbone = create(name, use_hub, drop_path=drop_path, dropout=dropout if head == "linear" else None)
     _SOURCES[backbone.source].replace_head(backbone, num_classes)
+    apply_head(backbone, head, dropout)
     if weights is not None:
         load_weights(backbone, read_state_dict(weights), f"--weights {weights}")
     return backbone
@@ -79,16 +81,19 @@ def create_text_backbone(spec: str, labels: list[str], kind: str, *, pretrained:
     return backbone
 
 
-def rebuild_backbone(source: str, architecture: str, num_classes: int, preprocessing) -> Backbone:
+def rebuild_backbone(source: str, architecture: str, num_classes: int, preprocessing, head: str = "linear"
+                     ) -> Backbone:
     """An untrained network of a saved architecture (weights are loaded by the caller)."""
     if source == "timm":
         import timm
 
         module = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-        return timm_source.wrap(module, architecture, preprocessing)
-    if source == "torchvision":
+        backbone = timm_source.wrap(module, architecture, preprocessing)
+    elif source == "torchvision":
         backbone = torchvision_source.create(architecture, pretrained=False)
         torchvision_source.replace_head(backbone, num_classes)
         backbone.preprocessing = preprocessing
-        return backbone
-    raise UserError(f"unknown model source {source!r} in the model folder's config.json")
+    else:
+        raise UserError(f"unknown model source {source!r} in the model folder's config.json")
+    apply_head(backbone, head, None)  # dropout is inactive at inference
+    return backbone

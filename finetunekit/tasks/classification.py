@@ -46,7 +46,10 @@ class Classification:
         return self.class_weights
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target: class indices [B], or soft targets [B, N] (MixUp/CutMix, already smoothed)."""
         logits, weight = logits.float(), self._weight(logits)
+        if target.is_floating_point():
+            return F.cross_entropy(logits, target, weight=weight)
         if self.loss_name == "focal":
             per_sample = focal_loss(logits, target, self.focal_gamma, weight, self.label_smoothing)
             # weighted mean, as F.cross_entropy(weight=...) normalises
