@@ -80,13 +80,14 @@ def _write_image(tmp: Path, backbone: Backbone, classes: Sequence[str], ours: di
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     pre = backbone.preprocessing
+    outputs = len(classes) or 1  # regression: one output, no class names
     config = {
         "architecture": backbone.architecture,
-        "num_classes": len(classes),
+        "num_classes": outputs,
         "num_features": backbone.num_features,
         "pretrained_cfg": {"input_size": [3, pre.input_size, pre.input_size], "mean": list(pre.mean),
                            "std": list(pre.std), "interpolation": pre.interpolation, "crop_pct": pre.crop_pct,
-                           "crop_mode": pre.crop_mode, "num_classes": len(classes), "classifier": backbone.head},
+                           "crop_mode": pre.crop_mode, "num_classes": outputs, "classifier": backbone.head},
         "label_names": list(classes),
         "finetunekit": {**ours, "preprocessing": pre.to_dict()},
     }
@@ -153,9 +154,9 @@ def load(path: str | os.PathLike):
         return TextModel(wrap(module, tokenizer), task, folder, ours)
     pre = Preprocessing.from_dict(ours["preprocessing"])
     classes = config["label_names"]
-    backbone = rebuild_backbone(ours["source"], config["architecture"], len(classes), pre,
+    backbone = rebuild_backbone(ours["source"], config["architecture"], config["num_classes"], pre,
                                 head=ours.get("head_type", "linear"))
     load_weights_file(backbone.module, folder)
     backbone.module.eval()
-    return ImageModel(backbone, build_task(ours.get("task", "image-classification"), classes), folder,
-                      tta=ours.get("tta", "none"))
+    task = build_task(ours.get("task", "image-classification"), classes, threshold=ours.get("threshold") or 0.5)
+    return ImageModel(backbone, task, folder, tta=ours.get("tta", "none"), table=ours)

@@ -225,8 +225,10 @@ def run(argv: list[str]) -> int:
         parser.print_help()
         return 0
     if args.command == "recipes":
-        for path in sorted(RECIPES_DIR.glob("*.yaml")):
-            print(f"{path.stem:<28} {read_yaml(path).get('description', '')}")
+        paths = sorted(RECIPES_DIR.glob("*.yaml"))
+        width = max((len(p.stem) for p in paths), default=0)
+        for path in paths:
+            print(f"{path.stem:<{width}}  {read_yaml(path).get('description', '')}")
         return 0
     if args.command == "fit":
         recipe = recipe_from_args(args, dests)  # validated before torch loads

@@ -56,10 +56,11 @@ class DataConfig(_Section):
                                    "(images), 0 (text: batches come from pre-tokenized ids)", ge=0, le=64)
     text_column: str | None = _opt(None, "text: the text column, or two comma-separated columns for sentence "
                                    "pairs (premise,hypothesis); default: detected from common names")
-    label_column: str | None = _opt(None, "text: the label column (text-multilabel: a column of delimited "
-                                    "labels, or several comma-separated 0/1 columns); default: detected")
-    label_delimiter: str | None = _opt(None, "text-multilabel: separator inside the label column; default: "
-                                       "the first of | ; , found in it")
+    label_column: str | None = _opt(None, "text and image-multilabel/-regression tables: the label column "
+                                    "(multi-label: a column of delimited labels, or several comma-separated 0/1 "
+                                    "columns); default: detected")
+    label_delimiter: str | None = _opt(None, "multi-label: separator inside the label column; default: the "
+                                       "first of | ; , found in it")
     max_length: int | None = _opt(None, "text: tokens per sample after truncation; default: the model's "
                                   "limit, at most 512", ge=8, le=65_536)
     group_by_length: bool = _opt(True, "text: batch training samples of similar length (less padding; "
@@ -163,6 +164,8 @@ class TrainConfig(_Section):
 # What each task reads and which losses and validation metrics fit it (the first loss is the default).
 TASKS = {
     "image-classification": ("image", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
+    "image-multilabel": ("image", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
+    "image-regression": ("image", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
     "text-classification": ("text", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
     "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
@@ -173,7 +176,8 @@ DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
 class Recipe(_Section):
     """Everything a fine-tuning run needs. `Recipe(**dict)`, `Recipe.load(yaml)`, or flags."""
 
-    task: Literal["image-classification", "text-classification", "text-multilabel", "text-regression"] = _opt(
+    task: Literal["image-classification", "image-multilabel", "image-regression", "text-classification",
+                  "text-multilabel", "text-regression"] = _opt(
         "image-classification", "what to learn")
     description: str = _opt("", "one line on what this recipe is for (shown by `finetunekit recipes`)")
     data: DataConfig = Field(default_factory=DataConfig)

@@ -61,8 +61,9 @@ class FineTunedModel:
 
 
 class ImageModel(FineTunedModel):
-    def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
+    def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none", table: dict | None = None):
         super().__init__(backbone, task, folder, tta)
+        self.table = table or {}  # multi-label / regression: the training table's label columns
         self.transform = build_transform(backbone.preprocessing, augment="none")
 
     def _image(self, item: Any) -> Image.Image:
@@ -93,6 +94,14 @@ class ImageModel(FineTunedModel):
         from .data import ImageDataset, default_workers, make_loader
         from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
+        if self.table.get("task", "image-classification") != "image-classification":
+            from .data.sources import read_table_split
+
+            split, skipped = read_table_split(self.table["task"], data, self.table["path_column"],
+                                              self.table["label_columns"], self.table.get("label_delimiter"),
+                                              self.classes)
+            return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
+                               workers=default_workers(), seed=0), skipped
         files = read_labeled_files(data, "--data")
         skipped, _ = drop_unreadable([files])
         split = labeled_split(files, self.classes, "the model's classes")

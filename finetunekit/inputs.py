@@ -72,14 +72,21 @@ def _task(recipe: Recipe, classes: list[str], targets: list):
 
 def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
     from .data import ImageDataset, build_transform, default_workers, make_loader, resolve_splits
+    from .data.sources import resolve_table_splits
     from .models import create_backbone
 
     d, m, t = recipe.data, recipe.model, recipe.train
-    splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
+    if recipe.task == "image-classification":
+        splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
+    else:
+        splits = resolve_table_splits(recipe.task, d.path, d.val, d.test, label_column=d.label_column,
+                                      label_delimiter=d.label_delimiter, val_fraction=d.val_fraction, seed=t.seed,
+                                      max_bad_fraction=d.max_bad_fraction)
     task = _task(recipe, splits.classes, splits.train.labels)
-    backbone = create_backbone(recipe.model_name, len(splits.classes), pretrained=m.pretrained, weights=m.weights,
+    backbone = create_backbone(recipe.model_name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
                                drop_path=m.drop_path, head=m.head, dropout=m.dropout)
-    summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
+    what = f"classes: {len(splits.classes)}" if splits.classes else "regression target"
+    summary = [f"{what}; images: {len(splits.train)} train, {len(splits.val)} val"
                f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
     backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
@@ -97,7 +104,11 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
                     {"classes": splits.classes, **splits.record,
                      "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]},
                     len(splits.skipped), {"data.image_size": size, "data.num_workers": workers, "model.name": recipe.model_name},
-                    f"input {size}px", summary, extra_config={"head_type": m.head} if m.head != "linear" else {})
+                    f"input {size}px", summary, extra_config={
+                        **({"head_type": m.head} if m.head != "linear" else {}),
+                        **({k: splits.record[k] for k in ("path_column", "label_columns", "label_delimiter")
+                            if k in splits.record}),
+                        **({"threshold": t.threshold} if recipe.task == "image-multilabel" else {})})
 
 
 def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:

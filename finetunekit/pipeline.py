@@ -139,7 +139,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
 
 
 # options that only one kind of input reads: setting one for the other is a mistake worth a message
-_TEXT_ONLY = {"data": ("text_column", "label_column", "label_delimiter", "max_length", "group_by_length",
+_TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "tta"),
@@ -164,6 +164,13 @@ def preflight(recipe: Recipe) -> None:
         for name in names:
             if getattr(part, name) != type(part).model_fields[name].default:
                 raise UserError(f"--{name.replace('_', '-')}: does not apply to --task {recipe.task}")
+    if recipe.task == "image-classification":
+        for name in ("label_column", "label_delimiter"):
+            if getattr(d, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')}: does not apply to --task image-classification "
+                                f"(class folders, or a manifest with columns path,label)")
+    if (d.mixup or d.cutmix) and recipe.task != "image-classification":
+        raise UserError(f"--mixup/--cutmix: for --task image-classification, not {recipe.task}")
     if (d.mixup or d.cutmix) and t.batch_size % 2:
         raise UserError(f"--batch-size {t.batch_size}: MixUp/CutMix mix each batch with its reverse and need an "
                         f"even batch size")

@@ -958,3 +958,35 @@ def test_regression_manifest_class_with_only_unreadable_files_is_an_error(tmp_pa
 def test_regression_float_and_int32_images_keep_their_range(mode, values, expected):
     im = Image.fromarray(np.array(values, dtype=np.float32 if mode == "F" else np.int32), mode)
     assert [to_rgb(im).getpixel((x, 0))[0] for x in range(2)] == expected
+
+
+@pytest.mark.parametrize("preset", ["light", "standard", "strong"])
+def test_every_augment_preset_survives_many_draws(preset):
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    tf = build_transform(Preprocessing(input_size=32), preset)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    for _ in range(100):
+        x = tf(image)
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_randaugment_every_op_at_every_magnitude():
+    """The presets' RandAugment op space, exhaustively: no op/magnitude pair may fail on a real image (timm's
+    posterize could ask Pillow for 0 bits, which raised mid-epoch)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, RandAugment
+    from torchvision.transforms.autoaugment import _apply_op
+
+    tf = build_transform(Preprocessing(input_size=32), "standard")
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    space = ra._augmentation_space(ra.num_magnitude_bins, (40, 48))
+    for name, (magnitudes, signed) in space.items():
+        for m in (magnitudes if magnitudes.ndim else [magnitudes]):
+            for sign in ((1, -1) if signed else (1,)):
+                out = _apply_op(image, name, float(m) * sign, interpolation=InterpolationMode.NEAREST, fill=None)
+                assert out.size == image.size, name

@@ -14,7 +14,7 @@ import torch
 import finetunekit
 from finetunekit.cli import RECIPES_DIR
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,38 @@ def test_full_recipe_runs(cifar_subset, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["strategy"] == "full" and metrics["val"]["accuracy"] > 0.15
     assert (RECIPES_DIR / "cifar10-lite0-full.yaml").is_file()
+
+
+OFFLINE_RECIPES = ["cifar10-lite0-linear-probe", "cifar10-lite0-full", "cifar10-lite0-gradual", "mlp-head-sgd",
+                   "imbalanced-focal-differential-lr", "sst2-minilm", "text-frozen-layers-focal",
+                   "pair-classification-minilm"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OFFLINE_RECIPES)
+def test_every_offline_recipe_runs(name, cifar_subset, tmp_path):
+    """Each shipped offline recipe, through the CLI, for 2 epochs on a small slice of its kind of data."""
+    import json
+
+    from finetunekit import Recipe
+
+    recipe = Recipe.load(RECIPES_DIR / f"{name}.yaml")
+    if recipe.modality == "image":
+        data = ["--data", str(cifar_subset["train"]), "--image-size", "32"]
+    else:
+        sst2 = ROOT.parent / "shared" / "data" / "sst2"
+        rows = (sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+        train = tmp_path / "train.tsv"
+        if recipe.data.text_column and "," in recipe.data.text_column:  # a pair recipe: two columns of SST-2
+            lines = ["premise\thypothesis\tlabel"] + [f"{a.split(chr(9))[0]}\t{b.split(chr(9))[0]}\t"
+                                                       f"{int(a.split(chr(9))[1] == b.split(chr(9))[1])}"
+                                                       for a, b in zip(rows[1:161], rows[161:321])]
+        else:
+            lines = rows[:161]
+        train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        data = ["--data", str(train), "--val", str(train)]
+    r = run_cli("fit", "--config", name, *data, "--epochs", "2", "--out", str(tmp_path / "run"), "--quiet",
+                *(["--head-epochs", "1"] if recipe.train.strategy in ("lp-ft", "freeze-unfreeze") else []))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] >= 1

@@ -294,7 +294,7 @@ def test_column_choice_errors(tmp_path):
     t = read_table(p, "--data")
     with pytest.raises(UserError, match="one column, or two for sentence pairs"):
         pick_columns(t, CLS, "a,b,c", "label")
-    with pytest.raises(UserError, match="several label columns are for --task text-multilabel"):
+    with pytest.raises(UserError, match="several label columns are for multi-label tasks"):
         pick_columns(t, CLS, "a", "b,c")
     with pytest.raises(UserError, match="'a' is also a text column"):
         pick_columns(t, CLS, "a", "a")

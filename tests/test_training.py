@@ -162,3 +162,48 @@ def test_mlp_head_trains_as_the_head_and_reloads(cifar_subset, tmp_path):
     assert backbone.module.drop_rate == 0.3
     with pytest.raises(finetunekit.UserError, match="--head mlp:: expected linear or mlp:N"):
         create_backbone("timm:test_efficientnet", 10, pretrained=False, head="mlp:")
+
+
+ANIMALS = {"bird", "cat", "deer", "dog", "frog", "horse"}
+
+
+def _table(cifar_subset, path, kind):
+    import csv
+
+    rows = list(csv.DictReader(cifar_subset["train"].open()))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "labels" if kind == "multilabel" else "value"])
+        for r in rows:
+            if kind == "multilabel":
+                w.writerow([r["path"], "|".join(["animal" if r["label"] in ANIMALS else "vehicle", r["label"]])])
+            else:
+                w.writerow([r["path"], 1.0 if r["label"] in ANIMALS else 0.0])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "regression"])
+def test_image_multilabel_and_regression_from_a_table(cifar_subset, tmp_path, kind):
+    table = _table(cifar_subset, tmp_path / "t.csv", kind)
+    run = finetunekit.fit({
+        "task": f"image-{kind}", "data": {"path": str(table), "val": str(table), "image_size": 32,
+                                          "augment": "none", "num_workers": 0},
+        "model": {"name": "timm:test_efficientnet", "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 16}, "out": str(tmp_path / "run"), "quiet": True})
+    val = run.metrics["val"]
+    model = finetunekit.load(run.run_dir)
+    pred = model.predict([next(csv_paths(cifar_subset))])[0]
+    if kind == "multilabel":
+        assert run.metrics["classes"][:2] == ["airplane", "animal"] and len(run.metrics["classes"]) == 12
+        assert {"micro_f1", "map"} <= set(val) and set(pred["scores"]) == set(run.metrics["classes"])
+    else:
+        assert run.metrics["classes"] == [] and {"rmse", "r2"} <= set(val) and isinstance(pred["value"], float)
+    again = finetunekit.evaluate(run.run_dir, table)
+    key = "micro_f1" if kind == "multilabel" else "rmse"
+    assert again[key] == pytest.approx(val[key], abs=1e-5)
+
+
+def csv_paths(cifar_subset):
+    import csv
+
+    return (r["path"] for r in csv.DictReader(cifar_subset["train"].open()))

@@ -25,7 +25,9 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.paths[i])), self.labels[i]
+        label = self.labels[i]  # a class index; a multi-hot list or a number for multi-label / regression
+        return self.transform(load_rgb(self.paths[i])), (label if isinstance(label, int)
+                                                         else torch.tensor(label, dtype=torch.float32))
 
 
 def default_workers() -> int:

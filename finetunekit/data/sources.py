@@ -207,3 +207,98 @@ def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_f
                   test={"from": str(test), "count": len(test_split)} if test_split else None)
     record["val"]["count"] = len(val_split)
     return Splits(classes, train_split, val_split, test_split, record, skipped)
+
+
+def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: Path | None, *,
+                         label_column: str | None, label_delimiter: str | None, val_fraction: float, seed: int,
+                         max_bad_fraction: float) -> Splits:
+    """image-multilabel and image-regression: a table (CSV/TSV/JSONL/Parquet) with a path column and label
+    column(s) read by the text-table rules (delimited names, a JSON list or 0/1 columns; a number).
+    Unreadable images are skipped like bad rows; a validation split is a seeded random one."""
+    from .tables import _classes, _lookup, _targeter, guess_delimiter, read_table
+
+    if path is None or path.is_dir():
+        raise UserError(f"--data {path}: --task {task} reads a table (CSV, TSV, JSONL or Parquet) with a path "
+                        f"column and label column(s)")
+    tables = [read_table(p, opt) for p, opt in ((path, "--data"), (val, "--val"), (test, "--test")) if p]
+    have = _lookup(tables[0].columns)
+    path_col = next((have[c] for c in _PATH_COLUMNS if c in have), None)
+    if path_col is None:
+        raise UserError(f"{tables[0].origin}: no path column (one of {', '.join(_PATH_COLUMNS)}) among "
+                        f"{tables[0].columns}")
+    if label_column:
+        labels = [s.strip() for s in label_column.split(",") if s.strip()]
+        missing = [c for c in labels if c.lower() not in have]
+        if missing:
+            raise UserError(f"--label-column {label_column}: {tables[0].origin} has no column {missing[0]!r} "
+                            f"(columns: {tables[0].columns})")
+        labels = [have[c.lower()] for c in labels]
+    else:
+        found = next((have[c] for c in ("labels", "label", "target", "value", "score", "y") if c in have), None)
+        if found is None:
+            raise UserError(f"{tables[0].origin}: no label column found among {tables[0].columns}; name it with "
+                            f"--label-column")
+        labels = [found]
+    delimiter = label_delimiter or guess_delimiter(tables[:1], labels[0]) if task.endswith("multilabel") else ""
+    read = [_image_rows(t, task, path_col, labels, delimiter, max_bad_fraction) for t in tables]
+    skipped = [b for _, _, bad in read for b in bad] + _drop_checked([f for f, _, _ in read], max_bad_fraction, path)
+    classes = _classes(task, labels, [read[0][1][i] for i in read[0][0].labels], tables[0])
+    target = _targeter(task, classes, labels)
+    splits = [Split(f.paths, [target(raw[i], t.origin) for i in f.labels]) for (f, raw, _), t in zip(read, tables)]
+    train, rest = splits[0], splits[1:]
+    val_split = rest.pop(0) if val else None
+    test_split = rest.pop(0) if test else None
+    record: dict = {"task": task, "path_column": path_col, "label_columns": labels}
+    if delimiter:
+        record["label_delimiter"] = delimiter
+    if val_split is None:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:max(1, round(len(train) * val_fraction))])
+        val_split = Split([p for i, p in enumerate(train.paths) if i in held],
+                          [y for i, y in enumerate(train.labels) if i in held])
+        train = Split([p for i, p in enumerate(train.paths) if i not in held],
+                      [y for i, y in enumerate(train.labels) if i not in held])
+        record["val"] = {"from": f"random split of {path}", "fraction": val_fraction, "seed": seed,
+                         "files": val_split.paths}
+    else:
+        record["val"] = {"from": str(val)}
+    record["val"]["count"] = len(val_split)
+    record.update(train={"from": str(path), "count": len(train)},
+                  test={"from": str(test), "count": len(test_split)} if test_split else None)
+    return Splits(classes, train, val_split, test_split, record, skipped)
+
+
+def _image_rows(t, task: str, path_col: str, labels: list[str], delimiter: str, max_bad_fraction: float):
+    """(LabeledFiles whose labels are row numbers, raw label per row) of one image table."""
+    from .tables import _check_bad, _lookup, parse_rows
+
+    cols = _lookup(t.columns)
+    if any(c.lower() not in cols for c in [path_col] + labels):
+        raise UserError(f"{t.origin}: needs the columns {[path_col] + labels} (columns here: {t.columns})")
+    rows = parse_rows(t, task, [cols[path_col.lower()]], [cols[c.lower()] for c in labels], delimiter)
+    _check_bad(rows, t, max_bad_fraction)
+    paths = [str(p if (p := Path(x[0])).is_absolute() else t.path.parent / p) for x in rows.texts]
+    return LabeledFiles(paths, list(range(len(paths))), t.origin), rows.labels, rows.bad
+
+
+def _drop_checked(sets: list[LabeledFiles], max_bad_fraction: float, where: Path) -> list[tuple[str, str]]:
+    """drop_unreadable, then stop past --max-bad-fraction."""
+    skipped, total = drop_unreadable(sets)
+    if len(skipped) > max_bad_fraction * total:
+        p, reason = skipped[0]
+        raise UserError(f"--data {where}: {len(skipped)} of {total} image files cannot be read, more than "
+                        f"--max-bad-fraction {max_bad_fraction} (first: {p}: {reason})")
+    return skipped
+
+
+def read_table_split(task: str, path: Path, path_column: str, label_columns: list[str], delimiter: str | None,
+                     classes: list[str], max_bad_fraction: float = 0.05) -> tuple[Split, int]:
+    """One image table read with a saved model's columns and classes (for evaluate): the split, skipped."""
+    from .tables import _targeter, read_table
+
+    t = read_table(path, "--data")
+    files, raw, bad = _image_rows(t, task, path_column, label_columns, delimiter or "|", max_bad_fraction)
+    skipped = _drop_checked([files], max_bad_fraction, path)
+    target = _targeter(task, classes, label_columns)
+    return Split(files.paths, [target(raw[i], t.origin) for i in files.labels]), len(skipped) + len(bad)

@@ -188,6 +188,12 @@ def _read_parquet(path: Path, option: str) -> Table:
     return Table(path, option, columns, [(i + 1, row) for i, row in enumerate(data)])
 
 
+def _kind(task: str) -> str:
+    """classification | multilabel | regression, from a task name (text-... or image-...)."""
+    return "multilabel" if task.endswith("multilabel") else "regression" if task.endswith("regression") \
+        else "classification"
+
+
 # ---- columns ----
 
 def _lookup(columns: list[str]) -> dict[str, str]:
@@ -211,9 +217,9 @@ def pick_columns(table: Table, task: str, text_column: str | None, label_column:
     labels: list[str] = []
     if label_column:
         labels, how["label"] = named(label_column, "--label-column"), "given"
-        if len(labels) > 1 and task != "text-multilabel":
-            raise UserError(f"--label-column {label_column}: several label columns are for "
-                            f"--task text-multilabel")
+        if len(labels) > 1 and _kind(task) != "multilabel":
+            raise UserError(f"--label-column {label_column}: several label columns are for multi-label "
+                            f"tasks (--task text-multilabel or image-multilabel)")
     if text_column:
         texts, how["text"] = named(text_column, "--text-column"), "given"
         if len(texts) > 2:
@@ -302,10 +308,10 @@ def parse_rows(table: Table, task: str, texts: list[str], labels: list[str], del
             out.bad.append((where, "not UTF-8 text"))
             continue
         raw = [row.get(c) for c in labels]
-        if task == "text-classification":
+        if _kind(task) == "classification":
             label = _class_name(raw[0])
             reason = f"empty or missing label in column {labels[0]!r}"
-        elif task == "text-regression":
+        elif _kind(task) == "regression":
             label = _number(raw[0])
             reason = f"column {labels[0]!r}: expected a finite number, got {raw[0]!r}"
         elif len(labels) > 1:
@@ -351,7 +357,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
                 raise UserError(f"{t.origin}: no column {missing[0]!r} (the training table has it; "
                                 f"columns here: {t.columns})")
     delimiter = ""
-    if task == "text-multilabel" and len(labels) == 1:
+    if _kind(task) == "multilabel" and len(labels) == 1:
         delimiter = label_delimiter or guess_delimiter([train_t], labels[0])
     tables = [t for t in (train_t, val_t, test_t) if t is not None]
     parsed = []
@@ -388,7 +394,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
         val_split = split_of(val_rows, val_t.origin)
         record["val"] = {"from": str(val)}
     else:
-        if task == "text-classification":
+        if _kind(task) == "classification":
             held = stratified_split([str(y) for y in train.targets], val_fraction, seed)
         else:
             order = list(range(len(train)))
@@ -399,7 +405,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
                               [y for y, h in zip(train.targets, held) if h])
         train = TextSplit([x for x, h in zip(train.texts, held) if not h],
                           [y for y, h in zip(train.targets, held) if not h])
-        record["val"] = {"from": f"{'stratified ' if task == 'text-classification' else ''}random split of "
+        record["val"] = {"from": f"{'stratified ' if _kind(task) == 'classification' else ''}random split of "
                                  f"{path}", "fraction": val_fraction, "seed": seed}
     if len(train) == 0 or len(val_split) == 0:
         raise UserError(f"--data {path}: too few usable rows to hold out a validation set; pass --val")
@@ -411,19 +417,19 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
 
 
 def _classes(task: str, label_columns: list[str], labels: list, table: Table) -> list[str]:
-    if task == "text-regression":
+    if _kind(task) == "regression":
         return []
-    if task == "text-multilabel" and len(label_columns) > 1:
+    if _kind(task) == "multilabel" and len(label_columns) > 1:
         return list(label_columns)
-    if task == "text-multilabel":
+    if _kind(task) == "multilabel":
         counts = Counter(name for names in labels for name in names)
     else:
         counts = Counter(labels)
     classes = sorted(counts, key=class_sort_key)
-    if task == "text-classification" and len(classes) < 2:
+    if _kind(task) == "classification" and len(classes) < 2:
         raise UserError(f"{table.origin}: found {len(classes)} class{'es' if not classes else ''} {classes}; "
                         f"classification needs at least 2")
-    if task == "text-multilabel" and not classes:
+    if _kind(task) == "multilabel" and not classes:
         raise UserError(f"{table.origin}: no labels found in column {label_columns[0]!r}")
     return classes
 
@@ -432,13 +438,13 @@ def _targeter(task: str, classes: list[str], label_columns: list[str]):
     index = {c: i for i, c in enumerate(classes)}
 
     def target(label: Any, origin: str):
-        if task == "text-regression" or (task == "text-multilabel" and len(label_columns) > 1):
+        if _kind(task) == "regression" or (_kind(task) == "multilabel" and len(label_columns) > 1):
             return label
-        names = label if task == "text-multilabel" else [label]
+        names = label if _kind(task) == "multilabel" else [label]
         unknown = [n for n in names if n not in index]
         if unknown:
             raise UserError(f"{origin}: label {unknown[0]!r} is not in the training data (classes: {classes})")
-        if task == "text-classification":
+        if _kind(task) == "classification":
             return index[label]
         hot = [0.0] * len(classes)
         for n in names:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-# Augmentation presets: arguments for timm.data.create_transform(is_training=True).
+# Augmentation presets: arguments for timm.data.create_transform(is_training=True), plus RandAugment
+# (2 ops, magnitude 9) where "randaugment" is set. RandAugment is torchvision's: timm's posterize op can ask
+# Pillow >= 11 for 0 bits, which raises mid-epoch.
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "light": dict(scale=(0.35, 1.0), hflip=0.5, color_jitter=None),
-    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1"),
-    # timm's ImageNet recipe: stronger RandAugment and random erasing
-    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
-                   re_prob=0.25, re_mode="pixel"),
+    "standard": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None, randaugment=True),
+    "strong": dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=None, randaugment=True, re_prob=0.25,
+                   re_mode="pixel"),  # + random erasing, as timm's ImageNet recipes
 }
 
 
@@ -49,4 +50,13 @@ def build_transform(pre: Preprocessing, augment: str = "none"):
                   crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
     if augment == "none":
         return create_transform(is_training=False, **common)
-    return create_transform(is_training=True, **common, **AUGMENT_PRESETS[augment])
+    preset = dict(AUGMENT_PRESETS[augment])
+    randaugment = preset.pop("randaugment", False)
+    tf = create_transform(is_training=True, **common, **preset)
+    if randaugment:
+        from torchvision.transforms import RandAugment
+
+        # on the PIL image, after crop and flip, before the tensor conversion
+        at = next(i for i, t in enumerate(tf.transforms) if "ToTensor" in type(t).__name__)
+        tf.transforms.insert(at, RandAugment(num_ops=2, magnitude=9))
+    return tf
