@@ -151,7 +151,7 @@ def load(path: str | os.PathLike):
             [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         task = build_task(task_name, classes, threshold=ours.get("threshold") or 0.5)
         module.eval()
-        return TextModel(wrap(module, tokenizer), task, folder, ours)
+        return TextModel(wrap(module, tokenizer), task, folder, ours, task_name)
     pre = Preprocessing.from_dict(ours["preprocessing"])
     classes = config["label_names"]
     backbone = rebuild_backbone(ours["source"], config["architecture"], config["num_classes"], pre,

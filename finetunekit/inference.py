@@ -129,8 +129,9 @@ def expand_inputs(images: Any) -> list[Any]:
 
 
 class TextModel(FineTunedModel):
-    def __init__(self, backbone: Backbone, task, folder: Path, config: dict):
+    def __init__(self, backbone: Backbone, task, folder: Path, config: dict, task_name: str):
         super().__init__(backbone, task, folder)
+        self.task_name = task_name  # text-classification | text-multilabel | text-regression
         self.text_columns: list[str] = config.get("text_columns") or ["text"]
         self.label_columns: list[str] = config.get("label_columns") or ["label"]
         self.label_delimiter: str | None = config.get("label_delimiter")
@@ -179,7 +180,7 @@ class TextModel(FineTunedModel):
         from .data.tables import read_labelled_texts
         from .data.text import PadCollate, TextDataset, make_text_loader
 
-        split, skipped = read_labelled_texts(data, _task_name(self.task), self.text_columns, self.label_columns,
+        split, skipped = read_labelled_texts(data, self.task_name, self.text_columns, self.label_columns,
                                              self.label_delimiter, self.classes)
         ds = TextDataset(split.texts, split.targets, self.tokenizer, self.max_length)
         collate = PadCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left",
@@ -190,10 +191,3 @@ class TextModel(FineTunedModel):
 
 def _is_text_file(s: str) -> bool:
     return len(s) < 4096 and "\n" not in s and Path(s).suffix.lower() in TEXT_FILE_SUFFIXES and Path(s).is_file()
-
-
-def _task_name(task) -> str:
-    from .tasks import MultiLabel, Regression
-
-    return "text-multilabel" if isinstance(task, MultiLabel) else "text-regression" \
-        if isinstance(task, Regression) else "text-classification"

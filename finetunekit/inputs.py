@@ -37,6 +37,16 @@ class Prepared:
     extra_config: dict[str, Any] = field(default_factory=dict)  # saved with the model (text columns...)
 
 
+def _counts(splits, noun: str) -> str:
+    what = f"classes: {len(splits.classes)}" if splits.classes else "regression target"
+    return (f"{what}; {noun}: {len(splits.train)} train, {len(splits.val)} val"
+            f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})")
+
+
+def prepare_inputs(recipe: Recipe, *, gpu: bool) -> Prepared:
+    return (prepare_images if recipe.modality == "image" else prepare_text)(recipe, gpu=gpu)
+
+
 def class_weights(spec: str | None, kind: str, classes: list[str], targets: list) -> list[float] | None:
     """'auto' = inverse class frequency normalised to mean 1 (multi-label: negatives/positives per label),
     or one comma-separated number per class."""
@@ -85,9 +95,7 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
     task = _task(recipe, splits.classes, splits.train.labels)
     backbone = create_backbone(recipe.model_name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
                                drop_path=m.drop_path, head=m.head, dropout=m.dropout)
-    what = f"classes: {len(splits.classes)}" if splits.classes else "regression target"
-    summary = [f"{what}; images: {len(splits.train)} train, {len(splits.val)} val"
-               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
+    summary = [_counts(splits, "images")]
     backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
     workers = default_workers() if d.num_workers is None else d.num_workers
@@ -130,10 +138,7 @@ def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
     limit = model_max_length(backbone)
     if d.max_length is not None and d.max_length > limit:
         raise UserError(f"--max-length {d.max_length}: {recipe.model_name} takes at most {limit} tokens")
-    summary = [describe_columns(splits.record),
-               f"{f'classes: {len(splits.classes)}' if splits.classes else 'regression target'}; texts: "
-               f"{len(splits.train)} train, {len(splits.val)} val"
-               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})"]
+    summary = [describe_columns(splits.record), _counts(splits, "texts")]
     max_length = d.max_length or limit
     augment = TokenAugment(d.token_delete, d.token_swap, d.token_mask, tok.mask_token_id,
                            set(tok.all_special_ids))

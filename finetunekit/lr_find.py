@@ -24,11 +24,10 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     import torch
     from accelerate.utils import set_seed
 
-    from .inputs import prepare_images, prepare_text
+    from .inputs import prepare_inputs
     from .loop import forward
-    from .optim import build_optimizer
-    from .pipeline import _accelerator, preflight
-    from .strategies import apply_phase, make_plan, set_train_mode
+    from .pipeline import _accelerator, plan_and_optimizer, preflight
+    from .strategies import apply_phase, set_train_mode
 
     if not 0 < start < end:
         raise UserError(f"--start {start} --end {end}: expected 0 < start < end")
@@ -38,13 +37,10 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     t = recipe.train
     set_seed(t.seed)
     accelerator = _accelerator(t.precision, 1, t.cpu, None)
-    inputs = (prepare_images if recipe.modality == "image" else prepare_text)(recipe, gpu=accelerator.device.type == "cuda")
+    inputs = prepare_inputs(recipe, gpu=accelerator.device.type == "cuda")
     backbone, task = inputs.backbone, inputs.task
-    plan = make_plan(t.strategy, backbone, t.epochs, head_epochs=t.head_epochs, unfreeze_every=t.unfreeze_every,
-                     freeze=t.freeze, freeze_types=t.freeze_types, freeze_layers=t.freeze_layers)
-    optimizer = build_optimizer(backbone, start, t.weight_decay, name=t.optimizer, momentum=t.momentum,
-                                layer_decay=t.layer_decay, head_lr_mult=t.head_lr_mult)
-    apply_phase(plan.phases[0], backbone.module, optimizer)
+    plan, optimizer = plan_and_optimizer(recipe, backbone, start)
+    apply_phase(plan.phases[0], backbone.module, optimizer)  # the phase's lr multiple, as the loop applies it
     module, optimizer, loader = accelerator.prepare(backbone.module, optimizer, inputs.train_loader)
     set_train_mode(module, accelerator.unwrap_model(module))
     params = [p for p in module.parameters() if p.requires_grad]

@@ -193,16 +193,28 @@ def preflight(recipe: Recipe) -> None:
                         f"{recipe.task} needs a {modality} model ({hint})")
 
 
+def plan_and_optimizer(recipe: Recipe, backbone, lr: float, fused: bool = False):
+    """The recipe's strategy plan (its first phase applied) and the optimizer over every parameter."""
+    from .optim import build_optimizer
+    from .strategies import apply_phase, make_plan
+
+    t = recipe.train
+    plan = make_plan(t.strategy, backbone, t.epochs, head_epochs=t.head_epochs, unfreeze_every=t.unfreeze_every,
+                     freeze=t.freeze, freeze_types=t.freeze_types, freeze_layers=t.freeze_layers)
+    apply_phase(plan.phases[0], backbone.module)
+    optimizer = build_optimizer(backbone, lr, t.weight_decay, name=t.optimizer, momentum=t.momentum,
+                                layer_decay=t.layer_decay, head_lr_mult=t.head_lr_mult, fused=fused)
+    return plan, optimizer
+
+
 def _fit(recipe: Recipe, out: Path) -> RunResult:
     import torch
     from accelerate.utils import set_seed
 
     from . import loop
     from .artifacts import save_model_folder, write_history, write_json
-    from .inputs import prepare_images, prepare_text
-    from .optim import (DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, build_scheduler, default_lr,
-                        default_warmup)
-    from .strategies import apply_phase, make_plan
+    from .inputs import prepare_inputs
+    from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_scheduler, default_lr, default_warmup
     from .tasks import LOWER_IS_BETTER
 
     started = time.perf_counter()
@@ -210,8 +222,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     set_seed(t.seed)
     accelerator = _accelerator(t.precision, t.grad_accum, t.cpu, out)
     gpu = accelerator.device.type == "cuda"
-    prepare = prepare_images if recipe.modality == "image" else prepare_text
-    inputs = prepare(recipe, gpu=gpu)
+    inputs = prepare_inputs(recipe, gpu=gpu)
     backbone, task = inputs.backbone, inputs.task
     log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, recipe.model_name, d.path, out)
     for line in inputs.summary:
@@ -219,9 +230,6 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     weights = getattr(task, "class_weights", None) if t.class_weights else None
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, weights)))
-    plan = make_plan(t.strategy, backbone, t.epochs, head_epochs=t.head_epochs, unfreeze_every=t.unfreeze_every,
-                     freeze=t.freeze, freeze_types=t.freeze_types, freeze_layers=t.freeze_layers)
-    apply_phase(plan.phases[0], backbone.module)
 
     effective_batch = t.batch_size * t.grad_accum * accelerator.num_processes
     lr = t.lr or default_lr(recipe.modality, "linear-probe" if t.strategy == "linear-probe" else "full",
@@ -231,8 +239,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         0.3 * t.epochs if kind == "onecycle" else default_warmup(recipe.modality, t.epochs)
     min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
     monitor = task.default_monitor if t.metric == "auto" else t.metric
-    optimizer = build_optimizer(backbone, lr, t.weight_decay, name=t.optimizer, momentum=t.momentum,
-                                layer_decay=t.layer_decay, head_lr_mult=t.head_lr_mult, fused=gpu)
+    plan, optimizer = plan_and_optimizer(recipe, backbone, lr, fused=gpu)
     module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer,
                                                                       inputs.train_loader, inputs.val_loader)
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)

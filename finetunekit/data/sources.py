@@ -127,6 +127,14 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> list[bool
     return held
 
 
+def random_split(n: int, fraction: float, seed: int) -> list[bool]:
+    """Mark a seeded random `fraction` of n items (at least one) as held out."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:max(1, round(n * fraction))])
+    return [i in chosen for i in range(n)]
+
+
 def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], int]:
     """Decode every file once; drop the unreadable ones from each set in place and log them.
 
@@ -252,13 +260,10 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
     if delimiter:
         record["label_delimiter"] = delimiter
     if val_split is None:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[:max(1, round(len(train) * val_fraction))])
-        val_split = Split([p for i, p in enumerate(train.paths) if i in held],
-                          [y for i, y in enumerate(train.labels) if i in held])
-        train = Split([p for i, p in enumerate(train.paths) if i not in held],
-                      [y for i, y in enumerate(train.labels) if i not in held])
+        held = random_split(len(train), val_fraction, seed)
+        val_split = Split([p for p, h in zip(train.paths, held) if h], [y for y, h in zip(train.labels, held) if h])
+        train = Split([p for p, h in zip(train.paths, held) if not h],
+                      [y for y, h in zip(train.labels, held) if not h])
         record["val"] = {"from": f"random split of {path}", "fraction": val_fraction, "seed": seed,
                          "files": val_split.paths}
     else:

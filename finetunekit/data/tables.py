@@ -19,14 +19,13 @@ import io
 import json
 import logging
 import math
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .sources import class_sort_key, stratified_split
+from .sources import class_sort_key, random_split, stratified_split
 
 log = logging.getLogger("finetunekit")
 
@@ -397,10 +396,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
         if _kind(task) == "classification":
             held = stratified_split([str(y) for y in train.targets], val_fraction, seed)
         else:
-            order = list(range(len(train)))
-            random.Random(seed).shuffle(order)
-            chosen = set(order[:max(1, round(len(train) * val_fraction))])
-            held = [i in chosen for i in range(len(train))]
+            held = random_split(len(train), val_fraction, seed)
         val_split = TextSplit([x for x, h in zip(train.texts, held) if h],
                               [y for y, h in zip(train.targets, held) if h])
         train = TextSplit([x for x, h in zip(train.texts, held) if not h],
