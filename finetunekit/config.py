@@ -48,8 +48,15 @@ class DataConfig(_Section):
                                 "the two per batch", gt=0)
     mixup_off_epoch: int | None = _opt(None, "images: no MixUp/CutMix from this epoch on (the last epochs "
                                        "see clean images)", ge=1)
-    tta: Literal["none", "flip"] = _opt("none", "images: test-time augmentation at validation, test and "
-                                        "predict: flip = average with the horizontally flipped image")
+    rotate: float = _opt(0.0, "images: random rotation by up to this many degrees, either way (for "
+                         "orientation-free data: medical, aerial, microscopy)", ge=0, le=180)
+    elastic: float = _opt(0.0, "images: elastic deformation of this strength (torchvision's alpha; 30-50 "
+                          "is typical), applied to half the training images", ge=0, le=1000)
+    vflip: bool = _opt(False, "images: random vertical flips as well (orientation-free data)")
+    tta: Literal["none", "flip", "crops", "flip-crops"] = _opt(
+        "none", "images: test-time augmentation at validation, test and predict: flip = average with the "
+        "mirrored image; crops = average over the centre and four corner crops (7/8 of the side, resized "
+        "back); flip-crops = both")
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
                                    "files or table rows cannot be read", ge=0, le=1)
     num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "
@@ -112,8 +119,9 @@ class TrainConfig(_Section):
     batch_size: int = _opt(32, "samples per optimizer step on one device (before accumulation)",
                            ge=1, le=65_536)
     lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
-                            "effective batch: images 1e-3 full, 1e-2 linear-probe; text 1e-4 full, 2e-3 "
-                            "linear-probe", gt=0, le=10)
+                            "effective batch: images 1e-3 full, 1e-2 linear-probe, bitfit and norm-head; "
+                            "text 1e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "
+                            "of the staged strategies run at 10x", gt=0, le=10)
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
                                ge=0, le=10)
     optimizer: Literal["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"] = _opt(
@@ -137,6 +145,8 @@ class TrainConfig(_Section):
     loss: Literal["auto", "ce", "focal", "bce", "mse", "l1", "huber"] = _opt(
         "auto", "auto = ce (classification), bce (multi-label), mse (regression); focal for imbalanced "
         "classes; l1 or huber for regression with outliers")
+    l1_penalty: float = _opt(0.0, "adds this times the sum of |w| over the head's weight matrices to the "
+                             "loss (sparse heads; Keras' kernel_regularizer=l1)", ge=0)
     focal_gamma: float = _opt(2.0, "focusing parameter of the focal loss", ge=0, le=10)
     class_weights: str | None = _opt(None, "weight the loss per class: auto = inverse class frequency "
                                      "(normalised to mean 1), or one comma-separated number per class")

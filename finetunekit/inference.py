@@ -30,7 +30,7 @@ class FineTunedModel:
 
     def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
         self.backbone, self.task, self.folder = backbone, task, folder
-        self.tta = tta  # images: test-time augmentation used in training's validation (none | flip)
+        self.tta = tta  # images: test-time augmentation used in training's validation (loop.tta_views)
         self.device = torch.device("cpu")
 
     @property

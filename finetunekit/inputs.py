@@ -99,7 +99,7 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
     backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
     workers = default_workers() if d.num_workers is None else d.num_workers
-    train_tf = build_transform(backbone.preprocessing, d.augment)
+    train_tf = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
     eval_tf = build_transform(backbone.preprocessing, "none")
 
     def loader(split, tf, train: bool) -> DataLoader:

@@ -32,8 +32,9 @@ class LoopConfig:
     log_every: int = 25  # steps between progress updates (each one syncs with the device)
     mixup: Callable | None = None  # images: (x, y) -> (mixed x, soft targets), e.g. timm.data.Mixup
     mixup_off_epoch: int | None = None  # 1-based epoch from which batches are no longer mixed
-    tta: str = "none"  # test-time augmentation at validation: none | flip
+    tta: str = "none"  # test-time augmentation at validation: none | flip | crops | flip-crops (tta_views)
     ema_decay: float | None = None  # keep an EMA of the weights; evaluated each epoch, saved when it scores better
+    penalty: Callable[[], torch.Tensor] | None = None  # added to the training loss (e.g. an L1 penalty)
 
 
 @dataclass
@@ -71,12 +72,27 @@ class EarlyStopping:
 
 def forward(module: torch.nn.Module, x: Any, tta: str = "none") -> torch.Tensor:
     """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text).
-    tta='flip': the mean of the logits for the images and their horizontal mirrors."""
+    With test-time augmentation (images), the mean of the logits over the views of `tta_views`."""
+    if tta != "none":
+        views = tta_views(x, tta)
+        return sum(module(v) for v in views) / len(views)
     out = module(**x) if isinstance(x, Mapping) else module(x)
-    logits = getattr(out, "logits", out)  # transformers models return a ModelOutput
-    if tta == "flip":
-        logits = (logits + module(x.flip(-1))) / 2  # x: [B, C, H, W]
-    return logits
+    return getattr(out, "logits", out)  # transformers models return a ModelOutput
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """Views of an image batch [B, C, H, W]: the batch itself; 'flip' adds its mirror; 'crops' adds the
+    centre and the four corner crops of 7/8 of each side, resized back to H x W; 'flip-crops' adds both."""
+    views = [x]
+    if tta in ("flip", "flip-crops"):
+        views.append(x.flip(-1))
+    if tta in ("crops", "flip-crops"):
+        h, w = x.shape[-2:]
+        ch, cw = round(h * 7 / 8), round(w * 7 / 8)
+        for top, left in ((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw):
+            crop = x[..., top:top + ch, left:left + cw]
+            views.append(torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
+    return views
 
 
 def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
@@ -122,8 +138,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             with accelerator.accumulate(module):
                 inputs, target = mix(x, y) if mix is not None else (x, y)  # soft targets [B, N] when mixed
                 logits = forward(module, inputs)  # [B, num_outputs]
-                loss = task.loss(logits, target)
-                accelerator.backward(loss)
+                loss = task.loss(logits, target)  # logged as the train loss: the penalty is not in it
+                accelerator.backward(loss + cfg.penalty() if cfg.penalty is not None else loss)
                 if accelerator.sync_gradients:
                     if cfg.clip_grad:
                         accelerator.clip_grad_norm_(params, cfg.clip_grad)

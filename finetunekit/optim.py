@@ -19,8 +19,11 @@ from .models.groups import layer_groups
 
 # A batch of 64 is the reference for the default learning rates (scaled linearly with the effective batch).
 REFERENCE_BATCH = 64
-DEFAULT_LR = {("image", "full"): 1e-3, ("image", "linear-probe"): 1e-2,
-              ("text", "full"): 1e-4, ("text", "linear-probe"): 2e-3}
+# Strategies that train only a few tensors from the start (a head, biases, norms) get 10x the full rate.
+DEFAULT_LR = {("image", "full"): 1e-3, ("image", "linear-probe"): 1e-2, ("image", "bitfit"): 1e-2,
+              ("image", "norm-head"): 1e-2,
+              ("text", "full"): 1e-4, ("text", "linear-probe"): 2e-3, ("text", "bitfit"): 1e-3,
+              ("text", "norm-head"): 1e-3}
 DEFAULT_SCHEDULER = {"image": "cosine", "text": "linear"}
 DEFAULT_MIN_LR_RATIO = {"cosine": 0.01, "linear": 0.0, "onecycle": 1e-4, "cosine-restarts": 0.01, "step": 0.0,
                         "plateau": 1e-3, "constant": 0.0}
@@ -32,7 +35,8 @@ _SGD_LIKE = {"sgd", "nesterov", "lars"}  # these want about 10x the learning rat
 
 def default_lr(modality: str, strategy: str, effective_batch: int, optimizer: str = "adamw") -> float:
     mult = 10.0 if optimizer in _SGD_LIKE else 1.0
-    return DEFAULT_LR[modality, strategy] * mult * effective_batch / REFERENCE_BATCH
+    base = DEFAULT_LR.get((modality, strategy), DEFAULT_LR[modality, "full"])  # staged ones: see strategies.py
+    return base * mult * effective_batch / REFERENCE_BATCH
 
 
 def default_warmup(modality: str, epochs: int) -> float:

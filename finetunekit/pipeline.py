@@ -142,7 +142,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
 _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
-_IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "tta"),
+_IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
+                        "vflip", "tta"),
                "model": ("drop_path", "head", "dropout")}
 
 
@@ -232,7 +233,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, weights)))
 
     effective_batch = t.batch_size * t.grad_accum * accelerator.num_processes
-    lr = t.lr or default_lr(recipe.modality, "linear-probe" if t.strategy == "linear-probe" else "full",
+    lr = t.lr or default_lr(recipe.modality, t.strategy,
                             effective_batch, t.optimizer)
     kind = DEFAULT_SCHEDULER[recipe.modality] if t.scheduler == "auto" else t.scheduler
     warmup = t.warmup if t.warmup is not None else \
@@ -289,8 +290,16 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         log.info("MixUp %g, CutMix %g%s", d.mixup or 0, d.cutmix or 0,
                  f", off from epoch {d.mixup_off_epoch}" if d.mixup_off_epoch else "")
     tta = d.tta if recipe.modality == "image" else "none"
+    penalty = None
+    if t.l1_penalty:
+        head_weights = [p for n, p in backbone.module.named_parameters() if backbone.is_head(n) and p.ndim >= 2]
+        log.info("L1 penalty %g on %d head weight tensors (%d values)", t.l1_penalty, len(head_weights),
+                 sum(p.numel() for p in head_weights))
+
+        def penalty():
+            return t.l1_penalty * sum(p.abs().sum() for p in head_weights)
     cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad, mixup=mixup,
-                          mixup_off_epoch=d.mixup_off_epoch, tta=tta, ema_decay=t.ema,
+                          mixup_off_epoch=d.mixup_off_epoch, tta=tta, ema_decay=t.ema, penalty=penalty,
                           monitor=monitor, patience=t.early_stopping, min_delta=t.early_stopping_delta,
                           quiet=recipe.quiet)
     result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)

@@ -9,12 +9,12 @@ scheduler or a resumed optimizer has not seen.
 
     full             everything trains
     linear-probe     the head only (the backbone runs in eval mode: a fixed feature extractor)
-    bitfit           biases + the head
-    norm-head        normalization layers + the head
+    bitfit           biases + the head (default lr: 10x the full fine-tune one, see optim.DEFAULT_LR)
+    norm-head        normalization layers + the head (likewise)
     freeze-unfreeze  the head only for --head-epochs at 10x lr, then everything (fastai's fine_tune)
     lp-ft            a linear probe (eval-mode backbone) for --head-epochs at 10x lr, then full fine-tuning
-    gradual          the head, then one more layer group from the top every --unfreeze-every epochs
-                     (ULMFiT's gradual unfreezing)
+    gradual          the head only at 10x lr, then one more layer group from the top every
+                     --unfreeze-every epochs (ULMFiT's gradual unfreezing)
 
 On top of any strategy: --freeze-layers N (the embeddings/stem and the first N blocks), --freeze PATTERNS
 (parameter-name globs), --freeze-types TYPES (norm, embedding, conv, linear) stay frozen throughout.
@@ -125,7 +125,8 @@ def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: in
                 break
             g: Group = body.pop()
             names = names | set(g.params)
-        phases.append(phase(start, names, 1.0, "head" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
+        phases.append(phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
+                            "head only" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
     return Plan(strategy, phases)
 
 

@@ -96,6 +96,7 @@ def test_phases_of_the_staged_strategies():
     assert [p.start_epoch for p in lpft.phases] == [0, 3]
     gradual = make_plan("gradual", backbone, epochs=6, unfreeze_every=2)
     assert [p.start_epoch for p in gradual.phases] == [0, 2, 4]
+    assert [p.lr_mult for p in gradual.phases] == [10.0, 1.0, 1.0]  # the head alone at 10x, like fastai
     sizes = [len(p.trainable) for p in gradual.phases]
     assert sizes == sorted(sizes) and sizes[0] == len(head)
     top = layer_groups(backbone)[-2]
@@ -258,3 +259,15 @@ def test_lr_find_writes_the_curve_and_a_suggestion(cifar_subset, tmp_path):
     assert ET.parse(out / "lr_find.svg").getroot().tag.endswith("svg")
     again = run_cli("lr-find", "--data", str(cifar_subset["train"]), "--out", str(out))
     assert again.returncode == 2 and "already holds an lr-find result" in again.stderr
+
+
+def test_default_lr_follows_strategy_batch_and_optimizer():
+    from finetunekit.optim import default_lr
+
+    assert default_lr("image", "full", 64) == pytest.approx(1e-3)
+    assert default_lr("image", "full", 32) == pytest.approx(5e-4)
+    assert default_lr("image", "gradual", 64) == default_lr("image", "full", 64)  # its head phase scales 10x
+    for strategy in ("linear-probe", "bitfit", "norm-head"):  # few tensors train: 10x
+        assert default_lr("image", strategy, 64) == pytest.approx(1e-2)
+    assert default_lr("text", "bitfit", 32) == pytest.approx(5e-4)
+    assert default_lr("image", "full", 64, "nesterov") == pytest.approx(1e-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -207,3 +208,65 @@ def csv_paths(cifar_subset):
     import csv
 
     return (r["path"] for r in csv.DictReader(cifar_subset["train"].open()))
+
+
+def test_l1_penalty_shrinks_the_head_and_is_kept_out_of_the_logged_loss(cifar_subset, tmp_path):
+    init_path, init = _initial_weights(tmp_path)
+    common = dict(strategy="linear-probe", weights=str(init_path), seed=2, lr=1e-2, warmup=0)
+    plain = _fit(cifar_subset, tmp_path / "plain", **common)
+    sparse = _fit(cifar_subset, tmp_path / "l1", l1_penalty=0.01, **common)
+    w = {name: load_file(str(r.model_dir / "model.safetensors"))["classifier.weight"]
+         for name, r in (("plain", plain), ("l1", sparse))}
+    assert w["l1"].abs().sum() < 0.9 * w["plain"].abs().sum()
+    assert "L1 penalty 0.01 on 1 head weight tensors (2560 values)" in (sparse.run_dir / "log.txt").read_text()
+    # the logged train loss is the task's loss alone: it stays on the same scale as without the penalty
+    penalty_at_init = 0.01 * init["classifier.weight"].abs().sum().item()
+    assert penalty_at_init > 0.2 * 2.3  # large enough that the check below would catch it in the logged loss
+    train_loss = [float(r.run_dir.joinpath("history.csv").read_text().splitlines()[1].split(",")[2])
+                  for r in (plain, sparse)]
+    assert train_loss[1] == pytest.approx(train_loss[0], rel=0.2)
+
+
+def test_tta_views_flip_and_crop_sets():
+    from finetunekit.loop import forward, tta_views
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    assert [len(tta_views(x, t)) for t in ("none", "flip", "crops", "flip-crops")] == [1, 2, 6, 7]
+    views = tta_views(x, "flip-crops")
+    assert all(v.shape == x.shape for v in views)
+    assert torch.equal(views[1], x.flip(-1))
+    # the top-left crop (7 x 7 of 8 x 8) resized back starts at the image's first pixel; bottom-right ends at its last
+    top_left, bottom_right = views[3], views[6]
+    assert top_left[..., 0, 0].equal(x[..., 0, 0]) and bottom_right[..., -1, -1].equal(x[..., -1, -1])
+    assert not torch.equal(top_left, bottom_right)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 4))
+    with torch.no_grad():
+        expected = sum(module(v) for v in views) / 7
+        assert torch.allclose(forward(module, x, "flip-crops"), expected)
+        assert torch.equal(forward(module, x), module(x))
+
+
+def test_rotation_elastic_and_vertical_flip_augment_the_training_images_only():
+    from PIL import Image
+
+    from finetunekit.data import Preprocessing, build_transform
+
+    pre = Preprocessing(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    img = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))
+    plain = build_transform(pre, "none")
+    medical = build_transform(pre, "none", rotate=30, elastic=40, vflip=True)
+    names = [type(t).__name__ for t in medical.transforms]
+    assert {"RandomVerticalFlip", "RandomRotation", "RandomApply"} <= set(names)
+    assert names.index("RandomRotation") < names.index("MaybeToTensor")  # on the PIL image
+    torch.manual_seed(0)
+    outs = [medical(img) for _ in range(4)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert not all(torch.equal(o, plain(img)) for o in outs)
+    assert torch.equal(plain(img), plain(img))
+
+
+def test_geometric_augmentation_is_refused_for_text(tmp_path):
+    (tmp_path / "t.csv").write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(finetunekit.UserError, match="--rotate: does not apply to --task text-classification"):
+        finetunekit.fit({"task": "text-classification", "data": {"path": str(tmp_path / "t.csv"), "rotate": 10},
+                         "out": str(tmp_path / "run")})

@@ -42,21 +42,32 @@ class Preprocessing:
                    crop_mode=d.get("crop_mode", "center"))
 
 
-def build_transform(pre: Preprocessing, augment: str = "none"):
-    """PIL RGB image -> normalized float tensor [3, H, W]. `augment='none'` is the deterministic eval path."""
+def build_transform(pre: Preprocessing, augment: str = "none", *, rotate: float = 0.0, elastic: float = 0.0,
+                    vflip: bool = False):
+    """PIL RGB image -> normalized float tensor [3, H, W]. `augment='none'` with no geometric extras is the
+    deterministic eval path. `rotate` (degrees), `elastic` (torchvision's alpha) and `vflip` add the
+    geometric augmentations of orientation-free data (medical, aerial, microscopy) to any preset."""
     from timm.data import create_transform
+    from torchvision import transforms as T
 
     common = dict(input_size=pre.input_size, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
                   crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
     if augment == "none":
-        return create_transform(is_training=False, **common)
-    preset = dict(AUGMENT_PRESETS[augment])
-    randaugment = preset.pop("randaugment", False)
-    tf = create_transform(is_training=True, **common, **preset)
-    if randaugment:
-        from torchvision.transforms import RandAugment
-
-        # on the PIL image, after crop and flip, before the tensor conversion
+        tf = create_transform(is_training=False, **common)
+        preset: dict[str, Any] = {}
+    else:
+        preset = dict(AUGMENT_PRESETS[augment])
+        tf = create_transform(is_training=True, **common, **{k: v for k, v in preset.items() if k != "randaugment"})
+    extra = []  # on the PIL image, after crop and flip, before the tensor conversion
+    if vflip:
+        extra.append(T.RandomVerticalFlip())
+    if rotate:
+        extra.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR))
+    if elastic:
+        extra.append(T.RandomApply([T.ElasticTransform(alpha=float(elastic))], p=0.5))
+    if preset.get("randaugment"):
+        extra.append(T.RandAugment(num_ops=2, magnitude=9))
+    if extra:
         at = next(i for i, t in enumerate(tf.transforms) if "ToTensor" in type(t).__name__)
-        tf.transforms.insert(at, RandAugment(num_ops=2, magnitude=9))
+        tf.transforms[at:at] = extra
     return tf
