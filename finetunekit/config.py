@@ -167,6 +167,13 @@ class TrainConfig(_Section):
                     "loss"] = _opt(
         "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
         "accuracy (classification), micro_f1 (multi-label), rmse (regression)")
+    checkpoint_every: str = _opt("30m", "write a resumable checkpoint every N updates (500), every so long "
+                                 "(10m, 90s, 1h), or only after each epoch (epoch); one is also written after "
+                                 "each epoch and on SIGTERM/SIGINT")
+    keep_checkpoints: int = _opt(2, "complete checkpoints kept besides the best one (older ones are removed "
+                                 "once a newer one is complete)", ge=2, le=1000)
+    max_nonfinite: int = _opt(10, "stop after this many updates in a row skipped for a non-finite loss or "
+                              "gradient", ge=1)
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
 
@@ -195,6 +202,10 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: Path | None = _opt(None, "run directory; default: runs/<model>-<date>-<time>")
     overwrite: bool = _opt(False, "replace an existing run directory at --out")
+    resume: str | None = _opt(None, "continue an interrupted run from its latest complete checkpoint: a run "
+                              "directory, or auto (the run at --out if it has a checkpoint, else a new run)")
+    resume_force: bool = _opt(False, "resume even though the data or the recipe changed (what cannot be kept "
+                              "is named and dropped)")
     quiet: bool = _opt(False, "no progress bars, log lines only")
 
     @classmethod

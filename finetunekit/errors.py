@@ -1,4 +1,4 @@
-"""The one error type users see: a bad input, reported as a single line, exit code 2."""
+"""The errors users see, each as a single line: a bad input (exit code 2), a run stopped mid-way."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class TrainingStopped(UserError):
+    """A run that stopped on purpose mid-way: non-finite values (exit 1), or a signal after its checkpoint
+    was written (exit 128 + the signal number, as shells report a signal)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -35,6 +36,8 @@ class Prepared:
     input_desc: str  # for the log: "input 224px", "max 128 tokens"
     summary: list[str] = field(default_factory=list)  # lines for the log, once data and model are known good
     extra_config: dict[str, Any] = field(default_factory=dict)  # saved with the model (text columns...)
+    sources: dict[str, list[Path]] = field(default_factory=dict)  # split -> the files training reads (hashed:
+    # resume's drift guard; byte-identical images across train and val are reported as leakage)
 
 
 def _counts(splits, noun: str) -> str:
@@ -116,7 +119,9 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
                         **({"head_type": m.head} if m.head != "linear" else {}),
                         **({k: splits.record[k] for k in ("path_column", "label_columns", "label_delimiter")
                             if k in splits.record}),
-                        **({"threshold": t.threshold} if recipe.task == "image-multilabel" else {})})
+                        **({"threshold": t.threshold} if recipe.task == "image-multilabel" else {})},
+                    sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
+                             "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]})
 
 
 def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
@@ -139,6 +144,11 @@ def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
     if d.max_length is not None and d.max_length > limit:
         raise UserError(f"--max-length {d.max_length}: {recipe.model_name} takes at most {limit} tokens")
     summary = [describe_columns(splits.record), _counts(splits, "texts")]
+    seen = set(splits.train.texts)
+    leaked = sum(t in seen for t in splits.val.texts)
+    if leaked:
+        summary.append(f"warning: {leaked} validation texts also appear in the training data (leakage: validation "
+                       f"scores will be optimistic)")
     max_length = d.max_length or limit
     augment = TokenAugment(d.token_delete, d.token_swap, d.token_mask, tok.mask_token_id,
                            set(tok.all_special_ids))
@@ -166,4 +176,5 @@ def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
     return Prepared(backbone, task, train_loader, loader(splits.val, False),
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
                     {"data.max_length": max_length, "data.num_workers": 0, "model.name": recipe.model_name},
-                    f"max {max_length} tokens", summary, extra_config=text)
+                    f"max {max_length} tokens", summary, extra_config=text,
+                    sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]})

@@ -6,16 +6,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import faults
+from .errors import TrainingStopped
+from .data.order import EpochBatches
 from .strategies import Plan, apply_phase, set_train_mode
 from .tasks import LOWER_IS_BETTER
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoints
 
 log = logging.getLogger("finetunekit")
 
@@ -35,15 +41,37 @@ class LoopConfig:
     tta: str = "none"  # test-time augmentation at validation: none | flip | crops | flip-crops (tta_views)
     ema_decay: float | None = None  # keep an EMA of the weights; evaluated each epoch, saved when it scores better
     penalty: Callable[[], torch.Tensor] | None = None  # added to the training loss (e.g. an L1 penalty)
+    max_nonfinite: int = 10  # stop after this many updates in a row skipped for a non-finite loss/gradient
 
 
 @dataclass
-class FitResult:
-    history: list[dict]
-    best_epoch: int
-    best_value: float
-    stopped_early: bool
-    train_seconds: float
+class TrainState:
+    """Where a run is; saved in every checkpoint (as JSON) and all a resumed run needs besides tensors."""
+
+    epoch: int = 0  # the epoch in progress (0-based); == epochs when done
+    batch: int = 0  # batches of `epoch` already trained
+    step: int = 0  # batches trained in the whole run (names the checkpoints)
+    updates: int = 0  # optimizer updates so far
+    skipped: int = 0  # updates skipped because the loss or a gradient was not finite
+    best: list[float] | None = None  # the best _score so far
+    best_epoch: int = -1
+    best_val: dict = field(default_factory=dict)  # validation metrics of the saved (best) weights
+    stop_reference: list[float] | None = None  # EarlyStopping state
+    stop_stale: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # the epoch in progress so far: summed loss, running metric, samples, seconds
+    running: float = 0.0
+    seen: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _score(monitor: str, val: dict) -> tuple[float, float]:
@@ -102,23 +130,30 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 
 
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
-        val_loader: DataLoader, task, cfg: LoopConfig,
-        on_best: Callable[[int, dict, torch.nn.Module], None]) -> FitResult:
-    """Train for `cfg.epochs`, evaluate after each epoch, call `on_best(epoch, val, weights)` on improvement
-    (`weights`: the trained module, or its EMA when that scored better)."""
-    history: list[dict] = []
-    best: tuple[float, float] | None = None
-    best_epoch, updates = -1, 0
+        val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict, torch.nn.Module], None],
+        state: TrainState | None = None, checkpoints: Checkpoints | None = None) -> TrainState:
+    """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
+    each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or its
+    EMA when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
+    update boundary, never inside an accumulation window), after each epoch, and on SIGTERM/SIGINT."""
+    state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    train_seconds = 0.0
+    stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
+    stopper.stale = state.stop_stale
     inner = accelerator.unwrap_model(module)
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(inner, decay=cfg.ema_decay, use_warmup=True)  # decay ramps up over the first steps
+        if checkpoints is not None and checkpoints.ema_weights is not None:
+            ema.module.load_state_dict(checkpoints.ema_weights)
+    sampler = _epoch_batches(train_loader)
+    order = train_loader if hasattr(train_loader, "set_epoch") else sampler  # accelerate's forwards it to ours
+    consecutive_skips = 0
     phase = None
-    for epoch in range(cfg.epochs):
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        epoch = state.epoch
         if cfg.plan.phase_at(epoch) is not phase:
             phase = cfg.plan.phase_at(epoch)
             apply_phase(phase, inner, optimizer)
@@ -127,40 +162,68 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 log.info("epoch %d: %s trains (%d tensors, lr x%g)", epoch + 1, phase.description, len(params),
                          phase.lr_mult)
         set_train_mode(module, inner)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        running = torch.zeros((), device=accelerator.device)  # task.running_metric, summed over samples
-        seen = 0
-        start = time.perf_counter()
+        order.set_epoch(epoch)
+        if state.batch:
+            sampler.skip(state.batch)
+            log.info("resuming epoch %d at batch %d", epoch + 1, state.batch + 1)
+        device = accelerator.device
+        loss_sum = torch.tensor(state.loss_sum, device=device)
+        running = torch.tensor(state.running, device=device)  # task.running_metric, summed over samples
+        losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
+        start = time.perf_counter() - state.epoch_seconds
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   initial=state.batch, total=len(sampler) if sampler is not None else None,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
         mix = cfg.mixup if cfg.mixup_off_epoch is None or epoch + 1 < cfg.mixup_off_epoch else None
-        for step, (x, y) in enumerate(bar):
+        for x, y in bar:
             with accelerator.accumulate(module):
                 inputs, target = mix(x, y) if mix is not None else (x, y)  # soft targets [B, N] when mixed
                 logits = forward(module, inputs)  # [B, num_outputs]
                 loss = task.loss(logits, target)  # logged as the train loss: the penalty is not in it
                 accelerator.backward(loss + cfg.penalty() if cfg.penalty is not None else loss)
-                if accelerator.sync_gradients:
-                    if cfg.clip_grad:
-                        accelerator.clip_grad_norm_(params, cfg.clip_grad)
-                    updates += 1
-                optimizer.step()  # a no-op inside an accumulation window (accelerate)
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(num_updates=updates)
+                faults.point("batch")
+                update = accelerator.sync_gradients
+                if update and not _finite_gradients(accelerator, params, cfg.clip_grad):
+                    optimizer.zero_grad(set_to_none=True)  # the update is skipped: the weights never see it
+                    state.skipped += 1
+                    consecutive_skips += 1
+                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                                state.step + 1, consecutive_skips)
+                    if consecutive_skips >= cfg.max_nonfinite:
+                        raise TrainingStopped(
+                            f"{consecutive_skips} updates in a row had a non-finite loss or gradient; likely "
+                            f"causes: a learning rate too high (try a lower --lr or `finetunekit lr-find`), "
+                            f"fp16 overflow (try --precision bf16 or no), or bad labels/targets")
+                    update = False
+                elif update:
+                    consecutive_skips = 0
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.updates += 1
+                    scheduler.step_update(num_updates=state.updates)
                     if ema is not None:
-                        ema.update(inner, step=updates)
+                        ema.update(inner, step=state.updates)
             loss_sum += loss.detach() * len(y)
             running += task.running(logits.detach(), y)
-            seen += len(y)
-            if not bar.disable and step % cfg.log_every == 0:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix({"loss": f"{loss_sum.item() / seen:.4f}",
-                                 task.running_metric: f"{running.item() / seen:.3f}",
-                                 "samples/s": f"{seen / max(elapsed, 1e-9):.0f}"})
+            state.seen += len(y)
+            state.batch += 1
+            state.step += 1
+            losses.append(loss.detach())
+            if not bar.disable and state.batch % cfg.log_every == 0:
+                bar.set_postfix({"loss": f"{loss_sum.item() / state.seen:.4f}",
+                                 task.running_metric: f"{running.item() / state.seen:.3f}",
+                                 "samples/s": f"{state.seen / max(time.perf_counter() - start, 1e-9):.0f}"})
+            if update:
+                faults.point("update")
+            if update and checkpoints is not None and checkpoints.due(state.updates):
+                state.loss_sum, state.running = loss_sum.item(), running.item()
+                state.epoch_seconds = time.perf_counter() - start
+                path = checkpoints.save(state, inner, optimizer, scheduler, ema, _flush(losses, state.step))
+                if checkpoints.stop_requested:
+                    raise checkpoints.stopped(path)
         bar.close()
         epoch_seconds = time.perf_counter() - start
-        train_seconds += epoch_seconds
+        state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
         val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet, tta=cfg.tta)
         weights = inner
         if ema is not None:
@@ -171,32 +234,67 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                      val[cfg.monitor], " (EMA kept)" if ema_wins else "")
             if ema_wins:
                 val, weights = {**val_ema, "ema": True}, ema.module
+        seen = state.seen
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
                f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
                **{f"val_{k}": val[k] for k in task.headline},
                "train_samples_per_s": seen * accelerator.num_processes / epoch_seconds,
                "epoch_seconds": epoch_seconds}
-        history.append(row)
+        state.history.append(row)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         score = _score(cfg.monitor, val)
         scheduler.step(epoch + 1, metric=val[cfg.monitor])  # epoch-based schedules (plateau); else a no-op
-        improved = _better(score, best)
+        improved = _better(score, tuple(state.best) if state.best else None)
         log.info("epoch %d/%d  train loss %.4f %s %.4f  val loss %.4f %s  %.0f samples/s%s",
                  epoch + 1, cfg.epochs, row["train_loss"], task.running_metric,
                  row[f"train_{task.running_metric}"], val["loss"],
                  " ".join(f"{k} {val[k]:.4f}" for k in task.headline), row["train_samples_per_s"],
                  "  *best" if improved else "")
         if improved:
-            best, best_epoch = score, epoch + 1
+            state.best, state.best_epoch, state.best_val = list(score), epoch + 1, dict(val)
             on_best(epoch + 1, val, weights)
+        faults.point("after-eval")
         if stopper.update(score):
             log.info("early stopping: no improvement of val %s by more than %g for %d epochs", cfg.monitor,
                      cfg.min_delta, stopper.stale)
-            break
-    best_value = history[best_epoch - 1][f"val_{cfg.monitor}"] if best_epoch > 0 else float("nan")
-    return FitResult(history, best_epoch, best_value, stopped_early=len(history) < cfg.epochs,
-                     train_seconds=train_seconds)
+            state.stopped_early = True
+        state.stop_reference = list(stopper.reference) if stopper.reference else None
+        state.stop_stale = stopper.stale
+        state.epoch, state.batch, state.seen = epoch + 1, 0, 0
+        state.loss_sum = state.running = state.epoch_seconds = 0.0
+        if checkpoints is not None:
+            path = checkpoints.save(state, inner, optimizer, scheduler, ema, _flush(losses, state.step),
+                                    best=improved)
+            if checkpoints.stop_requested and state.epoch < cfg.epochs:
+                raise checkpoints.stopped(path)
+    return state
+
+
+def _epoch_batches(loader):
+    """Our EpochBatches under whatever accelerate wrapped around the loader."""
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not isinstance(sampler, EpochBatches):
+        sampler = getattr(sampler, "batch_sampler", None)
+    return sampler
+
+
+def _finite_gradients(accelerator: Accelerator, params: list[torch.Tensor], clip: float | None) -> bool:
+    """Clip the gradients (when asked) and say whether their norm is finite. fp16's gradient scaler
+    skips overflowing steps itself (and lowers its scale), so with one this always says yes."""
+    if accelerator.scaler is not None:
+        if clip:
+            accelerator.clip_grad_norm_(params, clip)
+        return True
+    norm = accelerator.clip_grad_norm_(params, clip or float("inf"))
+    return bool(torch.isfinite(norm))
+
+
+def _flush(losses: list[torch.Tensor], last_step: int) -> list[tuple[int, float]]:
+    """(global step, loss) of the batches since the last flush; empties `losses`."""
+    values = torch.stack(losses).float().cpu().tolist() if losses else []
+    losses.clear()
+    return list(zip(range(last_step - len(values) + 1, last_step + 1), values))
 
 
 @torch.inference_mode()

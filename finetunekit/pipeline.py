@@ -125,13 +125,17 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
     """Fine-tune as `recipe` says (a Recipe, a dict, or a YAML path; keyword overrides win:
     `fit("r.yaml", **{"train.epochs": 3})`). Returns the run directory and its final metrics."""
     recipe = as_recipe(recipe, overrides)
+    resume = None
+    if recipe.resume:
+        recipe, resume = _resume_recipe(recipe)
     preflight(recipe)
     out = recipe.out or _default_out(recipe.model_name)
     created = not out.exists()
-    prepare_run_dir(out, recipe.overwrite)
+    if resume is None:
+        prepare_run_dir(out, recipe.overwrite)
     try:
         with _RunLog(out / "log.txt", recipe.quiet):
-            return _fit(recipe, out)
+            return _fit(recipe, out, resume)
     except UserError:
         if created and not (out / RUN_MARKER).exists():  # failed before training: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -194,6 +198,58 @@ def preflight(recipe: Recipe) -> None:
                         f"{recipe.task} needs a {modality} model ({hint})")
 
 
+@dataclass
+class Resume:
+    checkpoint: Path
+    changed: list[str]  # recipe keys that differ from the interrupted run's ("train.batch_size: 32 -> 64")
+    skipped: list[tuple[Path, str]]  # newer checkpoints that were damaged
+
+
+_RUN_KEYS = {"out", "overwrite", "resume", "resume_force", "quiet"}
+
+
+def _resume_recipe(recipe: Recipe) -> tuple[Recipe, Resume | None]:
+    """The interrupted run's recipe with the options given now on top, and its latest complete checkpoint.
+    `--resume auto` with no checkpoint at --out is a new run."""
+    from . import checkpoint
+
+    auto = recipe.resume == "auto"
+    if auto and recipe.out is None:
+        raise UserError("--resume auto: needs --out, the run to continue (or to start)")
+    run = Path(recipe.out if auto else recipe.resume)
+    if not auto and recipe.out is not None and Path(recipe.out).resolve() != run.resolve():
+        raise UserError(f"--out {recipe.out}: differs from --resume {run}; a resumed run continues in its own "
+                        f"directory")
+    if not (run / RUN_MARKER).is_file():
+        if auto:
+            return recipe.model_copy(update={"resume": None}), None
+        raise UserError(f"--resume {run}: not a finetunekit run directory (no {RUN_MARKER})")
+    found = checkpoint.latest(run)
+    if found is None:
+        if auto and not (run / checkpoint.CHECKPOINTS).exists():
+            return recipe.model_copy(update={"resume": None}), None  # refused later unless --overwrite
+        raise UserError(f"--resume {run}: no complete checkpoint in {run / checkpoint.CHECKPOINTS}")
+    saved = Recipe.load(run / RUN_MARKER)
+    given = {k: v for k, v in recipe.model_dump(mode="json", exclude_unset=True).items() if k not in _RUN_KEYS}
+    merged = build_recipe(saved.model_dump(mode="json"), given) if given else saved
+    before, after = _flat(saved.model_dump(mode="json")), _flat(merged.model_dump(mode="json"))
+    changed = [f"{k}: {before.get(k)} -> {after.get(k)}" for k in sorted(after)
+               if k.split(".")[0] not in _RUN_KEYS and before.get(k) != after.get(k)]
+    merged = merged.model_copy(update={"out": run, "resume": None, "resume_force": recipe.resume_force,
+                                       "quiet": recipe.quiet, "overwrite": False})
+    return merged, Resume(found.path, changed, found.skipped)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def plan_and_optimizer(recipe: Recipe, backbone, lr: float, fused: bool = False):
     """The recipe's strategy plan (its first phase applied) and the optimizer over every parameter."""
     from .optim import build_optimizer
@@ -208,7 +264,7 @@ def plan_and_optimizer(recipe: Recipe, backbone, lr: float, fused: bool = False)
     return plan, optimizer
 
 
-def _fit(recipe: Recipe, out: Path) -> RunResult:
+def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     import torch
     from accelerate.utils import set_seed
 
@@ -248,8 +304,24 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
                                 warmup_epochs=warmup, min_lr_ratio=min_lr_ratio, restart_epochs=t.restart_epochs,
                                 plateau_mode="min" if monitor in LOWER_IS_BETTER else "max")
 
+    from . import checkpoint
+
+    data_hash, leaked = checkpoint.content_hash(inputs.sources)
+    if leaked:
+        log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
+                    "scores will be optimistic)", leaked)
+    fingerprint = {"data": data_hash, "classes": task.classes,
+                   "model": recipe.model_name, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                   "processes": accelerator.num_processes}
+    checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
+                                         fingerprint=fingerprint, scaler=accelerator.scaler,
+                                         is_main=accelerator.is_main_process)
+    state, rng = (None, None) if resume is None else \
+        _restore(resume, recipe, accelerator.unwrap_model(module), optimizer, scheduler, checkpoints, accelerator)
+
     resolved = recipe.model_copy(deep=True)
     resolved.out, resolved.train.lr, resolved.train.scheduler = out, lr, kind
+    resolved.resume, resolved.resume_force, resolved.overwrite = None, False, False
     resolved.train.warmup, resolved.train.min_lr_ratio, resolved.train.metric = warmup, min_lr_ratio, monitor
     for key, value in inputs.resolved.items():
         section, name = key.split(".")
@@ -270,11 +342,8 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
              "%d updates/epoch", t.optimizer, lr, effective_batch, t.weight_decay, extras, warmup, kind, updates_per_epoch)
 
     model_dir = out / "model"
-    best_val: dict = {}
 
     def on_best(epoch: int, val: dict, weights) -> None:
-        best_val.clear()
-        best_val.update(val)  # the saved weights' validation metrics: no second validation pass
         if accelerator.is_main_process:
             save_model_folder(model_dir, dataclasses.replace(backbone, module=weights), task.classes,
                               recipe.model_name, recipe.task,
@@ -301,15 +370,21 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad, mixup=mixup,
                           mixup_off_epoch=d.mixup_off_epoch, tta=tta, ema_decay=t.ema, penalty=penalty,
                           monitor=monitor, patience=t.early_stopping, min_delta=t.early_stopping_delta,
-                          quiet=recipe.quiet)
-    result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best)
+                          quiet=recipe.quiet, max_nonfinite=t.max_nonfinite)
+    if rng is not None:
+        checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
+    with checkpoints:
+        result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best,
+                          state=state, checkpoints=checkpoints)
     write_history(out / "history.csv", result.history)
+    if accelerator.is_main_process:  # finished: the best model is in model/; the last checkpoint can extend the run
+        checkpoint.prune(out / checkpoint.CHECKPOINTS, keep=1, protect=set())
     if result.best_epoch < 0:
         accelerator.end_training()
         raise UserError(f"training produced no finite validation {monitor}; no model was saved "
                         f"(try a lower --lr)")
 
-    metrics: dict[str, Any] = {"val": best_val}
+    metrics: dict[str, Any] = {"val": result.best_val}  # the saved weights': no second validation pass
     if inputs.test_loader is not None:
         # the test set is scored once, by the best checkpoint exactly as saved
         from .artifacts import load_weights_file
@@ -329,6 +404,7 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
         train_samples_per_s=round(sum(train_rates) / len(train_rates), 1),
         wall_seconds=round(time.perf_counter() - started, 2), skipped=inputs.skipped,
         peak_rss_mb=_peak_rss_mb(), device=str(accelerator.device), precision=accelerator.mixed_precision,
+        skipped_updates=result.skipped, **({"resumed_from": str(resume.checkpoint)} if resume else {}),
     )
     if torch.cuda.is_available() and gpu:
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -337,6 +413,52 @@ def _fit(recipe: Recipe, out: Path) -> RunResult:
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
+
+
+def _restore(resume: Resume, recipe: Recipe, model, optimizer, scheduler, checkpoints, accelerator):
+    """Load a checkpoint into the run's objects after the drift guard; returns the TrainState to continue
+    from and the RNG states to restore just before training."""
+    from . import checkpoint
+    from .loop import TrainState
+    from .optim import PlateauSchedule
+
+    run = recipe.out
+    for path, why in resume.skipped:
+        log.warning("checkpoint %s: %s; falling back to an older one", path, why)
+    tensors, meta = checkpoint.read(resume.checkpoint)
+    old, new = meta["fingerprint"], checkpoints.fingerprint
+    hard = [f"{k} {old.get(k)} -> {new[k]}" for k in ("model", "classes") if old.get(k) != new[k]]
+    if hard:
+        raise UserError(f"--resume {run}: cannot continue: {'; '.join(hard)} (the saved weights do not fit); "
+                        f"start a new run")
+    moved = [k for k in ("data", "batch_size", "grad_accum", "processes") if old.get(k) != new[k]]
+    changes = [("the training data's content (SHA-256)" if k == "data" else f"{k} {old.get(k)} -> {new[k]}")
+               for k in moved]
+    changes += [c for c in resume.changed if not c.startswith(("train.batch_size", "train.grad_accum"))]
+    state = TrainState.from_dict(meta["train"])
+    if changes:
+        if not recipe.resume_force:
+            raise UserError(f"--resume {run}: the run changed since its checkpoint: {'; '.join(changes)}; pass "
+                            f"--resume-force to continue anyway, or start a new run")
+        log.warning("--resume-force: continuing although %s", "; ".join(changes))
+        if moved and state.batch:
+            log.warning("dropped: the position inside epoch %d (%d batches trained); the epoch restarts from "
+                        "its first batch", state.epoch + 1, state.batch)
+            state.batch = state.seen = 0
+            state.loss_sum = state.running = state.epoch_seconds = 0.0
+    model.load_state_dict(tensors["model.safetensors"])
+    optimizer.load_state_dict(checkpoint.optimizer_state(tensors.get("optimizer.safetensors", {}),
+                                                         meta["optimizer"]))
+    if isinstance(scheduler, PlateauSchedule):  # timm's schedules are functions of the update count
+        scheduler.load_state_dict(meta["scheduler"])
+    if meta.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    checkpoints.ema_weights = tensors.get("ema.safetensors")
+    checkpoints.best_name = meta.get("best_checkpoint")
+    checkpoint.truncate_steps(checkpoints.steps_csv, state.step)
+    log.info("resuming from %s: epoch %d, batch %d, %d updates done", resume.checkpoint, state.epoch + 1,
+             state.batch, state.updates)
+    return state, (tensors["rng.safetensors"], meta["rng"])
 
 
 def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: bool = True,

@@ -37,9 +37,10 @@ def cifar_subset(tmp_path_factory) -> dict[str, Path]:
             "test": write_manifest(d / "test.csv", CIFAR / "test", 20)}
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The real command line, in a fresh process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command line, in a fresh process (`env`: extra environment variables)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "finetunekit.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout, env=env)
 

@@ -121,7 +121,7 @@ def test_full_recipe_runs(cifar_subset, tmp_path):
                 "--image-size", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["strategy"] == "full" and metrics["val"]["accuracy"] > 0.15
+    assert metrics["strategy"] == "full" and metrics["val"]["loss"] < 2.3026  # below chance's ln(10) after 11 updates
     assert (RECIPES_DIR / "cifar10-lite0-full.yaml").is_file()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetunekit.data.order import EpochBatches
 from finetunekit.data.tables import (
     Table,
     TextSplits,
@@ -30,7 +31,6 @@ from finetunekit.data.tables import (
     resolve_text_splits,
 )
 from finetunekit.data.text import (
-    LengthGroupedBatches,
     PadCollate,
     TextDataset,
     TokenAugment,
@@ -846,7 +846,17 @@ def test_parse_rows_directly(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# 9. LengthGroupedBatches
+# 9. Length-grouped batches (data.order.EpochBatches with lengths)
+
+
+class LengthGroupedBatches(EpochBatches):
+    """The index lists of EpochBatches(lengths=...), without the per-sample seeds."""
+
+    def __init__(self, lengths, batch_size, seed, mega=50):
+        super().__init__(len(lengths), batch_size, seed, lengths=lengths, mega=mega)
+
+    def __iter__(self):
+        return ([i for i, _ in batch] for batch in super().__iter__())
 
 
 def padding(batches: list[list[int]], lengths: list[int]) -> int:

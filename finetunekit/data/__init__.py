@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import load_rgb, to_rgb
+from .order import EpochBatches, sample_rng, split_key
 from .sources import Split, Splits, resolve_splits
 from .transforms import Preprocessing, build_transform
 
@@ -24,10 +25,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = split_key(key)  # training keys carry a per-sample seed for the augmentation (data.order)
         label = self.labels[i]  # a class index; a multi-hot list or a number for multi-label / regression
-        return self.transform(load_rgb(self.paths[i])), (label if isinstance(label, int)
-                                                         else torch.tensor(label, dtype=torch.float32))
+        with sample_rng(seed):
+            x = self.transform(load_rgb(self.paths[i]))
+        return x, (label if isinstance(label, int) else torch.tensor(label, dtype=torch.float32))
 
 
 def default_workers() -> int:
@@ -38,7 +41,10 @@ def default_workers() -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int, seed: int,
                 pin_memory: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if train else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
-                      generator=generator)
+    # a loader's own generator seeds its workers: creating an iterator never draws from torch's global RNG
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                  generator=torch.Generator().manual_seed(seed))
+    if not train:
+        return DataLoader(dataset, batch_size=batch_size, **common)
+    order = EpochBatches(len(dataset), batch_size, seed, drop_last=len(dataset) > batch_size)
+    return DataLoader(dataset, batch_sampler=order, **common)

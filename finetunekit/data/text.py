@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
+from .order import EpochBatches, split_key
 
 _KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -98,20 +99,22 @@ class TextDataset(Dataset):
         self.lengths = [len(ids) for ids in self.encoded["input_ids"]]
         self.augment = augment if augment is not None and augment.active else None
         self.synonyms, self.synonym_prob = synonyms, synonym_prob
-        self.rng = random.Random(seed)  # data-loading runs in the main process for text (workers = 0)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = split_key(key)  # training keys carry a per-sample seed (data.order)
+        rng = random.Random(self.seed if seed is None else seed)
         if self.synonyms:
-            texts = tuple(replace_synonyms(t, self.synonyms, self.synonym_prob, self.rng) for t in self.texts[i])
+            texts = tuple(replace_synonyms(t, self.synonyms, self.synonym_prob, rng) for t in self.texts[i])
             enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
             sample = {k: list(enc[k]) for k in self.encoded}
         else:
             sample = {k: v[i] for k, v in self.encoded.items()}
         if self.augment is not None:
-            sample = self.augment(sample, self.rng)
+            sample = self.augment(sample, rng)
         return sample, self.targets[i]
 
 
@@ -134,43 +137,14 @@ class PadCollate:
         return features, torch.tensor(targets, dtype=self.dtype)
 
 
-class LengthGroupedBatches(Sampler[list[int]]):
-    """Batches of indices with similar lengths, in a random order that changes every epoch (seeded)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50):
-        self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1  # the next pass draws a new order, as a shuffling DataLoader would
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        size = self.mega * self.batch_size
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start:start + size], key=self.lengths.__getitem__)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        return iter(batches)
-
-
 def make_text_loader(dataset: TextDataset, batch_size: int, *, train: bool, group_by_length: bool, seed: int,
                      collate: PadCollate) -> DataLoader:
     """Text batching runs in the main process: collating pre-tokenized ids costs far less than a worker hop."""
-    if train and group_by_length:
-        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(dataset.lengths, batch_size, seed),
-                          collate_fn=collate)
     if train:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(seed))
+        lengths = dataset.lengths if group_by_length else None
+        return DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, lengths=lengths),
+                          collate_fn=collate, generator=torch.Generator().manual_seed(seed))
     # evaluation: sorted by length for the least padding; the loader restores nothing, metrics don't care
     order = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
