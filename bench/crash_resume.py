@@ -53,6 +53,13 @@ def outcome(run: Path):
             (run / "steps.csv").read_text(), history)
 
 
+def _rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
 def same(a, b) -> bool:
     return (all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
             and a[2] == b[2] and a[3] == b[3])
@@ -68,18 +75,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = manifest(tmp / "train.csv")
+        proc = subprocess.Popen(args(data, tmp / "reference"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env)
+        while not (tmp / "reference" / "steps.csv").exists() and proc.poll() is None:
+            time.sleep(0.02)
         t0 = time.perf_counter()
-        subprocess.run(args(data, tmp / "reference"), check=True, capture_output=True, env=env)
-        total = time.perf_counter() - t0
+        assert proc.wait() == 0
+        total = time.perf_counter() - t0  # from the first checkpoint to the end of the run
         reference = outcome(tmp / "reference")
         ok = 0
         for i in range(a.kills):
             out = tmp / f"run{i}"
             proc = subprocess.Popen(args(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-            while not (out / "steps.csv").exists() and proc.poll() is None:  # its first checkpoint is written
+            # a random moment: after a random number of recorded steps (steps.csv grows at each checkpoint),
+            # then a random delay; timed by progress, so a busy machine does not push kills past the end
+            steps, delay = rng.randint(1, 38), rng.uniform(0, 1.5)
+            while _rows(out / "steps.csv") < steps and proc.poll() is None:
                 time.sleep(0.02)
-            delay = rng.uniform(0, 0.8 * total)
             time.sleep(delay)
             os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, as an OOM killer would
             proc.wait()
@@ -87,10 +100,11 @@ def main() -> None:
             r = subprocess.run(args(data, out, "--resume", str(out)), capture_output=True, text=True, env=env)
             good = r.returncode == 0 and same(outcome(out), reference)
             ok += good
-            print(f"kill {i + 1}: {delay:5.1f} s into training, latest checkpoint {done[-1] if done else None}: "
+            print(f"kill {i + 1}: {delay:.2f} s after step {steps} was recorded, latest checkpoint {done[-1] if done else None}: "
                   f"{'identical' if good else 'DIFFERENT: ' + r.stderr.strip()[-300:]}", flush=True)
         print(f"SUMMARY kill -9 at {a.kills} random points: {ok}/{a.kills} resumed with bit-identical final "
-              f"weights, best model, step losses and epoch metrics (uninterrupted run: {total:.0f} s)")
+              f"weights, best model, step losses and epoch metrics (the run: 44 steps, {total:.0f} s from its "
+              f"first checkpoint to its end)")
 
 
 if __name__ == "__main__":

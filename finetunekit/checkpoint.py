@@ -247,6 +247,18 @@ class Checkpoints:
              best: bool = False) -> Path | None:
         if not self.is_main:
             return None
+        try:
+            return self._save(state, model, optimizer, scheduler, ema, steps, best)
+        except OSError as e:  # a full disk, lost permissions: the previous checkpoint is untouched
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            last = latest(self.root.parent)
+            raise TrainingStopped(
+                f"cannot write a checkpoint to {self.root} ({e.strerror or e}); the previous one, "
+                f"{last.path if last else 'none'}, is intact; make room and continue with "
+                f"`finetunekit fit --resume {self.root.parent}`") from None
+
+    def _save(self, state, model, optimizer, scheduler, ema, steps, best) -> Path:
         new = not self.steps_csv.exists()
         with self.steps_csv.open("a", encoding="utf-8") as f:
             if new:

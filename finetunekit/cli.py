@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args, get_origin
+from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin
 
 from .config import build_recipe, leaf_fields, read_yaml
 from .errors import UserError, did_you_mean
@@ -29,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _metavar(annotation: Any) -> str | None:
-    args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    args = [annotation] if get_origin(annotation) in (Literal, Annotated) else \
+        [a for a in get_args(annotation) if a is not type(None)] or [annotation]
     inner = args[0]
+    if get_origin(inner) is Annotated:
+        inner = get_args(inner)[0]
     if get_origin(inner) is Literal:
         return "{" + ",".join(get_args(inner)) + "}"
     return {int: "N", float: "X", str: "TEXT"}.get(inner, "PATH")

@@ -10,7 +10,7 @@ This module must stay free of torch imports: the CLI validates a recipe before a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -116,8 +116,10 @@ class TrainConfig(_Section):
                                      "lr x decay^(n-1-i); 0.75 is common for ViTs", gt=0, le=1)
     head_lr_mult: float = _opt(1.0, "the head learns at lr x this (discriminative learning rate)", gt=0, le=1000)
     epochs: int = _opt(10, "training epochs", ge=1, le=100_000)
-    batch_size: int = _opt(32, "samples per optimizer step on one device (before accumulation)",
-                           ge=1, le=65_536)
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] | Literal["auto"] = _opt(
+        32, "samples per step on one device (before accumulation); auto = the largest of 32 x grad-accum, half "
+        "that, ... whose forward and backward pass fit in memory, with --grad-accum raised to keep the "
+        "effective batch")
     lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
                             "effective batch: images 1e-3 full, 1e-2 linear-probe, bitfit and norm-head; "
                             "text 1e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "
@@ -330,8 +332,8 @@ def _one_line(err: ValidationError, source: str, overridden: set[str],
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "lax-", "json-")))
     # pydantic reports `int | None` failures per branch: keep the key, drop the branch names
-    key = ".".join(p for p in key.split(".") if p not in {"int", "float", "none", "str", "path",
-                                                          "bool", "literal['none']"})
+    key = ".".join(p for p in key.split(".") if p not in {"int", "float", "none", "str", "path", "constrained-int",
+                                                          "bool", "literal['none']", "literal['auto']"})
     where = override_names.get(key, key) if key in overridden else f"{source}: {key}"
     msg = e["msg"].replace("Input should be", "expected").replace("Value error, ", "")
     for words, sign in (("greater than or equal to", ">="), ("less than or equal to", "<="),

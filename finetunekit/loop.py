@@ -164,7 +164,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         set_train_mode(module, inner)
         order.set_epoch(epoch)
         if state.batch:
-            sampler.skip(state.batch)
+            sampler.skip(state.batch * accelerator.num_processes)  # each process trains every N-th batch
             log.info("resuming epoch %d at batch %d", epoch + 1, state.batch + 1)
         device = accelerator.device
         loss_sum = torch.tensor(state.loss_sum, device=device)

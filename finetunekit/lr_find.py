@@ -33,6 +33,8 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
         raise UserError(f"--start {start} --end {end}: expected 0 < start < end")
     if steps < 10:
         raise UserError(f"--steps {steps}: expected at least 10")
+    if recipe.train.batch_size == "auto":
+        raise UserError("--batch-size auto: is for fit; give lr-find the batch size fit will use")
     preflight(recipe)
     t = recipe.train
     set_seed(t.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TASKS, Recipe, build_recipe
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 log = logging.getLogger("finetunekit")
 
@@ -176,7 +176,7 @@ def preflight(recipe: Recipe) -> None:
                                 f"(class folders, or a manifest with columns path,label)")
     if (d.mixup or d.cutmix) and recipe.task != "image-classification":
         raise UserError(f"--mixup/--cutmix: for --task image-classification, not {recipe.task}")
-    if (d.mixup or d.cutmix) and t.batch_size % 2:
+    if (d.mixup or d.cutmix) and t.batch_size != "auto" and t.batch_size % 2:
         raise UserError(f"--batch-size {t.batch_size}: MixUp/CutMix mix each batch with its reverse and need an "
                         f"even batch size")
     if (d.mixup or d.cutmix) and t.loss == "focal":
@@ -279,7 +279,11 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     set_seed(t.seed)
     accelerator = _accelerator(t.precision, t.grad_accum, t.cpu, out)
     gpu = accelerator.device.type == "cuda"
-    inputs = prepare_inputs(recipe, gpu=gpu)
+    if t.batch_size == "auto":
+        recipe, inputs = _auto_batch(recipe, accelerator)
+        d, m, t = recipe.data, recipe.model, recipe.train
+    else:
+        inputs = prepare_inputs(recipe, gpu=gpu)
     backbone, task = inputs.backbone, inputs.task
     log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, recipe.model_name, d.path, out)
     for line in inputs.summary:
@@ -374,8 +378,16 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     if rng is not None:
         checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
     with checkpoints:
-        result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg, on_best,
-                          state=state, checkpoints=checkpoints)
+        try:
+            result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg,
+                              on_best, state=state, checkpoints=checkpoints)
+        except torch.OutOfMemoryError:
+            last = checkpoint.latest(out)
+            raise TrainingStopped(
+                f"out of {'GPU ' if gpu else ''}memory at batch size {t.batch_size}; the last complete checkpoint "
+                f"is {last.path if last else 'none yet'}; continue with a smaller batch and the same effective "
+                f"batch: `finetunekit fit --resume {out} --batch-size {max(1, t.batch_size // 2)} --grad-accum "
+                f"{t.grad_accum * 2} --resume-force`") from None
     write_history(out / "history.csv", result.history)
     if accelerator.is_main_process:  # finished: the best model is in model/; the last checkpoint can extend the run
         checkpoint.prune(out / checkpoint.CHECKPOINTS, keep=1, protect=set())
@@ -413,6 +425,57 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
+
+
+AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad-accum
+
+
+def _auto_batch(recipe: Recipe, accelerator):
+    """--batch-size auto: the largest of AUTO_BATCH x grad_accum, half that, ... whose forward and backward
+    pass on real training samples fits in memory, with grad_accum raised to keep the effective batch.
+    Returns the recipe with the numbers filled in and its prepared inputs."""
+    import torch
+
+    from . import faults
+    from .inputs import prepare_inputs
+    from .loop import forward
+
+    target = AUTO_BATCH * recipe.train.grad_accum
+    size = target
+    while True:
+        trial = recipe.model_copy(deep=True)
+        trial.train.batch_size, trial.train.grad_accum = size, -(-target // size)
+        inputs = prepare_inputs(trial, gpu=accelerator.device.type == "cuda")
+        module = inputs.backbone.module.to(accelerator.device)
+        loader = inputs.train_loader
+        samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
+        x, y = loader.collate_fn(samples)
+        x = {k: v.to(accelerator.device) for k, v in x.items()} if isinstance(x, dict) else x.to(accelerator.device)
+        buffers = {k: b.clone() for k, b in module.named_buffers()}  # BatchNorm statistics: put back after
+        try:
+            faults.point("probe")
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())), accelerator.autocast():
+                inputs.task.loss(forward(module, x), y.to(accelerator.device)).backward()
+            fits = True
+        except torch.OutOfMemoryError:
+            fits = False
+        module.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, b in module.named_buffers():
+                b.copy_(buffers[k])
+        if fits:
+            break
+        del module, inputs, x, y, buffers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if size == 1:
+            raise UserError("--batch-size auto: even a batch of 1 does not fit in memory; try a smaller "
+                            "--image-size or --max-length, or another model")
+        log.info("--batch-size auto: %d does not fit", size)
+        size //= 2
+    log.info("--batch-size auto: %d x --grad-accum %d (effective batch %d)", size, trial.train.grad_accum,
+             size * trial.train.grad_accum)
+    return trial, inputs
 
 
 def _restore(resume: Resume, recipe: Recipe, model, optimizer, scheduler, checkpoints, accelerator):

@@ -138,6 +138,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(cifar_subset, t
     _same(_outcome(out), reference)
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_result(cifar_subset, tmp_path):
     """Augmentation is drawn from per-sample seeds: 0 or 2 loader workers give bit-identical weights."""
     runs = []
@@ -205,3 +206,55 @@ def test_each_strategy_resumes_exactly_after_its_phase_change(cifar_subset, tmp_
     assert r.returncode == 0, r.stderr
     assert "resuming epoch 2 at batch 11" in r.stderr  # checkpoint at update 16 = batch 32 = 10 into epoch 2
     _same(_outcome(out), _outcome(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_out_of_memory_mid_run_names_the_checkpoint_and_the_way_on(cifar_subset, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*_args(cifar_subset, out), env={"FINETUNEKIT_FAULT": "batch@13:oom"})
+    assert r.returncode == 1, r.stderr
+    assert "out of memory at batch size 16; the last complete checkpoint is" in r.stderr
+    assert "step-00000012" in r.stderr  # the checkpoint after update 6 survived the error
+    suggested = r.stderr.split("`finetunekit fit ")[1].split("`")[0].split()
+    assert suggested[-5:] == ["--batch-size", "8", "--grad-accum", "4", "--resume-force"]
+    resumed = run_cli(*_args(cifar_subset, out, *suggested))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dropped: the position inside epoch 1 (12 batches trained)" in resumed.stderr
+
+
+def test_a_full_disk_mid_run_keeps_the_previous_checkpoint(cifar_subset, tmp_path, reference):
+    from finetunekit.checkpoint import problem
+
+    out = tmp_path / "run"
+    r = run_cli(*_args(cifar_subset, out), env={"FINETUNEKIT_FAULT": "checkpoint-write@3:enospc"})
+    assert r.returncode == 1, r.stderr
+    assert "No space left on device (injected)); the previous one," in r.stderr and "is intact" in r.stderr
+    previous = out / "checkpoints" / "step-00000012"
+    assert f"{previous}, is intact" in r.stderr and problem(previous) is None
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+    resumed = run_cli(*_args(cifar_subset, out, "--resume", str(out)))
+    assert resumed.returncode == 0, resumed.stderr
+    _same(_outcome(out), reference)
+
+
+def test_batch_size_auto_probes_and_keeps_the_effective_batch(cifar_subset, tmp_path):
+    def fit(out, batch, env=None):
+        return run_cli("fit", "--data", str(cifar_subset["train"]), "--model", "timm:test_efficientnet",
+                       "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", batch,
+                       "--num-workers", "0", "--out", str(out), "--quiet", env=env)
+
+    import yaml
+
+    # fits at once: the same run as --batch-size 32, bit for bit (the probe leaves no trace)
+    assert fit(tmp_path / "fixed", "32").returncode == 0
+    r = fit(tmp_path / "auto", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "--batch-size auto: 32 x --grad-accum 1 (effective batch 32)" in r.stderr
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("fixed", "auto"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 32 runs out of memory (injected): 16 x 2, recorded in the run's recipe
+    r = fit(tmp_path / "half", "auto", env={"FINETUNEKIT_FAULT": "probe@1:oom"})
+    assert r.returncode == 0, r.stderr
+    assert "--batch-size auto: 32 does not fit" in r.stderr and "16 x --grad-accum 2 (effective batch 32)" in r.stderr
+    saved = yaml.safe_load((tmp_path / "half" / "recipe.yaml").read_text())["train"]
+    assert (saved["batch_size"], saved["grad_accum"]) == (16, 2)
