@@ -37,7 +37,7 @@ MANIFEST = "MANIFEST.json"
 FORMAT = 1
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -74,7 +74,7 @@ def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], st
     files = sorted(p.name for p in tmp.iterdir())
     for f in files:
         _fsync(tmp / f)
-    manifest = {"format": FORMAT, "files": {f: _sha256(tmp / f) for f in files}}
+    manifest = {"format": FORMAT, "files": {f: sha256_file(tmp / f) for f in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
@@ -102,7 +102,7 @@ def problem(path: Path) -> str | None:
     for f, digest in files.items():
         if not (path / f).is_file():
             return f"{f} is missing"
-        if _sha256(path / f) != digest:
+        if sha256_file(path / f) != digest:
             return f"{f} does not match its SHA-256 in the manifest (truncated or altered)"
     return None
 
@@ -190,19 +190,22 @@ def latest(run_dir: Path) -> Found | None:
     return None
 
 
-def content_hash(sources: dict[str, list[Path]]) -> tuple[str, int]:
+def content_hash(sources: dict[str, list[Path]]) -> tuple[str, dict[str, str], int]:
     """SHA-256 over the files' bytes and names (with their folder: a class folder is a label), split by
     split: the data a run trains on, wherever it was moved. Also: how many validation files are
-    byte-identical to a training file (leakage)."""
-    h = hashlib.sha256()
+    byte-identical to a training file (leakage). Returns (the whole data's hash, each split's, leaked)."""
+    whole = hashlib.sha256()
     digests: dict[str, list[str]] = {}
+    per_split = {}
     for split, paths in sources.items():
-        digests[split] = [_sha256(p) for p in paths]
-        h.update(split.encode() + b"\0")
+        digests[split] = [sha256_file(p) for p in paths]
+        h = hashlib.sha256()
         for path, digest in zip(paths, digests[split]):
             h.update(f"{path.parent.name}/{path.name}\0{digest}\0".encode("utf-8", "surrogateescape"))
+        per_split[split] = h.hexdigest()
+        whole.update(f"{split}\0{per_split[split]}\0".encode())
     train = set(digests.get("train", ()))
-    return h.hexdigest(), sum(d in train for d in digests.get("val", ()))
+    return whole.hexdigest(), per_split, sum(d in train for d in digests.get("val", ()))
 
 
 def parse_period(value: str | None) -> tuple[int | None, float | None]:

@@ -57,6 +57,11 @@ class DataConfig(_Section):
         "none", "images: test-time augmentation at validation, test and predict: flip = average with the "
         "mirrored image; crops = average over the centre and four corner crops (7/8 of the side, resized "
         "back); flip-crops = both")
+    cache_features: Literal["auto", "off"] = _opt(
+        "auto", "images, linear-probe: compute the frozen backbone's features once (cached on disk, reused by "
+        "later runs on the same data and model) and train the head on them; off = run the backbone every epoch")
+    cache_views: int | None = _opt(None, "with augmentation and cached features: K augmented views per image "
+                                   "(each epoch, each image uses one of them)", ge=1, le=100)
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
                                    "files or table rows cannot be read", ge=0, le=1)
     num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "

@@ -147,7 +147,7 @@ _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
-                        "vflip", "tta"),
+                        "vflip", "tta", "cache_views"),
                "model": ("drop_path", "head", "dropout")}
 
 
@@ -300,21 +300,34 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
         0.3 * t.epochs if kind == "onecycle" else default_warmup(recipe.modality, t.epochs)
     min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
     monitor = task.default_monitor if t.metric == "auto" else t.metric
+    from . import checkpoint
+    from .strategies import Phase, Plan
+
+    data_hash, split_hashes, leaked = checkpoint.content_hash(inputs.sources)
+    if leaked:
+        log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
+                    "scores will be optimistic)", leaked)
     plan, optimizer = plan_and_optimizer(recipe, backbone, lr, fused=gpu)
-    module, optimizer, train_loader, val_loader = accelerator.prepare(backbone.module, optimizer,
-                                                                      inputs.train_loader, inputs.val_loader)
+    trained, train_loader, val_loader = backbone.module, inputs.train_loader, inputs.val_loader
+    cached = None
+    if recipe.modality == "image" and t.strategy == "linear-probe":
+        from . import features
+
+        reason = features.why_not(recipe, backbone)
+        if reason is None:
+            cached = _cached_features(recipe, inputs, split_hashes, accelerator.device)
+            trained, train_loader, val_loader = cached
+            plan = Plan(plan.strategy, [Phase(0, frozenset(n for n, _ in trained.named_parameters()), 1.0,
+                                              "the head, on cached features")])
+        else:
+            log.info("features not cached: %s", reason)
+    module, optimizer, train_loader, val_loader = accelerator.prepare(trained, optimizer, train_loader, val_loader)
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)
     scheduler = build_scheduler(optimizer, kind=kind, epochs=t.epochs, updates_per_epoch=updates_per_epoch,
                                 warmup_epochs=warmup, min_lr_ratio=min_lr_ratio, restart_epochs=t.restart_epochs,
                                 plateau_mode="min" if monitor in LOWER_IS_BETTER else "max")
 
-    from . import checkpoint
-
-    data_hash, leaked = checkpoint.content_hash(inputs.sources)
-    if leaked:
-        log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
-                    "scores will be optimistic)", leaked)
-    fingerprint = {"data": data_hash, "classes": task.classes,
+    fingerprint = {"data": data_hash, "classes": task.classes, "cached_features": cached is not None,
                    "model": recipe.model_name, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "processes": accelerator.num_processes}
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
@@ -349,7 +362,8 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
 
     def on_best(epoch: int, val: dict, weights) -> None:
         if accelerator.is_main_process:
-            save_model_folder(model_dir, dataclasses.replace(backbone, module=weights), task.classes,
+            full = weights if cached is None else _with_head(backbone, weights)
+            save_model_folder(model_dir, dataclasses.replace(backbone, module=full), task.classes,
                               recipe.model_name, recipe.task,
                               {**inputs.extra_config, **({"tta": tta} if tta != "none" else {})})
 
@@ -402,9 +416,10 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
         from .artifacts import load_weights_file
 
         accelerator.wait_for_everyone()
-        load_weights_file(accelerator.unwrap_model(module), model_dir)
+        scorer = module if cached is None else accelerator.prepare(backbone.module)  # the whole model
+        load_weights_file(accelerator.unwrap_model(scorer), model_dir)
         test_loader = accelerator.prepare(inputs.test_loader)
-        metrics["test"] = loop.evaluate(accelerator, module, test_loader, task, desc="test", quiet=recipe.quiet,
+        metrics["test"] = loop.evaluate(accelerator, scorer, test_loader, task, desc="test", quiet=recipe.quiet,
                                         tta=tta)
     accelerator.end_training()
     train_rates = [r["train_samples_per_s"] for r in result.history]
@@ -425,6 +440,55 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
+
+
+def _cached_features(recipe: Recipe, inputs, split_hashes: dict[str, str], device):
+    """The head to train (with the model's dropout in front, if any) and loaders over cached features."""
+    import timm
+    import torch
+
+    from . import features
+    from .checkpoint import sha256_file
+
+    d, m, t = recipe.data, recipe.model, recipe.train
+    backbone = inputs.backbone
+    views = d.cache_views or 1
+    augmented = features.augmented(recipe)
+    common = {"format": features.FORMAT, "model": recipe.model_name, "pretrained": m.pretrained,
+              "weights": sha256_file(m.weights) if m.weights else None, "head": backbone.heads[0],
+              "preprocessing": backbone.preprocessing.to_dict(), "torch": torch.__version__,
+              "timm": timm.__version__}
+    out = {}
+    for split, loader, aug in (("train", inputs.train_loader, augmented), ("val", inputs.val_loader, False)):
+        ds = loader.dataset
+        parts = {**common, "data": split_hashes[split], "transform": repr(ds.transform),
+                 "views": views if aug else 1, "seed": t.seed if aug else None}
+        started = time.perf_counter()
+        x, y, hit = features.load_or_extract(parts, lambda: features.extract(
+            backbone, ds, views=parts["views"], seed=t.seed, augmented=aug, device=device,
+            batch_size=t.batch_size * 2, workers=inputs.resolved.get("data.num_workers", 0)))
+        log.info("features (%s): %d x %d%s, %s in %.1fs", split, x.shape[1], x.shape[2],
+                 f" x {x.shape[0]} views" if x.shape[0] > 1 else "", "read from the cache" if hit else "computed",
+                 time.perf_counter() - started)
+        out[split] = features.loader(x, y, t.batch_size * (1 if split == "train" else 2), train=split == "train",
+                                     seed=t.seed)
+    head = backbone.module.get_submodule(backbone.heads[0])
+    trained = features.WithDropout(m.dropout, head) if m.dropout and m.head == "linear" else head
+    return trained, out["train"], out["val"]
+
+
+def _with_head(backbone, trained):
+    """The whole model carrying `trained`'s head weights (the trained head itself, or its EMA copy)."""
+    import copy
+
+    from .features import head_of
+
+    head, name = head_of(trained), backbone.heads[0]
+    if head is backbone.module.get_submodule(name):
+        return backbone.module
+    full = copy.deepcopy(backbone.module)
+    full.get_submodule(name).load_state_dict(head.state_dict())
+    return full
 
 
 AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad-accum

@@ -7,11 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# the feature cache of test runs (CLI subprocesses inherit it) stays out of the user's ~/.cache
+os.environ["FINETUNEKIT_CACHE"] = tempfile.mkdtemp(prefix="finetunekit-test-cache-")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR = SHARED_DATA / "cifar10-mini"
 

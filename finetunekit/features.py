@@ -1,0 +1,169 @@
+"""Cached backbone features: a frozen backbone's output is computed once per image and the head trains on it.
+
+Under `--strategy linear-probe` nothing before the head changes, so every epoch would recompute the same
+backbone outputs. Instead, one pass records the head's input for every training and validation image (a
+forward hook on the head, so it works for any backbone whose head is one module), and the epochs train the
+head alone on those vectors. The features are stored on disk under a key made of everything they depend
+on (the model and its weights, the preprocessing and transforms, the files' content, the library
+versions), so a second run on the same data (another head lr, another seed) skips the backbone entirely,
+and any change computes them afresh.
+
+With augmentation, each image's features are computed for K augmented views (`--cache-views K`) and each
+epoch every sample uses one of its views, drawn from its per-sample seed; without `--cache-views`,
+augmented linear probes run uncached (said in the log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data.order import EpochBatches, sample_seed, split_key
+
+log = logging.getLogger("finetunekit")
+
+FORMAT = 1
+VIEW_EPOCHS = 2**31  # cached views draw their augmentation as "epochs" no training run reaches
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FINETUNEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetunekit")
+    return Path(root) / "features"
+
+
+def augmented(recipe) -> bool:
+    d = recipe.data
+    return d.augment != "none" or bool(d.rotate or d.elastic or d.vflip)
+
+
+def why_not(recipe, backbone) -> str | None:
+    """Why this run cannot train on cached features, or None when it can."""
+    d, t = recipe.data, recipe.train
+    if recipe.modality != "image":
+        return "text models are not cached yet"
+    if t.strategy != "linear-probe":
+        return f"--strategy {t.strategy} trains the backbone"
+    if d.cache_features == "off":
+        return "--cache-features off"
+    if d.mixup or d.cutmix:
+        return "MixUp/CutMix mix images, not features"
+    if d.tta != "none":
+        return "--tta needs the backbone at validation"
+    if len(backbone.heads) != 1:
+        return "the model has several head modules"
+    if augmented(recipe) and not d.cache_views:
+        return "augmentation draws new views every epoch (pass --cache-views K to cache K views per image)"
+    return None
+
+
+class Features(Dataset):
+    """(feature vector, target) per sample; training keys carry a seed that picks one of K views."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features, self.targets = features, targets  # [K, N, C], [N] or [N, L]
+
+    def __len__(self) -> int:
+        return self.features.shape[1]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = split_key(key)
+        view = 0 if seed is None else seed % self.features.shape[0]
+        return self.features[view, i], self.targets[i]
+
+
+class WithDropout(nn.Module):
+    """The model's dropout (timm applies it between pooling and classifier), then the head."""
+
+    def __init__(self, p: float, head: nn.Module):
+        super().__init__()
+        self.dropout, self.head = nn.Dropout(p), head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(x))
+
+
+def head_of(trained: nn.Module) -> nn.Module:
+    return trained.head if isinstance(trained, WithDropout) else trained
+
+
+def _head(backbone) -> nn.Module:
+    return backbone.module.get_submodule(backbone.heads[0])
+
+
+@torch.inference_mode()
+def extract(backbone, dataset, *, views: int, seed: int, augmented: bool, device: torch.device,
+            batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input for every sample of `dataset` (an ImageDataset), once per view: [views, N, C] float32,
+    and the targets. Augmented views are drawn from per-sample seeds, so they are the same every time."""
+    module = backbone.module.to(device).eval()
+    captured: list[torch.Tensor] = []
+    hook = _head(backbone).register_forward_hook(lambda m, args, out: captured.append(args[0].float().cpu()))
+    feats, targets = [], torch.empty(0)
+    try:
+        for view in range(views):
+            keys = [(i, sample_seed(seed, VIEW_EPOCHS + view, i)) if augmented else i for i in range(len(dataset))]
+            loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, num_workers=workers,
+                                generator=torch.Generator())
+            captured.clear()
+            ys = []
+            for x, y in loader:
+                module(x.to(device))
+                ys.append(y)
+            feats.append(torch.cat(captured))
+            targets = torch.cat(ys)
+    finally:
+        hook.remove()
+    return torch.stack(feats), targets
+
+
+class _Keyed(Dataset):
+    def __init__(self, dataset, keys):
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j):
+        return self.dataset[self.keys[j]]
+
+
+def key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Features for `parts` from the cache, or `compute()`d and stored; the bool says whether they were hit."""
+    path = cache_dir() / f"{key(parts)}.safetensors"
+    if path.is_file():
+        try:
+            d = load_file(str(path))
+            return d["features"], d["targets"], True
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed
+            log.warning("feature cache %s: unreadable (%s); computing again", path, e)
+    features, targets = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"features": features.contiguous(), "targets": targets.contiguous()}, str(tmp),
+              metadata={"key": json.dumps(parts, sort_keys=True, default=str)})
+    os.replace(tmp, path)
+    return features, targets, False
+
+
+def loader(features: torch.Tensor, targets: torch.Tensor, batch_size: int, *, train: bool, seed: int):
+    ds = Features(features, targets)
+    if train:
+        order = EpochBatches(len(ds), batch_size, seed, drop_last=len(ds) > batch_size)
+        return DataLoader(ds, batch_sampler=order, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(ds, batch_size=batch_size, generator=torch.Generator())
+
+
