@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import TrainingStopped, UserError
 
 log = logging.getLogger("finetunekit")
@@ -68,8 +69,6 @@ def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], st
     for filename, d in tensors.items():
         save_file(_tensors(d), str(tmp / filename))
     (tmp / "state.json").write_text(json.dumps(state, allow_nan=True), encoding="utf-8")
-    from . import faults
-
     faults.point("checkpoint-write")  # a crash here leaves a folder with no manifest: incomplete
     files = sorted(p.name for p in tmp.iterdir())
     for f in files:

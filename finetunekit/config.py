@@ -296,14 +296,15 @@ def build_recipe(base: dict[str, Any], overrides: dict[str, Any], source: str = 
     try:
         return Recipe.model_validate(merged)
     except ValidationError as e:
-        raise UserError(_one_line(e, source, set(_flatten(overrides)), override_names or {})) from None
+        raise UserError(_one_line(e, source, set(flatten(overrides)), override_names or {})) from None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested recipe keys as dotted ones: {"train": {"lr": 1}} -> {"train.lr": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and (prefix or k in SECTIONS):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

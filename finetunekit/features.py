@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data.order import EpochBatches, sample_seed, split_key
+from .data.order import sample_seed, split_key
 
 log = logging.getLogger("finetunekit")
 
@@ -47,12 +47,10 @@ def augmented(recipe) -> bool:
 
 
 def why_not(recipe, backbone) -> str | None:
-    """Why this run cannot train on cached features, or None when it can."""
-    d, t = recipe.data, recipe.train
+    """Why this linear probe cannot train on cached features, or None when it can."""
+    d = recipe.data
     if recipe.modality != "image":
         return "text models are not cached yet"
-    if t.strategy != "linear-probe":
-        return f"--strategy {t.strategy} trains the backbone"
     if d.cache_features == "off":
         return "--cache-features off"
     if d.mixup or d.cutmix:
@@ -159,11 +157,5 @@ def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch
     return features, targets, False
 
 
-def loader(features: torch.Tensor, targets: torch.Tensor, batch_size: int, *, train: bool, seed: int):
-    ds = Features(features, targets)
-    if train:
-        order = EpochBatches(len(ds), batch_size, seed, drop_last=len(ds) > batch_size)
-        return DataLoader(ds, batch_sampler=order, generator=torch.Generator().manual_seed(seed))
-    return DataLoader(ds, batch_size=batch_size, generator=torch.Generator())
 
 

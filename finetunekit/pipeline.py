@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import TASKS, Recipe, build_recipe
+from .config import TASKS, Recipe, build_recipe, flatten
 from .errors import TrainingStopped, UserError
 
 log = logging.getLogger("finetunekit")
@@ -185,10 +185,12 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(f"--loss {t.loss}: for --task {recipe.task} expected one of {', '.join(losses)}")
     if t.metric != "auto" and t.metric not in monitors:
         raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
+    from .checkpoint import parse_period
     from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
     from .models.heads import check_head
 
     check_head(m.head)
+    parse_period(t.checkpoint_every)
 
     check_spec(recipe.model_name)
     if model_modality(recipe.model_name) != modality:
@@ -232,22 +234,12 @@ def _resume_recipe(recipe: Recipe) -> tuple[Recipe, Resume | None]:
     saved = Recipe.load(run / RUN_MARKER)
     given = {k: v for k, v in recipe.model_dump(mode="json", exclude_unset=True).items() if k not in _RUN_KEYS}
     merged = build_recipe(saved.model_dump(mode="json"), given) if given else saved
-    before, after = _flat(saved.model_dump(mode="json")), _flat(merged.model_dump(mode="json"))
+    before, after = flatten(saved.model_dump(mode="json")), flatten(merged.model_dump(mode="json"))
     changed = [f"{k}: {before.get(k)} -> {after.get(k)}" for k in sorted(after)
                if k.split(".")[0] not in _RUN_KEYS and before.get(k) != after.get(k)]
     merged = merged.model_copy(update={"out": run, "resume": None, "resume_force": recipe.resume_force,
                                        "quiet": recipe.quiet, "overwrite": False})
     return merged, Resume(found.path, changed, found.skipped)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def plan_and_optimizer(recipe: Recipe, backbone, lr: float, fused: bool = False):
@@ -310,7 +302,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     plan, optimizer = plan_and_optimizer(recipe, backbone, lr, fused=gpu)
     trained, train_loader, val_loader = backbone.module, inputs.train_loader, inputs.val_loader
     cached = None
-    if recipe.modality == "image" and t.strategy == "linear-probe":
+    if t.strategy == "linear-probe":
         from . import features
 
         reason = features.why_not(recipe, backbone)
@@ -449,6 +441,7 @@ def _cached_features(recipe: Recipe, inputs, split_hashes: dict[str, str], devic
 
     from . import features
     from .checkpoint import sha256_file
+    from .data import make_loader
 
     d, m, t = recipe.data, recipe.model, recipe.train
     backbone = inputs.backbone
@@ -470,8 +463,8 @@ def _cached_features(recipe: Recipe, inputs, split_hashes: dict[str, str], devic
         log.info("features (%s): %d x %d%s, %s in %.1fs", split, x.shape[1], x.shape[2],
                  f" x {x.shape[0]} views" if x.shape[0] > 1 else "", "read from the cache" if hit else "computed",
                  time.perf_counter() - started)
-        out[split] = features.loader(x, y, t.batch_size * (1 if split == "train" else 2), train=split == "train",
-                                     seed=t.seed)
+        out[split] = make_loader(features.Features(x, y), t.batch_size * (1 if split == "train" else 2),
+                                 train=split == "train", workers=0, seed=t.seed)
     head = backbone.module.get_submodule(backbone.heads[0])
     trained = features.WithDropout(m.dropout, head) if m.dropout and m.head == "linear" else head
     return trained, out["train"], out["val"]

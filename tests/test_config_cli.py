@@ -29,6 +29,8 @@ from conftest import run_cli
     (["fit", "--data", ".", "--model", "timm:resnet_18"], "--model timm:resnet_18: not a timm model (did you mean"),
     (["fit", "--data", ".", "--model", "keras:resnet"], "--model keras:resnet: expected timm:<name>"),
     (["predict", "/no/run", "x.jpg"], "/no/run: not a finetunekit run or model folder"),
+    # checked before the data is read ("." holds no images: reading it would fail first)
+    (["fit", "--data", ".", "--checkpoint-every", "10x"], "--checkpoint-every 10x: expected a number of updates"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
     start = time.perf_counter()
