@@ -62,6 +62,10 @@ class DataConfig(_Section):
         "later runs on the same data and model) and train the head on them; off = run the backbone every epoch")
     cache_views: int | None = _opt(None, "with augmentation and cached features: K augmented views per image "
                                    "(each epoch, each image uses one of them)", ge=1, le=100)
+    cache_images: Literal["auto", "on", "off"] = _opt(
+        "auto", "images: decode and resize each training and validation image once into a memory-mapped uint8 "
+        "cache on disk (reused by later runs; rebuilt when a file changes); auto = when it pays (2+ epochs or "
+        "already cached, and it fits in half the free disk); off = decode the files every epoch")
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
                                    "files or table rows cannot be read", ge=0, le=1)
     num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "
@@ -183,6 +187,8 @@ class TrainConfig(_Section):
                               "gradient", ge=1)
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+    compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
+                         "if compiling fails, the log says why and training goes on without it")
 
 
 # What each task reads and which losses and validation metrics fit it (the first loss is the default).

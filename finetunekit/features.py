@@ -36,9 +36,9 @@ VIEW_EPOCHS = 2**31  # cached views draw their augmentation as "epochs" no train
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FINETUNEKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetunekit")
-    return Path(root) / "features"
+    from .data import cache_root
+
+    return cache_root() / "features"
 
 
 def augmented(recipe) -> bool:

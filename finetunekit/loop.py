@@ -35,13 +35,14 @@ class LoopConfig:
     patience: int | None = None  # early stopping: epochs without improvement
     min_delta: float = 0.0  # early stopping: the smallest change of the monitored metric that counts
     quiet: bool = False
-    log_every: int = 25  # steps between progress updates (each one syncs with the device)
+    log_every: int = 25  # steps between progress updates and device-side skip checks (each one syncs)
     mixup: Callable | None = None  # images: (x, y) -> (mixed x, soft targets), e.g. timm.data.Mixup
     mixup_off_epoch: int | None = None  # 1-based epoch from which batches are no longer mixed
     tta: str = "none"  # test-time augmentation at validation: none | flip | crops | flip-crops (tta_views)
     ema_decay: float | None = None  # keep an EMA of the weights; evaluated each epoch, saved when it scores better
     penalty: Callable[[], torch.Tensor] | None = None  # added to the training loss (e.g. an L1 penalty)
     max_nonfinite: int = 10  # stop after this many updates in a row skipped for a non-finite loss/gradient
+    normalize: Callable | None = None  # batches -> model input, on the device (uint8 images: data.decoded)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (0-based); == epochs when done
     batch: int = 0  # batches of `epoch` already trained
     step: int = 0  # batches trained in the whole run (names the checkpoints)
-    updates: int = 0  # optimizer updates so far
+    updates: int = 0  # optimizer updates so far (skipped ones included when skipped on the device: see fit)
     skipped: int = 0  # updates skipped because the loss or a gradient was not finite
     best: list[float] | None = None  # the best _score so far
     best_epoch: int = -1
@@ -135,12 +136,20 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
     each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or its
     EMA when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
-    update boundary, never inside an accumulation window), after each epoch, and on SIGTERM/SIGINT."""
+    update boundary, never inside an accumulation window), after each epoch, and on SIGTERM/SIGINT.
+
+    An update whose loss or gradient is not finite is skipped. With torch's fused Adam/AdamW (the default
+    on GPUs) the skip happens on the device, without a host sync per update: the flag is checked every
+    `cfg.log_every` batches, before a checkpoint and at the end of an epoch, so the warnings come in bursts
+    and `cfg.max_nonfinite` skips in a row stop the run up to `log_every` batches later than they occur. A
+    skipped update still counts in `state.updates`: the lr schedule moves on by one update (as after fp16's
+    GradScaler skips a step) and the EMA takes its step towards the unchanged weights. Other optimizers
+    check each update's gradient norm on the host and neither count nor schedule a skipped update."""
     state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
     stopper.stale = state.stop_stale
-    inner = accelerator.unwrap_model(module)
+    inner = accelerator.unwrap_model(module, keep_torch_compile=False)  # the model itself, also under --compile
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
@@ -150,7 +159,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             ema.module.load_state_dict(checkpoints.ema_weights)
     sampler = _epoch_batches(train_loader)
     order = train_loader if hasattr(train_loader, "set_epoch") else sampler  # accelerate's forwards it to ours
-    consecutive_skips = 0
+    skips = _Skips(cfg.max_nonfinite)
+    on_device = _skips_on_device(accelerator, optimizer)
     phase = None
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -176,6 +186,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
         mix = cfg.mixup if cfg.mixup_off_epoch is None or epoch + 1 < cfg.mixup_off_epoch else None
         for x, y in bar:
+            x = cfg.normalize(x) if cfg.normalize is not None else x
             with accelerator.accumulate(module):
                 inputs, target = mix(x, y) if mix is not None else (x, y)  # soft targets [B, N] when mixed
                 logits = forward(module, inputs)  # [B, num_outputs]
@@ -183,20 +194,19 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 accelerator.backward(loss + cfg.penalty() if cfg.penalty is not None else loss)
                 faults.point("batch")
                 update = accelerator.sync_gradients
-                if update and not _finite_gradients(accelerator, params, cfg.clip_grad):
+                if update and on_device:  # stepped, or skipped by the kernel: known at the next skips.check
+                    skips.queue(state.step + 1, _step_unless_nonfinite(accelerator, optimizer, params, cfg.clip_grad))
+                    optimizer.zero_grad(set_to_none=True)
+                    state.updates += 1
+                    scheduler.step_update(num_updates=state.updates)
+                    if ema is not None:
+                        ema.update(inner, step=state.updates)
+                elif update and not _finite_gradients(accelerator, params, cfg.clip_grad):
                     optimizer.zero_grad(set_to_none=True)  # the update is skipped: the weights never see it
-                    state.skipped += 1
-                    consecutive_skips += 1
-                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                                state.step + 1, consecutive_skips)
-                    if consecutive_skips >= cfg.max_nonfinite:
-                        raise TrainingStopped(
-                            f"{consecutive_skips} updates in a row had a non-finite loss or gradient; likely "
-                            f"causes: a learning rate too high (try a lower --lr or `finetunekit lr-find`), "
-                            f"fp16 overflow (try --precision bf16 or no), or bad labels/targets")
+                    skips.record(state, state.step + 1, True)
                     update = False
                 elif update:
-                    consecutive_skips = 0
+                    skips.record(state, state.step + 1, False)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.updates += 1
@@ -209,6 +219,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             state.batch += 1
             state.step += 1
             losses.append(loss.detach())
+            if state.batch % cfg.log_every == 0:
+                skips.check(state)
             if not bar.disable and state.batch % cfg.log_every == 0:
                 bar.set_postfix({"loss": f"{loss_sum.item() / state.seen:.4f}",
                                  task.running_metric: f"{running.item() / state.seen:.3f}",
@@ -216,19 +228,22 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             if update:
                 faults.point("update")
             if update and checkpoints is not None and checkpoints.due(state.updates):
+                skips.check(state)
                 state.loss_sum, state.running = loss_sum.item(), running.item()
                 state.epoch_seconds = time.perf_counter() - start
                 path = checkpoints.save(state, inner, optimizer, scheduler, ema, _flush(losses, state.step))
                 if checkpoints.stop_requested:
                     raise checkpoints.stopped(path)
         bar.close()
+        skips.check(state)
         epoch_seconds = time.perf_counter() - start
         state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
-        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet, tta=cfg.tta)
+        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet, tta=cfg.tta,
+                       normalize=cfg.normalize)
         weights = inner
         if ema is not None:
             val_ema = evaluate(accelerator, ema.module, val_loader, task, desc="validate EMA", quiet=cfg.quiet,
-                               tta=cfg.tta)
+                               tta=cfg.tta, normalize=cfg.normalize)
             ema_wins = _better(_score(cfg.monitor, val_ema), _score(cfg.monitor, val))
             log.info("epoch %d: EMA val %s %.4f vs %.4f%s", epoch + 1, cfg.monitor, val_ema[cfg.monitor],
                      val[cfg.monitor], " (EMA kept)" if ema_wins else "")
@@ -280,14 +295,83 @@ def _epoch_batches(loader):
 
 
 def _finite_gradients(accelerator: Accelerator, params: list[torch.Tensor], clip: float | None) -> bool:
-    """Clip the gradients (when asked) and say whether their norm is finite. fp16's gradient scaler
-    skips overflowing steps itself (and lowers its scale), so with one this always says yes."""
+    """Clip the gradients (when asked) and say whether their norm is finite (a host-device sync). fp16's
+    gradient scaler skips overflowing steps itself (and lowers its scale), so with one this always says yes."""
     if accelerator.scaler is not None:
         if clip:
             accelerator.clip_grad_norm_(params, clip)
         return True
     norm = accelerator.clip_grad_norm_(params, clip or float("inf"))
     return bool(torch.isfinite(norm))
+
+
+def _base_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _skips_on_device(accelerator: Accelerator, optimizer) -> bool:
+    """Whether a non-finite update can be skipped on the device: torch's fused Adam/AdamW read
+    `optimizer.found_inf` (the AMP protocol, `_step_supports_amp_scaling`) and, when it is 1, leave weights
+    and moments untouched and take back the step count. Not under fp16's GradScaler (it sets found_inf
+    itself), nor for other optimizers: fused SGD, for one, leaves the momentum buffers it allocates on its
+    first step uninitialised when that step is skipped."""
+    inner = _base_optimizer(optimizer)
+    return (accelerator.scaler is None and isinstance(inner, torch.optim.Adam)
+            and getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups))
+
+
+def _step_unless_nonfinite(accelerator: Accelerator, optimizer, params: list[torch.Tensor],
+                           clip: float | None) -> torch.Tensor:
+    """Clip the gradients (when asked) and step; the fused kernel skips the update when their norm is not
+    finite. Returns that flag, 1.0 = skipped, a 0-d float32 tensor left on the device (no sync)."""
+    norm = accelerator.clip_grad_norm_(params, clip or float("inf"))  # a CPU 0.0 when no gradient at all
+    found_inf = (~torch.isfinite(norm)).float().to(accelerator.device)
+    inner = _base_optimizer(optimizer)
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf  # as GradScaler does: nothing is left for a later step to read
+    return found_inf
+
+
+class _Skips:
+    """Updates skipped for a non-finite loss or gradient: counted in `state.skipped`, each logged, and
+    `limit` in a row stop the run. Updates skipped on the device are queued with their flag (a device
+    tensor) and counted at `check`, where the loop syncs anyway."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, flag) not yet fetched
+
+    def queue(self, step: int, flag: torch.Tensor) -> None:
+        self.pending.append((step, flag))
+
+    def check(self, state: TrainState) -> None:
+        if self.pending:
+            flags = torch.stack([f for _, f in self.pending]).tolist()  # one sync for all of them
+            steps = [s for s, _ in self.pending]
+            self.pending.clear()
+            for step, flag in zip(steps, flags):
+                self.record(state, step, flag > 0)
+
+    def record(self, state: TrainState, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        state.skipped += 1
+        self.in_a_row += 1
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise TrainingStopped(
+                f"{self.in_a_row} updates in a row had a non-finite loss or gradient; likely causes: a learning "
+                f"rate too high (try a lower --lr or `finetunekit lr-find`), fp16 overflow (try --precision bf16 "
+                f"or no), or bad labels/targets")
 
 
 def _flush(losses: list[torch.Tensor], last_step: int) -> list[tuple[int, float]]:
@@ -299,7 +383,7 @@ def _flush(losses: list[torch.Tensor], last_step: int) -> list[tuple[int, float]
 
 @torch.inference_mode()
 def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
-             quiet: bool = False, tta: str = "none") -> dict:
+             quiet: bool = False, tta: str = "none", normalize: Callable | None = None) -> dict:
     """Metrics of `task` over `loader`, plus the mean unsmoothed loss."""
     module.eval()
     metrics = task.metrics().to(accelerator.device)
@@ -307,7 +391,7 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
     count = 0
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                      disable=quiet or not accelerator.is_local_main_process):
-        logits = forward(module, x, tta)
+        logits = forward(module, normalize(x) if normalize is not None else x, tta)
         logits, y = accelerator.gather_for_metrics((logits, y))
         metrics.update(*task.for_metrics(logits, y))
         loss_sum += task.eval_loss(logits, y).sum()

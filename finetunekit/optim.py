@@ -2,7 +2,7 @@
 
 Param groups are the backbone's layer groups (split by weight decay), each with an `lr_scale` (layer decay,
 head multiplier, strategy phase) that timm's schedulers apply at every update. Optimizers: torch's AdamW
-(fused on GPUs), or timm's factory for adam, sgd, nesterov, rmsprop, lamb, lars. Schedules, each after a
+(fused on GPUs and CPUs), or timm's factory for adam, sgd, nesterov, rmsprop, lamb, lars. Schedules, each after a
 linear warmup: cosine, linear, step, onecycle, cosine-restarts, plateau, constant.
 """
 

@@ -100,6 +100,7 @@ def _accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | Non
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration
 
     # one Accelerator per run, also when several runs share a process (tests, notebooks, sweeps)
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -112,7 +113,9 @@ def _accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | Non
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
         kwargs = dict(log_with="tensorboard", project_dir=str(run_dir))
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu, **kwargs)
+    # on a GPU, batches go to the device without blocking the host (the image loaders pin their memory)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(non_blocking=gpu), **kwargs)
 
 
 def _peak_rss_mb() -> dict[str, float]:
@@ -147,7 +150,7 @@ _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
                        "token_delete", "token_swap", "token_mask", "synonyms", "synonym_prob"),
               "model": ("trust_remote_code",)}
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
-                        "vflip", "tta", "cache_views"),
+                        "vflip", "tta", "cache_views", "cache_images"),
                "model": ("drop_path", "head", "dropout")}
 
 
@@ -260,7 +263,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     import torch
     from accelerate.utils import set_seed
 
-    from . import loop
+    from . import fastpath, loop
     from .artifacts import save_model_folder, write_history, write_json
     from .inputs import prepare_inputs
     from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_scheduler, default_lr, default_warmup
@@ -299,9 +302,10 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     if leaked:
         log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
                     "scores will be optimistic)", leaked)
-    plan, optimizer = plan_and_optimizer(recipe, backbone, lr, fused=gpu)
+    # fused AdamW: one kernel per update on GPUs; on the CPU too (4.8 vs 21.1 ms per EfficientNet-Lite0 step)
+    plan, optimizer = plan_and_optimizer(recipe, backbone, lr, fused=accelerator.device.type in ("cuda", "cpu"))
     trained, train_loader, val_loader = backbone.module, inputs.train_loader, inputs.val_loader
-    cached = None
+    cached = normalize = None
     if t.strategy == "linear-probe":
         from . import features
 
@@ -313,7 +317,17 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
                                               "the head, on cached features")])
         else:
             log.info("features not cached: %s", reason)
+    if cached is None and recipe.modality == "image":
+        decoded = _decoded_loaders(recipe, inputs, split_hashes, pin_memory=gpu)
+        if decoded is not None:
+            train_loader, val_loader, normalize = decoded
+        inputs.resolved["data.cache_images"] = "on" if decoded is not None else "off"  # a resume does the same
+    if gpu and recipe.modality == "image" and fastpath.channels_last(trained):
+        log.info("channels_last memory format (a CNN on CUDA)")
     module, optimizer, train_loader, val_loader = accelerator.prepare(trained, optimizer, train_loader, val_loader)
+    if t.compile:
+        module = fastpath.compile_with_fallback(module)
+        log.info("--compile: torch.compile compiles the model during the first batches")
     updates_per_epoch = -(-len(train_loader) // t.grad_accum)
     scheduler = build_scheduler(optimizer, kind=kind, epochs=t.epochs, updates_per_epoch=updates_per_epoch,
                                 warmup_epochs=warmup, min_lr_ratio=min_lr_ratio, restart_epochs=t.restart_epochs,
@@ -326,7 +340,8 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
                                          is_main=accelerator.is_main_process)
     state, rng = (None, None) if resume is None else \
-        _restore(resume, recipe, accelerator.unwrap_model(module), optimizer, scheduler, checkpoints, accelerator)
+        _restore(resume, recipe, accelerator.unwrap_model(module, keep_torch_compile=False), optimizer, scheduler,
+                 checkpoints, accelerator)
 
     resolved = recipe.model_copy(deep=True)
     resolved.out, resolved.train.lr, resolved.train.scheduler = out, lr, kind
@@ -380,7 +395,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     cfg = loop.LoopConfig(epochs=t.epochs, plan=plan, clip_grad=t.clip_grad, mixup=mixup,
                           mixup_off_epoch=d.mixup_off_epoch, tta=tta, ema_decay=t.ema, penalty=penalty,
                           monitor=monitor, patience=t.early_stopping, min_delta=t.early_stopping_delta,
-                          quiet=recipe.quiet, max_nonfinite=t.max_nonfinite)
+                          quiet=recipe.quiet, max_nonfinite=t.max_nonfinite, normalize=normalize)
     if rng is not None:
         checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
     with checkpoints:
@@ -409,7 +424,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
 
         accelerator.wait_for_everyone()
         scorer = module if cached is None else accelerator.prepare(backbone.module)  # the whole model
-        load_weights_file(accelerator.unwrap_model(scorer), model_dir)
+        load_weights_file(accelerator.unwrap_model(scorer, keep_torch_compile=False), model_dir)
         test_loader = accelerator.prepare(inputs.test_loader)
         metrics["test"] = loop.evaluate(accelerator, scorer, test_loader, task, desc="test", quiet=recipe.quiet,
                                         tta=tta)
@@ -468,6 +483,25 @@ def _cached_features(recipe: Recipe, inputs, split_hashes: dict[str, str], devic
     head = backbone.module.get_submodule(backbone.heads[0])
     trained = features.WithDropout(m.dropout, head) if m.dropout and m.head == "linear" else head
     return trained, out["train"], out["val"]
+
+
+def _decoded_loaders(recipe: Recipe, inputs, split_hashes: dict[str, str], pin_memory: bool):
+    """Training and validation loaders over the decoded-image cache (uint8 batches) and the Normalize that
+    turns their batches into the model's input; None when the cache is off or does not pay."""
+    from .data import make_loader
+    from .data.decoded import Normalize, decoded_datasets
+
+    d, t = recipe.data, recipe.train
+    pre = inputs.backbone.preprocessing
+    datasets = decoded_datasets({"train": inputs.train_loader.dataset, "val": inputs.val_loader.dataset},
+                                split_hashes, mode=d.cache_images, epochs=t.epochs, pre=pre, augment=d.augment,
+                                rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
+    if datasets is None:
+        return None
+    workers = inputs.resolved["data.num_workers"]
+    train, val = (make_loader(datasets[s], t.batch_size * (1 if s == "train" else 2), train=s == "train",
+                              workers=workers, seed=t.seed, pin_memory=pin_memory) for s in ("train", "val"))
+    return train, val, Normalize(pre.mean, pre.std)
 
 
 def _with_head(backbone, trained):
@@ -539,6 +573,7 @@ def _restore(resume: Resume, recipe: Recipe, model, optimizer, scheduler, checkp
     """Load a checkpoint into the run's objects after the drift guard; returns the TrainState to continue
     from and the RNG states to restore just before training."""
     from . import checkpoint
+    from .fastpath import match_param_layout
     from .loop import TrainState
     from .optim import PlateauSchedule
 
@@ -569,6 +604,7 @@ def _restore(resume: Resume, recipe: Recipe, model, optimizer, scheduler, checkp
     model.load_state_dict(tensors["model.safetensors"])
     optimizer.load_state_dict(checkpoint.optimizer_state(tensors.get("optimizer.safetensors", {}),
                                                          meta["optimizer"]))
+    match_param_layout(optimizer)  # channels_last weights: their moments too (fused AdamW reads flat memory)
     if isinstance(scheduler, PlateauSchedule):  # timm's schedules are functions of the update count
         scheduler.load_state_dict(meta["scheduler"])
     if meta.get("scaler") and accelerator.scaler is not None:

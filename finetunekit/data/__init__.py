@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -12,8 +13,16 @@ from .order import EpochBatches, sample_rng, split_key
 from .sources import Split, Splits, resolve_splits
 from .transforms import Preprocessing, build_transform
 
-__all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "default_workers",
+__all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_root", "default_workers",
            "load_rgb", "make_loader", "resolve_splits", "to_rgb"]
+
+
+def cache_root() -> Path:
+    """Where finetunekit keeps what it can compute again (features, decoded images): $FINETUNEKIT_CACHE,
+    else $XDG_CACHE_HOME/finetunekit, else ~/.cache/finetunekit."""
+    root = os.environ.get("FINETUNEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetunekit")
+    return Path(root)
 
 
 class ImageDataset(Dataset):
@@ -40,10 +49,10 @@ def default_workers() -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int, seed: int,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, collate_fn=None) -> DataLoader:
     # a loader's own generator seeds its workers: creating an iterator never draws from torch's global RNG
     common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
-                  generator=torch.Generator().manual_seed(seed))
+                  generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn)
     if not train:
         return DataLoader(dataset, batch_size=batch_size, **common)
     order = EpochBatches(len(dataset), batch_size, seed, drop_last=len(dataset) > batch_size)

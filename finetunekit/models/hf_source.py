@@ -70,6 +70,10 @@ def create(name: str, labels: Sequence[str], kind: str, *, pretrained: bool, tru
                             f"({reason}); pass a local model folder as hf:PATH, or use the built-in minilm")
     num_labels = 1 if kind == "regression" else len(labels)
     id2label = {i: c for i, c in enumerate(labels)} if labels else {0: "value"}
+    # Attention: no attn_implementation is passed on purpose. transformers 5.x picks "sdpa" (PyTorch's
+    # scaled_dot_product_attention: flash / memory-efficient kernels on GPUs) for every architecture that
+    # supports it and falls back to "eager" for the others; asking for "sdpa" explicitly would instead fail
+    # on those. tests/test_fastpath.py checks that minilm loads with sdpa.
     try:
         config = AutoConfig.from_pretrained(where, num_labels=num_labels, id2label=id2label,
                                             label2id={c: i for i, c in id2label.items()},

@@ -1,0 +1,209 @@
+"""The decoded-image cache: each image is decoded and resized once and kept as uint8 pixels on disk.
+
+Small-model fine-tuning spends much of an epoch opening, decoding and resizing the same JPEGs again. With
+the cache, one pass (threads: Pillow releases the GIL) stores every image of a split, already upright, RGB
+and resized (`transforms.build_tensor_transform` says to what size), in one flat file of uint8 pixels and
+an index of (offset, height, width). Epochs then read the pixels through a memory map, augment the uint8
+tensors, and normalize whole batches where they are trained (`Normalize`: on the GPU when there is one).
+
+An entry is keyed by the split's content hash (every file's bytes and name, in order), how the images are
+stored, and the Pillow version, so changing any file builds a new entry. Entries are written to a
+temporary folder and renamed into place: a crash never leaves a half-written entry that looks complete.
+`--cache-images auto` uses the cache when it pays: 2 or more epochs (or an entry already built), and an
+estimated size within half the free disk space of the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .images import load_rgb
+from .order import sample_rng, split_key
+
+log = logging.getLogger("finetunekit")
+
+FORMAT = 1
+PIXELS, INDEX = "pixels.u8", "index.npy"
+
+
+def cache_dir() -> Path:
+    from . import cache_root
+
+    return cache_root() / "images"
+
+
+class DecodedImages(Dataset):
+    """(uint8 image tensor [3, H, W], target) for each image of a cache entry; training keys carry the
+    per-sample seed of the augmentation (data.order), as ImageDataset's do."""
+
+    def __init__(self, entry: Path, labels: list, transform=None):
+        self.entry, self.labels, self.transform = Path(entry), labels, transform
+        self.index = np.load(self.entry / INDEX)
+        self._pixels: np.memmap | None = None  # opened in each worker process on first use
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pixels": None}
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = split_key(key)
+        if self._pixels is None:
+            self._pixels = np.memmap(self.entry / PIXELS, dtype=np.uint8, mode="r")
+        offset, h, w = (int(v) for v in self.index[i])
+        x = torch.from_numpy(np.array(self._pixels[offset:offset + h * w * 3])).view(h, w, 3).permute(2, 0, 1)
+        if self.transform is not None:
+            with sample_rng(seed):
+                x = self.transform(x)
+        label = self.labels[i]
+        return x, (label if isinstance(label, int) else torch.tensor(label, dtype=torch.float32))
+
+
+class Normalize:
+    """uint8 image batches [B, 3, H, W] -> float32, (x / 255 - mean) / std, in one pass where the batch is:
+    on the GPU after a 4x smaller transfer, or in the training process on the CPU (the loader workers hand
+    over uint8 batches, a quarter of the bytes of float ones). Anything else passes through unchanged."""
+
+    def __init__(self, mean, std):
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+
+    def __call__(self, x):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            return x
+        if self.scale.device != x.device:
+            self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
+        return (x * self.scale).add_(self.shift)  # the product is float32: one pass converts and scales
+
+
+def _key(content: str, store) -> str:
+    from PIL import __version__ as pillow
+
+    parts = {"format": FORMAT, "content": content, "store": repr(store), "pillow": pillow}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def estimate_bytes(paths: list[str], store, sample: int = 256) -> int:
+    """Stored size, from the stored sizes of up to `sample` evenly spaced images (headers only when the
+    store does not crop)."""
+    from PIL import Image
+
+    if not paths:
+        return 0
+    picks = paths[:: max(1, len(paths) // sample)][:sample]
+    total = 0
+    for p in picks:
+        with Image.open(p) as im:
+            w, h = im.size
+        size = getattr(store, "size", None)
+        if isinstance(size, int) and min(w, h) > size:  # ShorterSide: only the scale matters
+            s = size / min(w, h)
+            w, h = round(w * s), round(h * s)
+        elif size is None:  # a resize + centre crop: the crop's size
+            crop = store.transforms[-1].size
+            h, w = crop if isinstance(crop, (tuple, list)) else (crop, crop)
+        total += w * h * 3
+    return total * len(paths) // len(picks)
+
+
+def _decode(store, path: str) -> np.ndarray:
+    a = np.asarray(store(load_rgb(path)), dtype=np.uint8)
+    return a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)
+
+
+def build(entry: Path, paths: list[str], store, threads: int | None = None) -> int:
+    """Decode, resize and write every image of `paths` to `entry`; returns the bytes written."""
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index = np.empty((len(paths), 3), dtype=np.int64)
+    offset = 0
+    try:
+        with open(tmp / PIXELS, "wb") as f, ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1))) as pool:
+            for i, a in enumerate(pool.map(lambda p: _decode(store, p), paths)):
+                f.write(a.tobytes())
+                index[i] = offset, a.shape[0], a.shape[1]
+                offset += a.size
+        np.save(tmp / INDEX, index)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first
+            if not (entry / INDEX).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return offset
+
+
+def prepare(split_name: str, paths: list[str], content: str, store, *, budget: int | None) -> Path | None:
+    """The cache entry for a split: found, or built when its estimated size is within `budget` bytes
+    (None: no limit). None when it is not there and cannot be built (the reason is logged)."""
+    entry = cache_dir() / _key(content, store)
+    if (entry / INDEX).is_file() and (entry / PIXELS).is_file():
+        log.info("decoded images (%s): %d read from the cache %s", split_name, len(paths), entry)
+        return entry
+    need = estimate_bytes(paths, store)
+    if budget is not None and need > budget:
+        log.info("decoded images (%s): not cached: about %.0f MB would exceed the budget of %.0f MB (half the "
+                 "free disk space at %s)", split_name, need / 2**20, budget / 2**20, cache_dir())
+        return None
+    started = time.perf_counter()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = build(entry, paths, store)
+    except OSError as e:
+        log.warning("decoded images (%s): could not write the cache at %s (%s); reading the files instead",
+                    split_name, entry.parent, e.strerror or e)
+        return None
+    log.info("decoded images (%s): %d decoded into the cache in %.1fs (%.0f MB at %s)", split_name, len(paths),
+             time.perf_counter() - started, written / 2**20, entry)
+    return entry
+
+
+def free_budget() -> int:
+    root = cache_dir()
+    while not root.exists():
+        root = root.parent
+    return shutil.disk_usage(root).free // 2
+
+
+def decoded_datasets(datasets: dict[str, Any], contents: dict[str, str], *, mode: str, epochs: int,
+                     pre, augment: str, rotate: float, elastic: float, vflip: bool) -> dict[str, DecodedImages] | None:
+    """Cached replacements for the ImageDatasets of `datasets` ("train", "val"), or None when the cache is
+    off or does not pay (the reason is logged). `contents`: each split's content hash."""
+    from .transforms import build_tensor_transform
+
+    if mode == "off":
+        return None
+    train_store, train_tf = build_tensor_transform(pre, augment, rotate=rotate, elastic=elastic, vflip=vflip)
+    eval_store, _ = build_tensor_transform(pre, "none")
+    plan = {"train": (train_store, train_tf), "val": (eval_store, None)}
+    entries = {s: cache_dir() / _key(contents[s], plan[s][0]) for s in datasets}
+    built = all((e / INDEX).is_file() for e in entries.values())
+    if mode == "auto" and epochs < 2 and not built:
+        log.info("decoded images: not cached (1 epoch: each image is decoded once either way; --cache-images on "
+                 "caches it for later runs)")
+        return None
+    budget = None if mode == "on" else free_budget()
+    out = {}
+    for split, ds in datasets.items():
+        entry = prepare(split, ds.paths, contents[split], plan[split][0], budget=budget)
+        if entry is None:
+            return None
+        out[split] = DecodedImages(entry, ds.labels, plan[split][1])
+        if budget is not None:
+            budget = free_budget()
+    return out

@@ -1,0 +1,92 @@
+"""The GPU fast path: what the builder adds on top of accelerate for speed (see docs/speed.md).
+
+    channels_last        CNNs on CUDA: weights and input batches in NHWC, the layout cuDNN's fastest
+                         convolution kernels (tensor cores) want; not for ViTs and other transformers, whose
+                         only convolution is a patch embedding: there it does not help
+    compile_with_fallback  --compile: torch.compile, and eager execution with one log line when it fails
+    match_param_layout   a resumed optimizer's state in its parameters' layout (fused kernels need it)
+
+None of these changes what is saved: state dicts keep their keys, and every writer copies tensors
+contiguous (checkpoint._tensors, artifacts._write_image).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("finetunekit")
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in a backend that fails
+
+
+def is_cnn(module: nn.Module) -> bool:
+    """Whether `module` has a sliding-window Conv2d (kernel != stride). A ViT's or Swin's only Conv2d is its
+    patch embedding, kernel == stride (16/16, 4/4): that alone does not make a CNN."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
+
+
+def channels_last(module: nn.Module) -> bool:
+    """Put `module`'s 4-D weights in channels_last and convert its 4-D tensor input to it as it comes in (a
+    forward pre-hook, kept by copies such as the EMA's), when it is a CNN (`is_cnn`). The parameters stay
+    the same objects (an optimizer built over them keeps working). Returns whether it converted anything."""
+    if not is_cnn(module):
+        return False
+    module.to(memory_format=torch.channels_last)
+    module.register_forward_pre_hook(_input_channels_last)
+    return True
+
+
+def _input_channels_last(module: nn.Module, args: tuple):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])  # [B, C, H, W], NHWC strides
+    return None
+
+
+def match_param_layout(optimizer) -> None:
+    """Give each optimizer state tensor its parameter's strides. A state dict loaded from a checkpoint is
+    contiguous; fused Adam(W) reads a parameter and its moments as flat memory, so a channels_last
+    parameter with contiguous moments would be updated with the wrong moments, silently."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def compile_with_fallback(module: nn.Module) -> nn.Module:
+    """torch.compile(module), falling back to eager execution if compiling fails.
+
+    A compilation error (no C++ compiler, an operation the compiler does not support) surfaces at the first
+    call of the compiled module, not at torch.compile; so its forward tries the compiled path and, when
+    that raises and the eager module then succeeds, logs one line and runs eagerly from then on (an error
+    of the model itself is raised again by the eager call). An error that first appears when the backward
+    pass is compiled is not caught. The parameters are the module's own; accelerate's
+    `unwrap_model(compiled, keep_torch_compile=False)` returns `module`, whose state dict keys carry no
+    `_orig_mod.` prefix."""
+    compiled = torch.compile(module, backend=COMPILE_BACKEND)
+    compiled_forward = compiled.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled_forward(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the run's own out-of-memory stop says what to do
+        except Exception as e:  # noqa: BLE001 - compiler failures come in many types
+            out = module(*args, **kwargs)
+            compiled.forward = module.__call__  # eager from now on
+            log.warning("--compile: torch.compile failed (%s); running eagerly", _reason(e))
+            return out
+
+    compiled.forward = forward
+    return compiled
+
+
+def _reason(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause (dynamo wraps a backend's error in BackendCompilerFailed)."""
+    while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
