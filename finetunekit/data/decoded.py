@@ -2,8 +2,8 @@
 
 Small-model fine-tuning spends much of an epoch opening, decoding and resizing the same JPEGs again. With
 the cache, one pass (threads: Pillow releases the GIL) stores every image of a split, already upright, RGB
-and resized (`transforms.build_tensor_transform` says to what size), in one flat file of uint8 pixels and
-an index of (offset, height, width). Epochs then read the pixels through a memory map, augment the uint8
+and resized (`transforms.build_tensor_transform` says to what size), in one flat file of uint8 pixels
+(planar: channel, row, column) and an index of (offset, height, width). Epochs then read the pixels through a memory map, augment the uint8
 tensors, and normalize whole batches where they are trained (`Normalize`: on the GPU when there is one).
 
 An entry is keyed by the split's content hash (every file's bytes and name, in order), how the images are
@@ -34,7 +34,7 @@ from .order import sample_rng, split_key
 
 log = logging.getLogger("finetunekit")
 
-FORMAT = 1
+FORMAT = 2  # 2: planar (channel, row, column) pixels
 PIXELS, INDEX = "pixels.u8", "index.npy"
 
 
@@ -64,7 +64,7 @@ class DecodedImages(Dataset):
         if self._pixels is None:
             self._pixels = np.memmap(self.entry / PIXELS, dtype=np.uint8, mode="r")
         offset, h, w = (int(v) for v in self.index[i])
-        x = torch.from_numpy(np.array(self._pixels[offset:offset + h * w * 3])).view(h, w, 3).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(self._pixels[offset:offset + h * w * 3])).view(3, h, w)
         if self.transform is not None:
             with sample_rng(seed):
                 x = self.transform(x)
@@ -134,7 +134,7 @@ def build(entry: Path, paths: list[str], store, threads: int | None = None) -> i
     try:
         with open(tmp / PIXELS, "wb") as f, ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1))) as pool:
             for i, a in enumerate(pool.map(lambda p: _decode(store, p), paths)):
-                f.write(a.tobytes())
+                f.write(np.ascontiguousarray(a.transpose(2, 0, 1)).tobytes())  # planar: batches stack as NCHW
                 index[i] = offset, a.shape[0], a.shape[1]
                 offset += a.size
         np.save(tmp / INDEX, index)
