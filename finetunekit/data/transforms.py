@@ -58,19 +58,27 @@ def build_transform(pre: Preprocessing, augment: str = "none", *, rotate: float 
     else:
         preset = dict(AUGMENT_PRESETS[augment])
         tf = create_transform(is_training=True, **common, **{k: v for k, v in preset.items() if k != "randaugment"})
-    extra = []  # on the PIL image, after crop and flip, before the tensor conversion
-    if vflip:
-        extra.append(T.RandomVerticalFlip())
-    if rotate:
-        extra.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR))
-    if elastic:
-        extra.append(T.RandomApply([T.ElasticTransform(alpha=float(elastic))], p=0.5))
-    if preset.get("randaugment"):
-        extra.append(T.RandAugment(num_ops=2, magnitude=9))
+    # on the PIL image, after crop and flip, before the tensor conversion
+    extra = _extras(T, vflip=vflip, rotate=rotate, elastic=elastic, randaugment=bool(preset.get("randaugment")))
     if extra:
         at = next(i for i, t in enumerate(tf.transforms) if "ToTensor" in type(t).__name__)
         tf.transforms[at:at] = extra
     return tf
+
+
+def _extras(ns, *, vflip: bool, rotate: float, elastic: float, randaugment: bool) -> list:
+    """The augmentations added after crop and flip, from `ns`: torchvision.transforms (PIL images) or
+    torchvision.transforms.v2 (uint8 tensors), which name them alike."""
+    ops: list[Any] = []
+    if vflip:
+        ops.append(ns.RandomVerticalFlip())
+    if rotate:
+        ops.append(ns.RandomRotation(rotate, interpolation=ns.InterpolationMode.BILINEAR))
+    if elastic:
+        ops.append(ns.RandomApply([ns.ElasticTransform(alpha=float(elastic))], p=0.5))
+    if randaugment:
+        ops.append(ns.RandAugment(num_ops=2, magnitude=9))
+    return ops
 
 
 class ShorterSide:
@@ -171,14 +179,7 @@ def build_tensor_transform(pre: Preprocessing, augment: str = "none", *, rotate:
         preset = AUGMENT_PRESETS[augment]
         store = ShorterSide(math.ceil(pre.input_size / pre.crop_pct), pre.interpolation)
         ops.append(RandomResizedCropFlip(pre.input_size, preset["scale"], preset["hflip"], pre.interpolation))
-    if vflip:
-        ops.append(v2.RandomVerticalFlip())
-    if rotate:
-        ops.append(v2.RandomRotation(rotate, interpolation=v2.InterpolationMode.BILINEAR))
-    if elastic:
-        ops.append(v2.RandomApply([v2.ElasticTransform(alpha=float(elastic))], p=0.5))
-    if preset.get("randaugment"):
-        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    ops += _extras(v2, vflip=vflip, rotate=rotate, elastic=elastic, randaugment=bool(preset.get("randaugment")))
     if preset.get("re_prob"):
         ops.append(PixelErasing(preset["re_prob"], pre.mean, pre.std))
     return store, (v2.Compose(ops) if ops else None)
