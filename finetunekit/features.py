@@ -15,7 +15,6 @@ augmented linear probes run uncached (said in the log).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import cache_key, cache_root
 from .data.order import sample_seed, split_key
 
 log = logging.getLogger("finetunekit")
@@ -36,8 +36,6 @@ VIEW_EPOCHS = 2**31  # cached views draw their augmentation as "epochs" no train
 
 
 def cache_dir() -> Path:
-    from .data import cache_root
-
     return cache_root() / "features"
 
 
@@ -135,13 +133,9 @@ class _Keyed(Dataset):
         return self.dataset[self.keys[j]]
 
 
-def key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Features for `parts` from the cache, or `compute()`d and stored; the bool says whether they were hit."""
-    path = cache_dir() / f"{key(parts)}.safetensors"
+    path = cache_dir() / f"{cache_key(parts)}.safetensors"
     if path.is_file():
         try:
             d = load_file(str(path))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,8 +16,8 @@ from .order import EpochBatches, sample_rng, split_key
 from .sources import Split, Splits, resolve_splits
 from .transforms import Preprocessing, build_transform
 
-__all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_root", "default_workers",
-           "load_rgb", "make_loader", "resolve_splits", "to_rgb"]
+__all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_key", "cache_root",
+           "default_workers", "load_rgb", "make_loader", "resolve_splits", "target", "to_rgb"]
 
 
 def cache_root() -> Path:
@@ -23,6 +26,17 @@ def cache_root() -> Path:
     root = os.environ.get("FINETUNEKIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetunekit")
     return Path(root)
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The name of a cache entry: a hash of everything its content depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def target(label):
+    """A sample's target: a class index as is; a multi-hot list or a number (multi-label, regression) as a
+    float32 tensor."""
+    return label if isinstance(label, int) else torch.tensor(label, dtype=torch.float32)
 
 
 class ImageDataset(Dataset):
@@ -36,10 +50,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = split_key(key)  # training keys carry a per-sample seed for the augmentation (data.order)
-        label = self.labels[i]  # a class index; a multi-hot list or a number for multi-label / regression
         with sample_rng(seed):
             x = self.transform(load_rgb(self.paths[i]))
-        return x, (label if isinstance(label, int) else torch.tensor(label, dtype=torch.float32))
+        return x, target(self.labels[i])
 
 
 def default_workers() -> int:

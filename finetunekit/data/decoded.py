@@ -15,8 +15,6 @@ estimated size within half the free disk space of the cache folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import cache_key, cache_root, target
 from .images import load_rgb
 from .order import sample_rng, split_key
 
@@ -39,9 +38,18 @@ PIXELS, INDEX = "pixels.u8", "index.npy"
 
 
 def cache_dir() -> Path:
-    from . import cache_root
-
     return cache_root() / "images"
+
+
+def entry_for(content: str, store) -> Path:
+    """Where the pixels of a split with this content hash, stored this way, are kept."""
+    from PIL import __version__ as pillow
+
+    return cache_dir() / cache_key({"format": FORMAT, "content": content, "store": repr(store), "pillow": pillow})
+
+
+def complete(entry: Path) -> bool:
+    return (entry / INDEX).is_file() and (entry / PIXELS).is_file()
 
 
 class DecodedImages(Dataset):
@@ -68,8 +76,7 @@ class DecodedImages(Dataset):
         if self.transform is not None:
             with sample_rng(seed):
                 x = self.transform(x)
-        label = self.labels[i]
-        return x, (label if isinstance(label, int) else torch.tensor(label, dtype=torch.float32))
+        return x, target(self.labels[i])
 
 
 class Normalize:
@@ -87,13 +94,6 @@ class Normalize:
         if self.scale.device != x.device:
             self.scale, self.shift = self.scale.to(x.device), self.shift.to(x.device)
         return (x * self.scale).add_(self.shift)  # the product is float32: one pass converts and scales
-
-
-def _key(content: str, store) -> str:
-    from PIL import __version__ as pillow
-
-    parts = {"format": FORMAT, "content": content, "store": repr(store), "pillow": pillow}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def estimate_bytes(paths: list[str], store, sample: int = 256) -> int:
@@ -120,8 +120,7 @@ def estimate_bytes(paths: list[str], store, sample: int = 256) -> int:
 
 
 def _decode(store, path: str) -> np.ndarray:
-    a = np.asarray(store(load_rgb(path)), dtype=np.uint8)
-    return a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)
+    return np.asarray(store(load_rgb(path)), dtype=np.uint8)  # [H, W, 3]: load_rgb gives RGB, resizing keeps it
 
 
 def build(entry: Path, paths: list[str], store, threads: int | None = None) -> int:
@@ -148,11 +147,10 @@ def build(entry: Path, paths: list[str], store, threads: int | None = None) -> i
     return offset
 
 
-def prepare(split_name: str, paths: list[str], content: str, store, *, budget: int | None) -> Path | None:
+def prepare(split_name: str, entry: Path, paths: list[str], store, *, budget: int | None) -> Path | None:
     """The cache entry for a split: found, or built when its estimated size is within `budget` bytes
     (None: no limit). None when it is not there and cannot be built (the reason is logged)."""
-    entry = cache_dir() / _key(content, store)
-    if (entry / INDEX).is_file() and (entry / PIXELS).is_file():
+    if complete(entry):
         log.info("decoded images (%s): %d read from the cache %s", split_name, len(paths), entry)
         return entry
     need = estimate_bytes(paths, store)
@@ -191,16 +189,15 @@ def decoded_datasets(datasets: dict[str, Any], contents: dict[str, str], *, mode
     train_store, train_tf = build_tensor_transform(pre, augment, rotate=rotate, elastic=elastic, vflip=vflip)
     eval_store, _ = build_tensor_transform(pre, "none")
     plan = {"train": (train_store, train_tf), "val": (eval_store, None)}
-    entries = {s: cache_dir() / _key(contents[s], plan[s][0]) for s in datasets}
-    built = all((e / INDEX).is_file() for e in entries.values())
-    if mode == "auto" and epochs < 2 and not built:
+    entries = {s: entry_for(contents[s], plan[s][0]) for s in datasets}
+    if mode == "auto" and epochs < 2 and not all(complete(e) for e in entries.values()):
         log.info("decoded images: not cached (1 epoch: each image is decoded once either way; --cache-images on "
                  "caches it for later runs)")
         return None
     budget = None if mode == "on" else free_budget()
     out = {}
     for split, ds in datasets.items():
-        entry = prepare(split, ds.paths, contents[split], plan[split][0], budget=budget)
+        entry = prepare(split, entries[split], ds.paths, plan[split][0], budget=budget)
         if entry is None:
             return None
         out[split] = DecodedImages(entry, ds.labels, plan[split][1])

@@ -91,16 +91,14 @@ def sample_rng(seed: int | None):
         yield
         return
     cpu = torch.default_generator  # torch.manual_seed would also seed every accelerator: 100x slower
-    if get_worker_info() is not None:
-        random.seed(seed)
-        cpu.manual_seed(seed)
-        yield
-        return
-    py, state = random.getstate(), cpu.get_state()
+    restore = get_worker_info() is None
+    if restore:
+        py, state = random.getstate(), cpu.get_state()
     random.seed(seed)
     cpu.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(py)
-        cpu.set_state(state)
+        if restore:
+            random.setstate(py)
+            cpu.set_state(state)
