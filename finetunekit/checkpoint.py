@@ -61,6 +61,7 @@ def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
     """Write checkpoint `root/name` atomically; returns its path."""
+    text = json.dumps(state, allow_nan=True)  # before any file: a value JSON cannot hold leaves nothing behind
     root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f".tmp-{name}", root / name
     if tmp.exists():
@@ -68,7 +69,7 @@ def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], st
     tmp.mkdir()
     for filename, d in tensors.items():
         save_file(_tensors(d), str(tmp / filename))
-    (tmp / "state.json").write_text(json.dumps(state, allow_nan=True), encoding="utf-8")
+    (tmp / "state.json").write_text(text, encoding="utf-8")
     faults.point("checkpoint-write")  # a crash here leaves a folder with no manifest: incomplete
     files = sorted(p.name for p in tmp.iterdir())
     for f in files:
@@ -127,7 +128,9 @@ def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]
 # ---- pieces of state -------------------------------------------------------------------------------------
 
 def optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state dict as tensors (safetensors) plus everything else (JSON)."""
+    """An optimizer's state dict as tensors (safetensors) plus everything else (JSON). Tensors may sit in the
+    per-parameter state (moments) and in the param groups (timm's Lamb keeps its step count there): group
+    tensors are stored as `param_groups.<group>.<key>`, with their device, and put back where they were."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
@@ -136,17 +139,33 @@ def optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 tensors[f"{idx}.{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    groups, group_tensors = [], {}
+    for i, group in enumerate(sd["param_groups"]):
+        groups.append({k: v for k, v in group.items() if not torch.is_tensor(v)})
+        for key, value in group.items():
+            if torch.is_tensor(value):
+                tensors[f"{_GROUP}.{i}.{key}"] = value
+                group_tensors[f"{_GROUP}.{i}.{key}"] = str(value.device)
+    return tensors, {"param_groups": groups, "scalars": scalars, "group_tensors": group_tensors}
+
+
+_GROUP = "param_groups"  # tensor names of param-group entries; per-parameter ones start with a number
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        if idx != _GROUP:
+            state.setdefault(int(idx), {})[key] = value
     for idx, entry in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(entry)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [dict(g) for g in meta["param_groups"]]
+    for name, device in meta.get("group_tensors", {}).items():
+        _, i, key = name.split(".", 2)
+        target = torch.device(device)  # a run moved to a machine without that GPU keeps it on the CPU
+        groups[int(i)][key] = tensors[name].to(target if target.type == "cpu" or torch.cuda.is_available() else "cpu")
+    return {"state": state, "param_groups": groups}
 
 
 def rng_parts() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
