@@ -12,11 +12,13 @@ the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import faults
@@ -59,6 +62,24 @@ def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in d.items()}
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with a failed write raised as the OSError it is (safetensors reports a full
+    disk, a quota or a file-size limit as a SafetensorError "... (os error 28)")."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+# what a failed checkpoint write asks of the user before resuming
+_REMEDY = {errno.ENOSPC: "make room", errno.EDQUOT: "make room (or raise the disk quota)",
+           errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make it writable",
+           errno.EROFS: "make it writable"}
+
+
 def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
     """Write checkpoint `root/name` atomically; returns its path."""
     text = json.dumps(state, allow_nan=True)  # before any file: a value JSON cannot hold leaves nothing behind
@@ -68,7 +89,7 @@ def write(root: Path, name: str, tensors: dict[str, dict[str, torch.Tensor]], st
         shutil.rmtree(tmp)
     tmp.mkdir()
     for filename, d in tensors.items():
-        save_file(_tensors(d), str(tmp / filename))
+        save_tensors(_tensors(d), tmp / filename)
     (tmp / "state.json").write_text(text, encoding="utf-8")
     faults.point("checkpoint-write")  # a crash here leaves a folder with no manifest: incomplete
     files = sorted(p.name for p in tmp.iterdir())
@@ -270,14 +291,14 @@ class Checkpoints:
             return None
         try:
             return self._save(state, model, optimizer, scheduler, ema, steps, best)
-        except OSError as e:  # a full disk, lost permissions: the previous checkpoint is untouched
+        except OSError as e:  # a full disk, a quota, a file-size limit, lost permissions: the previous one is intact
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             last = latest(self.root.parent)
             raise TrainingStopped(
                 f"cannot write a checkpoint to {self.root} ({e.strerror or e}); the previous one, "
-                f"{last.path if last else 'none'}, is intact; make room and continue with "
-                f"`finetunekit fit --resume {self.root.parent}`") from None
+                f"{last.path if last else 'none'}, is intact; {_REMEDY.get(e.errno, 'fix that')} and continue "
+                f"with `finetunekit fit --resume {self.root.parent}`") from None
 
     def _save(self, state, model, optimizer, scheduler, ema, steps, best) -> Path:
         new = not self.steps_csv.exists()
@@ -335,5 +356,11 @@ def truncate_steps(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = lines[:1] + [x for x in lines[1:] if x.strip() and int(x.split(",", 1)[0]) <= last_step]
+    keep = lines[:1] + [x for x in lines[1:] if _step_of(x) is not None and _step_of(x) <= last_step]
     path.write_text("".join(keep), encoding="utf-8")
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a whole `step,loss` row; None for a row cut short by a failed write."""
+    step, sep, loss = row.partition(",")
+    return int(step) if sep and row.endswith("\n") and step.isdigit() and loss.strip() else None

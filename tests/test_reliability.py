@@ -89,3 +89,82 @@ def test_text_runs_with_lamb_resume_exactly(tiny_bert, tmp_path, monkeypatch):
     finetunekit.fit({"resume": str(tmp_path / "run"), "quiet": True})
     ref, resumed = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run")
     assert all(torch.equal(ref[k], resumed[k]) for k in ref), "final weights differ"
+
+
+def _limit_file_size(limit: int):
+    """For a child process: files may grow to `limit` bytes (ulimit -f), and SIGXFSZ is ignored (as Python
+    does anyway), so a write past it fails with EFBIG instead of killing the process."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return apply
+
+
+def test_a_file_size_limit_mid_run_stops_naming_the_intact_checkpoint(tiny_images, tmp_path):
+    """freeze-unfreeze: epoch 1's checkpoints hold AdamW moments for the head only; once everything trains,
+    optimizer.safetensors (808 KB) outgrows a 600 KB limit that the weights (417 KB) fit in."""
+    import subprocess
+    import sys
+
+    from finetunekit.checkpoint import problem
+
+    out = tmp_path / "run"
+    args = ["fit", "--data", str(tiny_images), "--model", "timm:test_efficientnet", "--no-pretrained",
+            "--image-size", "32", "--num-workers", "0", "--val-fraction", "0.25", "--cache-images", "off",
+            "--epochs", "2", "--batch-size", "4", "--checkpoint-every", "2", "--strategy", "freeze-unfreeze",
+            "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "finetunekit.cli", *args, "--out", str(out)], capture_output=True,
+                       text=True, timeout=300, preexec_fn=_limit_file_size(600_000))
+    previous = out / "checkpoints" / "step-00000004"  # after epoch 1 (4 updates)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert (f"cannot write a checkpoint to {out / 'checkpoints'} (File too large); the previous one, {previous}, "
+            f"is intact; raise the file-size limit (ulimit -f) and continue with `finetunekit fit --resume {out}`"
+            in r.stderr)
+    assert problem(previous) is None and not list((out / "checkpoints").glob(".tmp-*"))
+    # without the limit, the run continues from there and ends as an uninterrupted one
+    finetunekit.fit({"resume": str(out), "quiet": True})
+    assert f"resuming from {previous}" in (out / "log.txt").read_text()
+    finetunekit.fit(_recipe(tiny_images, tmp_path / "ref", strategy="freeze-unfreeze", checkpoint_every="2"))
+    ref, resumed = _final_weights(tmp_path / "ref"), _final_weights(out)
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert (out / "steps.csv").read_text() == (tmp_path / "ref" / "steps.csv").read_text()
+
+
+def test_a_disk_quota_mid_run_stops_naming_the_intact_checkpoint(tiny_images, tmp_path, monkeypatch):
+    """EDQUOT cannot be had without a quota-enabled filesystem: it is raised where a checkpoint's files are
+    written (the fault point inside the write), as the kernel would raise it."""
+    import errno
+
+    from finetunekit.checkpoint import problem
+
+    real = faults.point
+    calls = []
+
+    def point(name):
+        if name == "checkpoint-write":
+            calls.append(name)
+            if len(calls) == 2:
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        real(name)
+
+    monkeypatch.setattr(faults, "point", point)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        finetunekit.fit(_recipe(tiny_images, out, checkpoint_every="2"))
+    previous = out / "checkpoints" / "step-00000002"
+    assert str(stopped.value) == (
+        f"cannot write a checkpoint to {out / 'checkpoints'} (Disk quota exceeded); the previous one, {previous}, "
+        f"is intact; make room (or raise the disk quota) and continue with `finetunekit fit --resume {out}`")
+    assert problem(previous) is None and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_steps_row_cut_short_by_a_failed_write_is_dropped_on_resume(tmp_path):
+    from finetunekit.checkpoint import truncate_steps
+
+    steps = tmp_path / "steps.csv"
+    steps.write_text("step,loss\n1,0.5\n2,0.25\n3,0.125\n1")  # "1" is what a full disk left of "13,0.7\n"
+    truncate_steps(steps, 2)
+    assert steps.read_text() == "step,loss\n1,0.5\n2,0.25\n"
