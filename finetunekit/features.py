@@ -15,6 +15,7 @@ augmented linear probes run uncached (said in the log).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import cache_key, cache_root
+from .checkpoint import save_tensors
+from .data import cache_key, cache_root, cache_unwritable
 from .data.order import sample_seed, split_key
 
 log = logging.getLogger("finetunekit")
@@ -134,22 +136,24 @@ class _Keyed(Dataset):
 
 
 def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Features for `parts` from the cache, or `compute()`d and stored; the bool says whether they were hit."""
+    """Features for `parts` from the cache, or `compute()`d and stored (when the cache can be written: else
+    they serve this run only, said once); the bool says whether they were hit."""
     path = cache_dir() / f"{cache_key(parts)}.safetensors"
-    if path.is_file():
+    if os.path.isfile(path):  # False, not an error, under a folder that cannot be searched
         try:
             d = load_file(str(path))
             return d["features"], d["targets"], True
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed
             log.warning("feature cache %s: unreadable (%s); computing again", path, e)
     features, targets = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"features": features.contiguous(), "targets": targets.contiguous()}, str(tmp),
-              metadata={"key": json.dumps(parts, sort_keys=True, default=str)})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors({"features": features.contiguous(), "targets": targets.contiguous()}, tmp,
+                     metadata={"key": json.dumps(parts, sort_keys=True, default=str)})
+        os.replace(tmp, path)
+    except OSError as e:  # read-only, not a folder, full
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cache_unwritable("features", cache_dir(), e, "they serve this run only")
     return features, targets, False
-
-
-
-

@@ -168,3 +168,88 @@ def test_a_steps_row_cut_short_by_a_failed_write_is_dropped_on_resume(tmp_path):
     steps.write_text("step,loss\n1,0.5\n2,0.25\n3,0.125\n1")  # "1" is what a full disk left of "13,0.7\n"
     truncate_steps(steps, 2)
     assert steps.read_text() == "step,loss\n1,0.5\n2,0.25\n"
+
+
+# ---- caches that cannot be written ----
+
+def _cache_recipes(data, out):
+    """A linear probe (cached features) and a full fine-tune with the decoded-image cache on."""
+    probe = _recipe(data, f"{out}-probe", strategy="linear-probe", epochs=1)
+    probe["data"].update(augment="none", cache_features="auto")
+    decoded = _recipe(data, f"{out}-decoded", epochs=1)
+    decoded["data"]["cache_images"] = "on"
+    return probe, decoded
+
+
+def _warnings(run):
+    return [x for x in (run / "log.txt").read_text().splitlines() if "could not write the cache" in x]
+
+
+def test_a_cache_path_under_a_file_falls_back_to_no_cache(tiny_images, tmp_path, monkeypatch):
+    """A cache folder that cannot be made (NotADirectoryError: a file sits where a folder is needed): both
+    caches are skipped with one warning line, and the runs train as they would uncached."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("FINETUNEKIT_CACHE", str(tmp_path / "file" / "cache"))
+    probe, decoded = _cache_recipes(tiny_images, tmp_path / "run")
+    cache = tmp_path / "file" / "cache"
+    for recipe, line in ((probe, f"features: could not write the cache at {cache / 'features'} (Not a directory); "
+                                 f"they serve this run only"),
+                         (decoded, f"decoded images: could not write the cache at {cache / 'images'} (Not a "
+                                   f"directory); reading the files instead")):
+        run = finetunekit.fit(recipe).run_dir
+        assert [x.split(" WARNING ")[1] for x in _warnings(run)] == [f"warning: {line}"]
+    uncached = _recipe(tiny_images, tmp_path / "uncached", epochs=1)
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (tmp_path / "run-decoded",
+                                                                         finetunekit.fit(uncached).run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_dac_override():
+    """For a child process run as root: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its capability
+    bounding set (prctl PR_CAPBSET_DROP), so that after exec permission bits bind root as they bind anyone
+    (root reads and writes through them otherwise, which makes chmod useless in a test)."""
+    import ctypes
+
+    def drop():
+        if os.geteuid() == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+                libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; failing, the child's probe says so
+    return drop
+
+
+def _run_bound_by_permissions(script: str, probe: os.PathLike, env: dict[str, str]):
+    """Run Python `script` in a child bound by permission bits; skip when `probe` (a folder it should not be
+    able to write) is writable there all the same."""
+    import subprocess
+    import sys
+
+    check = f"import os, sys\ntry:\n    open(os.path.join({str(probe)!r}, 'probe'), 'w')\n    sys.exit(3)\n" \
+            f"except PermissionError:\n    pass\n"
+    r = subprocess.run([sys.executable, "-c", check + script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env}, preexec_fn=_without_dac_override())
+    if r.returncode == 3:
+        pytest.skip("cannot make permission bits bind this process (root with CAP_DAC_OVERRIDE kept)")
+    return r
+
+
+def test_read_only_caches_fall_back_to_no_cache(tiny_images, tmp_path):
+    """A read-only $FINETUNEKIT_CACHE (feature cache) and a read-only default cache (~/.cache, decoded
+    images), chmod 0555, in a child process that permission bits bind (as root: without CAP_DAC_OVERRIDE):
+    each run warns once and trains uncached."""
+    ro_cache, ro_home = tmp_path / "cache", tmp_path / "home"
+    ro_cache.mkdir(mode=0o555)
+    ro_home.mkdir(mode=0o555)
+    probe, decoded = _cache_recipes(tiny_images, tmp_path / "run")
+    script = (f"import os, finetunekit\nfinetunekit.fit({probe!r})\n"
+              f"os.environ['FINETUNEKIT_CACHE'] = ''\nos.environ.pop('XDG_CACHE_HOME', None)\n"
+              f"os.environ['HOME'] = {str(ro_home)!r}\nfinetunekit.fit({decoded!r})\n")
+    r = _run_bound_by_permissions(script, ro_cache, {"FINETUNEKIT_CACHE": str(ro_cache)})
+    assert r.returncode == 0, r.stderr
+    assert [x.split(" WARNING ")[1] for x in _warnings(tmp_path / "run-probe")] == [
+        f"warning: features: could not write the cache at {ro_cache / 'features'} (Permission denied); "
+        f"they serve this run only"]
+    assert [x.split(" WARNING ")[1] for x in _warnings(tmp_path / "run-decoded")] == [
+        f"warning: decoded images: could not write the cache at {ro_home / '.cache' / 'finetunekit' / 'images'} "
+        f"(Permission denied); reading the files instead"]
+    assert os.listdir(ro_cache) == [] and os.listdir(ro_home) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from .sources import Split, Splits, resolve_splits
 from .transforms import Preprocessing, build_transform
 
 __all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_key", "cache_root",
-           "default_workers", "load_rgb", "make_loader", "resolve_splits", "target", "to_rgb"]
+           "cache_unwritable", "default_workers", "load_rgb", "make_loader", "resolve_splits", "target", "to_rgb"]
+
+log = logging.getLogger("finetunekit")
 
 
 def cache_root() -> Path:
@@ -26,6 +29,18 @@ def cache_root() -> Path:
     root = os.environ.get("FINETUNEKIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetunekit")
     return Path(root)
+
+
+_unwritable: set[tuple[str, str]] = set()  # (cache folder, reason) already reported in this process
+
+
+def cache_unwritable(what: str, folder: Path, error: OSError, instead: str) -> None:
+    """Log, once per folder and reason in a process, that a cache cannot be written (read-only, not a
+    folder, full) and what the run does instead."""
+    reason = error.strerror or str(error)
+    if (str(folder), reason) not in _unwritable:
+        _unwritable.add((str(folder), reason))
+        log.warning("warning: %s: could not write the cache at %s (%s); %s", what, folder, reason, instead)
 
 
 def cache_key(parts: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import cache_key, cache_root, target
+from . import cache_key, cache_root, cache_unwritable, target
 from .images import load_rgb
 from .order import sample_rng, split_key
 
@@ -49,7 +49,8 @@ def entry_for(content: str, store) -> Path:
 
 
 def complete(entry: Path) -> bool:
-    return (entry / INDEX).is_file() and (entry / PIXELS).is_file()
+    # os.path.isfile: False, not an error, under a folder that cannot be searched
+    return os.path.isfile(entry / INDEX) and os.path.isfile(entry / PIXELS)
 
 
 class DecodedImages(Dataset):
@@ -140,7 +141,7 @@ def build(entry: Path, paths: list[str], store, threads: int | None = None) -> i
         try:
             os.replace(tmp, entry)
         except OSError:  # another process finished the same entry first
-            if not (entry / INDEX).is_file():
+            if not os.path.isfile(entry / INDEX):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,23 +160,27 @@ def prepare(split_name: str, entry: Path, paths: list[str], store, *, budget: in
                  "free disk space at %s)", split_name, need / 2**20, budget / 2**20, cache_dir())
         return None
     started = time.perf_counter()
-    entry.parent.mkdir(parents=True, exist_ok=True)
     try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
         written = build(entry, paths, store)
-    except OSError as e:
-        log.warning("decoded images (%s): could not write the cache at %s (%s); reading the files instead",
-                    split_name, entry.parent, e.strerror or e)
+    except OSError as e:  # read-only, not a folder, full
+        cache_unwritable("decoded images", entry.parent, e, "reading the files instead")
         return None
     log.info("decoded images (%s): %d decoded into the cache in %.1fs (%.0f MB at %s)", split_name, len(paths),
              time.perf_counter() - started, written / 2**20, entry)
     return entry
 
 
-def free_budget() -> int:
+def free_budget() -> int | None:
+    """Half the free space where the cache goes; None (no limit: a failing write says why) when it cannot
+    be measured there."""
     root = cache_dir()
-    while not root.exists():
+    while not os.path.exists(root):
         root = root.parent
-    return shutil.disk_usage(root).free // 2
+    try:
+        return shutil.disk_usage(root).free // 2
+    except OSError:
+        return None
 
 
 def decoded_datasets(datasets: dict[str, Any], contents: dict[str, str], *, mode: str, epochs: int,
