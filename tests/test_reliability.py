@@ -253,3 +253,50 @@ def test_read_only_caches_fall_back_to_no_cache(tiny_images, tmp_path):
         f"warning: decoded images: could not write the cache at {ro_home / '.cache' / 'finetunekit' / 'images'} "
         f"(Permission denied); reading the files instead"]
     assert os.listdir(ro_cache) == [] and os.listdir(ro_home) == []
+
+
+# ---- recipes ----
+
+BOMB = 'description: [&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"],\n' + "".join(
+    f"  &{c} [{','.join([f'*{p}'] * 9)}]{']' if c == 'i' else ','}\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Billion laughs: 354 bytes, nine levels of nine aliases, in a valid key (before: the error message
+    rendered 9^9 values, 3.4 GB and growing after 60 s)."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    def cap_memory():  # before the fix this test must fail, not take the machine's memory with it
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    assert len(BOMB) == 354
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "finetunekit.cli", "fit", "--config", str(bomb)], capture_output=True,
+                       text=True, timeout=20, preexec_fn=cap_memory)
+    assert time.monotonic() - started < 10
+    assert r.returncode == 2
+    assert r.stderr == (f"finetunekit: error: {bomb}, line 2: YAML aliases (*a) are not allowed in a recipe; "
+                        f"write the value out\n")
+
+
+def test_long_values_are_cut_short_in_error_messages():
+    from finetunekit.config import build_recipe
+
+    with pytest.raises(finetunekit.UserError) as e:
+        build_recipe({"train": {"optimizer": "adamw" * 2000}}, {}, source="r.yaml")
+    assert str(e.value) == ("r.yaml: train.optimizer: expected 'adamw', 'adam', 'sgd', 'nesterov', 'rmsprop', "
+                            "'lamb' or 'lars', got 'adamwadamwadamwadamwadamwadamwadamwad...amwadamwadamwadamwadamw"
+                            "adamwadamwadamw'")
+    with pytest.raises(finetunekit.UserError) as e:
+        build_recipe({"train": {"lr": [[1.0] * 1000] * 1000}}, {}, source="r.yaml")
+    assert str(e.value) == "r.yaml: train.lr: expected a valid number, got [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, " \
+                           "1.0, ...], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0..."
+    with pytest.raises(finetunekit.UserError) as e:
+        build_recipe({"train": list(range(10**6))}, {}, source="r.yaml")
+    assert str(e.value) == "r.yaml: 'train' must be a mapping of options, got [0, 1, 2, 3, 4, 5, 6, 7, ...]"
+
