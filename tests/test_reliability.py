@@ -300,3 +300,37 @@ def test_long_values_are_cut_short_in_error_messages():
         build_recipe({"train": list(range(10**6))}, {}, source="r.yaml")
     assert str(e.value) == "r.yaml: 'train' must be a mapping of options, got [0, 1, 2, 3, 4, 5, 6, 7, ...]"
 
+
+
+# ---- the data package ----
+
+CYCLE = ("splits", "sources", "tables")  # the modules of the former import cycle; the others: -m slow
+DATA_MODULES = [m if m in CYCLE else pytest.param(m, marks=pytest.mark.slow)
+                for m in ("splits", "sources", "tables", "images", "order", "text", "transforms", "decoded")]
+
+
+@pytest.mark.parametrize("module", DATA_MODULES)
+def test_each_data_module_imports_alone(module):
+    """First in a fresh interpreter (its package, finetunekit.data, comes first anyway)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"import finetunekit.data.{module}"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_no_import_cycle_between_the_readers():
+    """data.sources imports data.tables, and both import data.splits, all at the top of the module: none of
+    them imports another inside a function (the way a cycle is dodged), and nothing imports back."""
+    import ast
+
+    from conftest import ROOT
+
+    allowed = {("sources", "tables"), ("sources", "splits"), ("tables", "splits")}
+    for name in CYCLE:
+        tree = ast.parse((ROOT / "finetunekit" / "data" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in CYCLE:
+                assert node in tree.body, f"data.{name} imports data.{node.module} inside a function"
+                assert (name, node.module) in allowed, f"data.{name} imports data.{node.module}"

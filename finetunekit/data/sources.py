@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import csv
 import logging
-import random
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from .images import scan_images
+from .splits import (check_bad, class_names, class_sort_key, lookup, random_split, stratified_split,
+                     targeter)
+from .tables import guess_delimiter, parse_rows, read_table
 
 log = logging.getLogger("finetunekit")
 
@@ -51,11 +52,6 @@ class Splits:
     test: Split | None
     record: dict  # how the split was made, saved with the run
     skipped: list[tuple[str, str]]  # (path, reason) of unreadable files
-
-
-def class_sort_key(name: str) -> tuple:
-    """Natural order: '2' before '10', numbers before words."""
-    return (0, int(name), name) if re.fullmatch(r"-?[0-9]+", name) else (1, 0, name)
 
 
 def read_labeled_files(path: Path, option: str) -> LabeledFiles:
@@ -109,30 +105,6 @@ def _read_manifest(path: Path, option: str) -> LabeledFiles:
     if not paths:
         raise UserError(f"{option} {path}: the manifest has no rows")
     return LabeledFiles(paths, labels, f"{option} {path}", declared=sorted(set(labels), key=class_sort_key))
-
-
-def stratified_split(labels: list[str], fraction: float, seed: int) -> list[bool]:
-    """Mark about `fraction` of each class (at least one where a class has two or more) as held out."""
-    by_class: dict[str, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        by_class[label].append(i)
-    rng = random.Random(seed)
-    held = [False] * len(labels)
-    for label in sorted(by_class):
-        idx = by_class[label]
-        rng.shuffle(idx)
-        n = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
-        for i in idx[:n]:
-            held[i] = True
-    return held
-
-
-def random_split(n: int, fraction: float, seed: int) -> list[bool]:
-    """Mark a seeded random `fraction` of n items (at least one) as held out."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:max(1, round(n * fraction))])
-    return [i in chosen for i in range(n)]
 
 
 def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], int]:
@@ -223,13 +195,11 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
     """image-multilabel and image-regression: a table (CSV/TSV/JSONL/Parquet) with a path column and label
     column(s) read by the text-table rules (delimited names, a JSON list or 0/1 columns; a number).
     Unreadable images are skipped like bad rows; a validation split is a seeded random one."""
-    from .tables import _classes, _lookup, _targeter, guess_delimiter, read_table
-
     if path is None or path.is_dir():
         raise UserError(f"--data {path}: --task {task} reads a table (CSV, TSV, JSONL or Parquet) with a path "
                         f"column and label column(s)")
     tables = [read_table(p, opt) for p, opt in ((path, "--data"), (val, "--val"), (test, "--test")) if p]
-    have = _lookup(tables[0].columns)
+    have = lookup(tables[0].columns)
     path_col = next((have[c] for c in _PATH_COLUMNS if c in have), None)
     if path_col is None:
         raise UserError(f"{tables[0].origin}: no path column (one of {', '.join(_PATH_COLUMNS)}) among "
@@ -250,8 +220,8 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
     delimiter = label_delimiter or guess_delimiter(tables[:1], labels[0]) if task.endswith("multilabel") else ""
     read = [_image_rows(t, task, path_col, labels, delimiter, max_bad_fraction) for t in tables]
     skipped = [b for _, _, bad in read for b in bad] + _drop_checked([f for f, _, _ in read], max_bad_fraction, path)
-    classes = _classes(task, labels, [read[0][1][i] for i in read[0][0].labels], tables[0])
-    target = _targeter(task, classes, labels)
+    classes = class_names(task, labels, [read[0][1][i] for i in read[0][0].labels], tables[0])
+    target = targeter(task, classes, labels)
     splits = [Split(f.paths, [target(raw[i], t.origin) for i in f.labels]) for (f, raw, _), t in zip(read, tables)]
     train, rest = splits[0], splits[1:]
     val_split = rest.pop(0) if val else None
@@ -276,13 +246,11 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
 
 def _image_rows(t, task: str, path_col: str, labels: list[str], delimiter: str, max_bad_fraction: float):
     """(LabeledFiles whose labels are row numbers, raw label per row) of one image table."""
-    from .tables import _check_bad, _lookup, parse_rows
-
-    cols = _lookup(t.columns)
+    cols = lookup(t.columns)
     if any(c.lower() not in cols for c in [path_col] + labels):
         raise UserError(f"{t.origin}: needs the columns {[path_col] + labels} (columns here: {t.columns})")
     rows = parse_rows(t, task, [cols[path_col.lower()]], [cols[c.lower()] for c in labels], delimiter)
-    _check_bad(rows, t, max_bad_fraction)
+    check_bad(rows, t, max_bad_fraction)
     paths = [str(p if (p := Path(x[0])).is_absolute() else t.path.parent / p) for x in rows.texts]
     return LabeledFiles(paths, list(range(len(paths))), t.origin), rows.labels, rows.bad
 
@@ -300,10 +268,8 @@ def _drop_checked(sets: list[LabeledFiles], max_bad_fraction: float, where: Path
 def read_table_split(task: str, path: Path, path_column: str, label_columns: list[str], delimiter: str | None,
                      classes: list[str], max_bad_fraction: float = 0.05) -> tuple[Split, int]:
     """One image table read with a saved model's columns and classes (for evaluate): the split, skipped."""
-    from .tables import _targeter, read_table
-
     t = read_table(path, "--data")
     files, raw, bad = _image_rows(t, task, path_column, label_columns, delimiter or "|", max_bad_fraction)
     skipped = _drop_checked([files], max_bad_fraction, path)
-    target = _targeter(task, classes, label_columns)
+    target = targeter(task, classes, label_columns)
     return Split(files.paths, [target(raw[i], t.origin) for i in files.labels]), len(skipped) + len(bad)

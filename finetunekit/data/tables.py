@@ -19,13 +19,12 @@ import io
 import json
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .sources import class_sort_key, random_split, stratified_split
+from .splits import check_bad, class_names, lookup, random_split, stratified_split, targeter, task_kind
 
 log = logging.getLogger("finetunekit")
 
@@ -187,22 +186,12 @@ def _read_parquet(path: Path, option: str) -> Table:
     return Table(path, option, columns, [(i + 1, row) for i, row in enumerate(data)])
 
 
-def _kind(task: str) -> str:
-    """classification | multilabel | regression, from a task name (text-... or image-...)."""
-    return "multilabel" if task.endswith("multilabel") else "regression" if task.endswith("regression") \
-        else "classification"
-
-
 # ---- columns ----
-
-def _lookup(columns: list[str]) -> dict[str, str]:
-    return {c.lower(): c for c in columns}
-
 
 def pick_columns(table: Table, task: str, text_column: str | None, label_column: str | None
                  ) -> tuple[list[str], list[str], dict[str, str]]:
     """(text columns, label columns, how each was chosen). Names match case-insensitively."""
-    have = _lookup(table.columns)
+    have = lookup(table.columns)
 
     def named(spec: str, flag: str) -> list[str]:
         names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -216,7 +205,7 @@ def pick_columns(table: Table, task: str, text_column: str | None, label_column:
     labels: list[str] = []
     if label_column:
         labels, how["label"] = named(label_column, "--label-column"), "given"
-        if len(labels) > 1 and _kind(task) != "multilabel":
+        if len(labels) > 1 and task_kind(task) != "multilabel":
             raise UserError(f"--label-column {label_column}: several label columns are for multi-label "
                             f"tasks (--task text-multilabel or image-multilabel)")
     if text_column:
@@ -307,10 +296,10 @@ def parse_rows(table: Table, task: str, texts: list[str], labels: list[str], del
             out.bad.append((where, "not UTF-8 text"))
             continue
         raw = [row.get(c) for c in labels]
-        if _kind(task) == "classification":
+        if task_kind(task) == "classification":
             label = _class_name(raw[0])
             reason = f"empty or missing label in column {labels[0]!r}"
-        elif _kind(task) == "regression":
+        elif task_kind(task) == "regression":
             label = _number(raw[0])
             reason = f"column {labels[0]!r}: expected a finite number, got {raw[0]!r}"
         elif len(labels) > 1:
@@ -332,16 +321,6 @@ def parse_rows(table: Table, task: str, texts: list[str], labels: list[str], del
 
 # ---- splits ----
 
-def _check_bad(rows: _Rows, table: Table, max_bad_fraction: float) -> None:
-    total = len(rows.texts) + len(rows.bad)
-    if rows.bad and len(rows.bad) > max_bad_fraction * total:
-        where, reason = rows.bad[0]
-        raise UserError(f"{table.origin}: {len(rows.bad)} of {total} rows cannot be used, more than "
-                        f"--max-bad-fraction {max_bad_fraction} (first: line {where.rsplit(':', 1)[1]}: {reason})")
-    if not rows.texts:
-        raise UserError(f"{table.origin}: no usable rows")
-
-
 def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | None, *,
                         text_column: str | None, label_column: str | None, label_delimiter: str | None,
                         val_fraction: float, seed: int, max_bad_fraction: float) -> TextSplits:
@@ -351,20 +330,20 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
     texts, labels, how = pick_columns(train_t, task, text_column, label_column)
     for t in (val_t, test_t):
         if t is not None:
-            missing = [c for c in texts + labels if c.lower() not in _lookup(t.columns)]
+            missing = [c for c in texts + labels if c.lower() not in lookup(t.columns)]
             if missing:
                 raise UserError(f"{t.origin}: no column {missing[0]!r} (the training table has it; "
                                 f"columns here: {t.columns})")
     delimiter = ""
-    if _kind(task) == "multilabel" and len(labels) == 1:
+    if task_kind(task) == "multilabel" and len(labels) == 1:
         delimiter = label_delimiter or guess_delimiter([train_t], labels[0])
     tables = [t for t in (train_t, val_t, test_t) if t is not None]
     parsed = []
     for t in tables:
-        cols = _lookup(t.columns)
+        cols = lookup(t.columns)
         rows = parse_rows(t, task, [cols[c.lower()] for c in texts], [cols[c.lower()] for c in labels],
                           delimiter)
-        _check_bad(rows, t, max_bad_fraction)
+        check_bad(rows, t, max_bad_fraction)
         parsed.append(rows)
     skipped = [b for rows in parsed for b in rows.bad]
     if skipped:
@@ -378,8 +357,8 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
     val_rows = next(it) if val_t else None
     test_rows = next(it) if test_t else None
 
-    classes = _classes(task, labels, train_rows.labels, train_t)
-    targets = _targeter(task, classes, labels)
+    classes = class_names(task, labels, train_rows.labels, train_t)
+    targets = targeter(task, classes, labels)
     record: dict[str, Any] = {"task": task, "text_columns": texts, "label_columns": labels,
                               "columns_chosen": how}
     if delimiter:
@@ -393,7 +372,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
         val_split = split_of(val_rows, val_t.origin)
         record["val"] = {"from": str(val)}
     else:
-        if _kind(task) == "classification":
+        if task_kind(task) == "classification":
             held = stratified_split([str(y) for y in train.targets], val_fraction, seed)
         else:
             held = random_split(len(train), val_fraction, seed)
@@ -401,7 +380,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
                               [y for y, h in zip(train.targets, held) if h])
         train = TextSplit([x for x, h in zip(train.texts, held) if not h],
                           [y for y, h in zip(train.targets, held) if not h])
-        record["val"] = {"from": f"{'stratified ' if _kind(task) == 'classification' else ''}random split of "
+        record["val"] = {"from": f"{'stratified ' if task_kind(task) == 'classification' else ''}random split of "
                                  f"{path}", "fraction": val_fraction, "seed": seed}
     if len(train) == 0 or len(val_split) == 0:
         raise UserError(f"--data {path}: too few usable rows to hold out a validation set; pass --val")
@@ -412,58 +391,20 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
     return TextSplits(task, texts, labels, classes, train, val_split, test_split, record, skipped)
 
 
-def _classes(task: str, label_columns: list[str], labels: list, table: Table) -> list[str]:
-    if _kind(task) == "regression":
-        return []
-    if _kind(task) == "multilabel" and len(label_columns) > 1:
-        return list(label_columns)
-    if _kind(task) == "multilabel":
-        counts = Counter(name for names in labels for name in names)
-    else:
-        counts = Counter(labels)
-    classes = sorted(counts, key=class_sort_key)
-    if _kind(task) == "classification" and len(classes) < 2:
-        raise UserError(f"{table.origin}: found {len(classes)} class{'es' if not classes else ''} {classes}; "
-                        f"classification needs at least 2")
-    if _kind(task) == "multilabel" and not classes:
-        raise UserError(f"{table.origin}: no labels found in column {label_columns[0]!r}")
-    return classes
-
-
-def _targeter(task: str, classes: list[str], label_columns: list[str]):
-    index = {c: i for i, c in enumerate(classes)}
-
-    def target(label: Any, origin: str):
-        if _kind(task) == "regression" or (_kind(task) == "multilabel" and len(label_columns) > 1):
-            return label
-        names = label if _kind(task) == "multilabel" else [label]
-        unknown = [n for n in names if n not in index]
-        if unknown:
-            raise UserError(f"{origin}: label {unknown[0]!r} is not in the training data (classes: {classes})")
-        if _kind(task) == "classification":
-            return index[label]
-        hot = [0.0] * len(classes)
-        for n in names:
-            hot[index[n]] = 1.0
-        return hot
-
-    return target
-
-
 def read_labelled_texts(path: Path, task: str, text_columns: list[str], label_columns: list[str],
                         delimiter: str | None, classes: list[str], option: str = "--data",
                         max_bad_fraction: float = 0.05) -> tuple[TextSplit, list[tuple[str, str]]]:
     """A table read with a saved model's columns and labels (for evaluation): the split and skipped rows."""
     table = read_table(path, option)
-    have = _lookup(table.columns)
+    have = lookup(table.columns)
     missing = [c for c in text_columns + label_columns if c.lower() not in have]
     if missing:
         raise UserError(f"{table.origin}: no column {missing[0]!r} (the model was trained on columns "
                         f"{text_columns + label_columns}; columns here: {table.columns})")
     rows = parse_rows(table, task, [have[c.lower()] for c in text_columns],
                       [have[c.lower()] for c in label_columns], delimiter or _DELIMITERS[0])
-    _check_bad(rows, table, max_bad_fraction)
-    target = _targeter(task, classes, label_columns)
+    check_bad(rows, table, max_bad_fraction)
+    target = targeter(task, classes, label_columns)
     return TextSplit(rows.texts, [target(y, table.origin) for y in rows.labels]), rows.bad
 
 
@@ -484,7 +425,7 @@ def read_texts(path: Path, text_columns: list[str], option: str) -> list[tuple[s
                             f"table with those columns")
         return [(line.strip(),) for line in lines if line.strip()]
     table = read_table(path, option)
-    have = _lookup(table.columns)
+    have = lookup(table.columns)
     missing = [c for c in text_columns if c.lower() not in have]
     if missing:
         raise UserError(f"{table.origin}: no text column {missing[0]!r} (columns: {table.columns})")
