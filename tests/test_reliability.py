@@ -334,3 +334,59 @@ def test_no_import_cycle_between_the_readers():
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in CYCLE:
                 assert node in tree.body, f"data.{name} imports data.{node.module} inside a function"
                 assert (name, node.module) in allowed, f"data.{name} imports data.{node.module}"
+
+
+# ---- unreadable class folders ----
+
+def _class_tree(root, classes=("cat", "dog")):
+    import shutil
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for image in sorted((CIFAR / "train" / c).iterdir())[:3]:
+            shutil.copy(image, root / c / image.name)
+    return root
+
+
+def test_a_class_folder_without_read_permission_is_reported_as_unreadable(tmp_path):
+    """chmod 000 on a class folder, and on a folder inside one, read in a child process that permission bits
+    bind (as root: without CAP_DAC_OVERRIDE; root lists any folder otherwise). Before, both read as
+    "empty" (Path.rglob passes over folders it cannot list)."""
+    top, nested = _class_tree(tmp_path / "top"), _class_tree(tmp_path / "nested")
+    (nested / "dog" / "more").mkdir()
+    for locked in (top / "dog", nested / "dog" / "more"):
+        locked.chmod(0)
+    script = ("import json\nfrom pathlib import Path\nfrom finetunekit.errors import UserError\n"
+              "from finetunekit.data.sources import read_labeled_files\nout = []\n"
+              f"for root in ({str(top)!r}, {str(nested)!r}):\n"
+              "    try:\n        read_labeled_files(Path(root), '--data')\n    except UserError as e:\n"
+              "        out.append(str(e))\nprint(json.dumps(out))\n")
+    try:
+        r = _run_bound_by_permissions(script, top / "dog", {})
+    finally:
+        for locked in (top / "dog", nested / "dog" / "more"):
+            locked.chmod(0o755)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout) == [f"--data {top / 'dog'}: cannot read (permission denied)",
+                                    f"--data {nested / 'dog' / 'more'}: cannot read (permission denied)"]
+
+
+def test_class_folder_listing_is_unchanged(tmp_path):
+    """Files under sub-folders and symlinks to files count; hidden names, symlinked folders and broken links
+    do not: as Path.rglob listed them before."""
+    from finetunekit.data.sources import _files_under
+
+    root = _class_tree(tmp_path / "c", ("cat",)) / "cat"
+    (root / "a-b").mkdir()
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for p in (root / "a-b" / "x.png", root / "a" / "b" / "y.png", root / ".hidden" / "z.png", root / ".dot.png"):
+        p.write_bytes(b"x")
+    (root / "link.png").symlink_to(next(root.glob("*.jpg")))
+    (root / "dirlink").symlink_to(root / "a")
+    (root / "broken.png").symlink_to(root / "nowhere")
+    before = sorted(p for p in root.rglob("*") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    assert sorted(_files_under(root)) == before and len(before) == 6

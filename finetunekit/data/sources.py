@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,13 @@ class Splits:
 
 
 def read_labeled_files(path: Path, option: str) -> LabeledFiles:
-    if path.is_dir():
-        return _read_class_folders(path, option)
-    if path.is_file():
-        return _read_manifest(path, option)
+    try:
+        if path.is_dir():
+            return _read_class_folders(path, option)
+        if path.is_file():
+            return _read_manifest(path, option)
+    except PermissionError as e:  # a folder or manifest without read permission: never "empty"
+        raise UserError(f"{option} {e.filename or path}: cannot read (permission denied)") from None
     raise UserError(f"{option} {path}: no such file or folder")
 
 
@@ -69,13 +73,27 @@ def _read_class_folders(root: Path, option: str) -> LabeledFiles:
         raise UserError(f"{option} {root}: expected one sub-folder per class, found no sub-folders")
     paths, labels = [], []
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        files = sorted(_files_under(folder))
         if not files:
             raise UserError(f"{option} {root}: class folder '{folder.name}' is empty")
         paths += [str(p) for p in files]
         labels += [folder.name] * len(files)
     return LabeledFiles(paths, labels, f"{option} {root}", declared=[d.name for d in folders])
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """The files in `folder` and its sub-folders (symlinks to files count; hidden names and symlinked folders
+    are skipped, as Path.rglob does), which raises the PermissionError of a folder it cannot list (rglob
+    would pass over it in silence)."""
+    out = []
+    for parent, dirs, names in os.walk(folder, onerror=_raise):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [p for n in names if not n.startswith(".") and (p := Path(parent) / n).is_file()]
+    return out
 
 
 def _read_manifest(path: Path, option: str) -> LabeledFiles:
