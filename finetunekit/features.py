@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import save_tensors
-from .data import cache_key, cache_root, cache_unwritable
+from .data import cache_key, cache_root, cache_unwritable, die_with_parent
 from .data.order import sample_seed, split_key
 
 log = logging.getLogger("finetunekit")
@@ -111,7 +111,7 @@ def extract(backbone, dataset, *, views: int, seed: int, augmented: bool, device
         for view in range(views):
             keys = [(i, sample_seed(seed, VIEW_EPOCHS + view, i)) if augmented else i for i in range(len(dataset))]
             loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, num_workers=workers,
-                                generator=torch.Generator())
+                                generator=torch.Generator(), worker_init_fn=die_with_parent if workers else None)
             captured.clear()
             ys = []
             for x, y in loader:

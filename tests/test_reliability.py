@@ -390,3 +390,60 @@ def test_class_folder_listing_is_unchanged(tmp_path):
     before = sorted(p for p in root.rglob("*") if p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
     assert sorted(_files_under(root)) == before and len(before) == 6
+
+
+# ---- loader workers ----
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> start time (field 22 of /proc/<pid>/stat, to tell a reused pid) of the processes whose parent
+    is `pid`."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out[int(entry)] = fields[19]
+    return out
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and fields[19] == started  # a zombie has exited (its new parent may not reap it)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not os.uname().sysname == "Linux", reason="Linux /proc")
+def test_loader_workers_die_with_a_killed_trainer(tiny_images, tmp_path):
+    """kill -9 of the trainer while it trains: its loader workers (2 per loader) are gone within a second
+    (before: they lived on until torch's check of their parent, every 5 s)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "finetunekit.cli", "fit", "--data", str(tiny_images),
+                             "--model", "timm:test_efficientnet", "--no-pretrained", "--image-size", "32",
+                             "--epochs", "1000", "--batch-size", "4", "--num-workers", "2", "--cache-images", "off",
+                             "--out", str(tmp_path / "run"), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+        time.sleep(0.5)  # well into training (the workers persist from epoch to epoch)
+        workers = _children(proc.pid)  # the training loader's 2, and the validation loader's once it ran
+        assert proc.poll() is None and len(workers) >= 2
+        proc.kill()
+        proc.wait()
+        time.sleep(1.0)
+        assert [pid for pid, started in workers.items() if _alive(pid, started)] == []
+    finally:
+        proc.kill()
+        for pid, started in workers.items():  # what the fix should have done, lest a failure leave them
+            if _alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
