@@ -19,6 +19,16 @@ from conftest import CIFAR, write_manifest
 from test_text import tiny_bert, write_sentiment  # noqa: F401 - a fixture and a data writer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs here are tiny: one intra-op thread is as fast, and spares them OpenMP's spinning
+    when the cores are shared (30x slower at times). The other modules get torch's setting back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_images(tmp_path_factory):
     """24 real CIFAR images of 2 classes (a manifest): 18 train, 6 held out."""
@@ -116,7 +126,8 @@ def test_a_file_size_limit_mid_run_stops_naming_the_intact_checkpoint(tiny_image
             "--epochs", "2", "--batch-size", "4", "--checkpoint-every", "2", "--strategy", "freeze-unfreeze",
             "--quiet"]
     r = subprocess.run([sys.executable, "-m", "finetunekit.cli", *args, "--out", str(out)], capture_output=True,
-                       text=True, timeout=300, preexec_fn=_limit_file_size(600_000))
+                       text=True, timeout=300, preexec_fn=_limit_file_size(600_000),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # as here (one_thread): the same sums
     previous = out / "checkpoints" / "step-00000004"  # after epoch 1 (4 updates)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
@@ -227,7 +238,7 @@ def _run_bound_by_permissions(script: str, probe: os.PathLike, env: dict[str, st
     check = f"import os, sys\ntry:\n    open(os.path.join({str(probe)!r}, 'probe'), 'w')\n    sys.exit(3)\n" \
             f"except PermissionError:\n    pass\n"
     r = subprocess.run([sys.executable, "-c", check + script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **env}, preexec_fn=_without_dac_override())
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **env}, preexec_fn=_without_dac_override())
     if r.returncode == 3:
         pytest.skip("cannot make permission bits bind this process (root with CAP_DAC_OVERRIDE kept)")
     return r
@@ -429,7 +440,8 @@ def test_loader_workers_die_with_a_killed_trainer(tiny_images, tmp_path):
                              "--model", "timm:test_efficientnet", "--no-pretrained", "--image-size", "32",
                              "--epochs", "1000", "--batch-size", "4", "--num-workers", "2", "--cache-images", "off",
                              "--out", str(tmp_path / "run"), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
         while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:

@@ -22,7 +22,8 @@ from .sources import Split, Splits, resolve_splits
 from .transforms import Preprocessing, build_transform
 
 __all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_key", "cache_root",
-           "cache_unwritable", "default_workers", "die_with_parent", "load_rgb", "make_loader", "resolve_splits", "target", "to_rgb"]
+           "cache_unwritable", "default_workers", "die_with_parent", "load_rgb", "make_loader", "resolve_splits",
+           "target", "to_rgb"]
 
 log = logging.getLogger("finetunekit")
 
