@@ -237,7 +237,7 @@ def run(argv: list[str]) -> int:
         return 0
     if args.command == "fit":
         recipe = recipe_from_args(args, dests)  # validated before torch loads
-        from .pipeline import fit
+        from .run import fit
 
         result = fit(recipe)
         print(f"run: {result.run_dir}")
@@ -245,18 +245,19 @@ def run(argv: list[str]) -> int:
     if args.command == "lr-find":
         recipe = recipe_from_args(args, dests)
         from .lr_find import lr_range_test
-        from .pipeline import _RunLog, _default_out
+        from .run import default_out
+        from .runlog import RunLog
 
-        out = recipe.out or _default_out("lr-find-" + recipe.model_name)
+        out = recipe.out or default_out("lr-find-" + recipe.model_name)
         if (out / "lr_find.csv").exists() and not recipe.overwrite:
             raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
-        with _RunLog(None, recipe.quiet):
+        with RunLog(None, recipe.quiet):
             result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
         print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
               f"plot: {out / 'lr_find.svg'})")
         return 0
     if args.command == "evaluate":
-        from .pipeline import evaluate
+        from .run import evaluate
 
         metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
         _print_metrics(metrics)

@@ -187,6 +187,9 @@ class TrainConfig(_Section):
                               "gradient", ge=1)
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+    grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass instead of "
+                                    "keeping them: less memory, about a third more compute (timm and "
+                                    "transformers models)")
     compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
                          "if compiling fails, the log says why and training goes on without it")
 

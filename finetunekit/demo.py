@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .data.sources import stratified_split
-from .pipeline import fit
+from .run import fit
 from .rundir import is_run
 
 DEMO_RECIPE = {

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from .data import build_transform, load_rgb, to_rgb
 from .errors import UserError
-from .loop import forward
+from .addons.tta import with_tta
+from .tasks import logits_of
 from .models import Backbone
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -30,7 +31,7 @@ class FineTunedModel:
 
     def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
         self.backbone, self.task, self.folder = backbone, task, folder
-        self.tta = tta  # images: test-time augmentation used in training's validation (loop.tta_views)
+        self.tta = tta  # images: test-time augmentation used in training's validation (addons.tta)
         self.device = torch.device("cpu")
 
     @property
@@ -40,6 +41,10 @@ class FineTunedModel:
     @property
     def module(self) -> torch.nn.Module:
         return self.backbone.module
+
+    def eval_module(self, module: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The module to score with (this model's, or `module`): wrapped for test-time augmentation if any."""
+        return with_tta(self.module if module is None else module, self.tta)
 
     def to(self, device: str | torch.device) -> FineTunedModel:
         self.device = torch.device(device)
@@ -83,7 +88,7 @@ class ImageModel(FineTunedModel):
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self.transform(self._image(im)) for im in images[i:i + batch_size]])
-            out.append(forward(self.module, x.to(self.device), self.tta).float().cpu())
+            out.append(logits_of(self.eval_module(), x.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.task.num_outputs)
 
     def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:
