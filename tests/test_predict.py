@@ -1,0 +1,106 @@
+"""`finetunekit predict` and `evaluate` on a tiny saved model (timm's test_efficientnet, 2 classes, 32 px):
+unreadable inputs, --top-k beyond the classes, bad --batch-size, empty folders, the CLI's wording, and
+evaluate's exact metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from finetunekit import UserError
+from finetunekit.cli import main, run
+
+from conftest import CIFAR, write_manifest
+
+CLASSES = ["cat", "dog"]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in this process, as `finetunekit ARGS` runs it: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """`finetunekit fit` of a 2-class test_efficientnet: 16 CIFAR images, 2 epochs (the head, then all)."""
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not found (the shared datasets sit beside the repo)")
+    d = tmp_path_factory.mktemp("tiny")
+    train = write_manifest(d / "train.csv", CIFAR / "train", 8, CLASSES)
+    test = write_manifest(d / "test.csv", CIFAR / "test", 3, CLASSES)
+    code, out, err = cli("fit", "--data", str(train), "--test", str(test), "--model", "timm:test_efficientnet",
+                         "--no-pretrained", "--image-size", "32", "--augment", "none", "--num-workers", "0",
+                         "--strategy", "freeze-unfreeze", "--epochs", "2", "--head-epochs", "1",
+                         "--batch-size", "4", "--lr", "0.01", "--seed", "0", "--out", str(d / "run"), "--quiet")
+    assert code == 0, err
+    images = d / "images"
+    images.mkdir()
+    for name in ("0000.jpg", "0001.jpg"):
+        shutil.copy(CIFAR / "test" / "cat" / name, images / f"cat-{name}")
+    shutil.copy(CIFAR / "test" / "dog" / "0000.jpg", images / "dog-0000.jpg")
+    return {"run": d / "run", "train": train, "test": test, "images": images, "fit_out": out, "fit_err": err}
+
+
+def _broken(folder: Path, name: str = "broken.jpg") -> Path:
+    path = folder / name
+    path.write_text("not a picture")
+    return path
+
+
+# 7. evaluate: pinned metrics of the tiny model (evaluate must give these whatever runs it)
+
+PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]], "samples": 6,
+          "per_class": {"cat": {"precision": 0.0, "recall": 0.0, "f1": 0.0},
+                        "dog": {"precision": 0.4000000059604645, "recall": 0.6666666865348816, "f1": 0.5}}}
+PINNED_LOSS = 0.6952621936798096
+PRINTED = ["accuracy 0.3333  macro_f1 0.2500  loss 0.6953  samples 6", "class  precision  recall      f1",
+           "cat     0.0000  0.0000  0.0000", "dog     0.4000  0.6667  0.5000"]
+
+
+@pytest.mark.parametrize("batch_size", ["4", "64"])
+def test_evaluate_gives_pinned_metrics_equal_to_the_fit_test_metrics(tiny, tmp_path, batch_size):
+    saved = json.loads((tiny["run"] / "metrics.json").read_text())["test"]
+    code, out, err = cli("evaluate", str(tiny["run"]), "--data", str(tiny["test"]), "--output",
+                         str(tmp_path / "e.json"), "--batch-size", batch_size)
+    assert code == 0, err
+    assert out.splitlines() == PRINTED
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert {k: metrics[k] for k in PINNED} == PINNED
+    assert metrics["loss"] == pytest.approx(PINNED_LOSS, rel=1e-6, abs=0)
+    assert {k: metrics[k] for k in saved if k != "loss"} == {k: saved[k] for k in saved if k != "loss"}
+    assert metrics["loss"] == pytest.approx(saved["loss"], rel=1e-6, abs=0)
+    assert metrics["skipped"] == 0
+
+
+def test_evaluate_skips_and_counts_unreadable_files(tiny, tmp_path):
+    import finetunekit
+
+    manifest = tmp_path / "test.csv"
+    bad = _broken(tmp_path)
+    manifest.write_text(tiny["test"].read_text() + f"{bad},cat\n")
+    metrics = finetunekit.evaluate(tiny["run"], manifest, batch_size=4)
+    assert metrics["skipped"] == 1
+    assert {k: metrics[k] for k in PINNED} == PINNED
+    assert metrics["loss"] == pytest.approx(PINNED_LOSS, rel=1e-6, abs=0)
+
+
+def test_predict_scores_are_pinned(tiny):
+    code, out, err = cli("predict", str(tiny["run"]), str(tiny["images"]), "--format", "json", "--top-k", "2")
+    preds = json.loads(out)
+    assert [(Path(p["path"]).name, p["label"]) for p in preds] == [
+        ("cat-0000.jpg", "dog"), ("cat-0001.jpg", "dog"), ("dog-0000.jpg", "dog")]
+    assert [p["top_k"][1]["label"] for p in preds] == ["cat"] * 3
+    assert [p["score"] for p in preds] == pytest.approx([0.519071638584137, 0.5171774625778198, 0.5367326140403748],
+                                                        rel=1e-6, abs=0)
