@@ -221,6 +221,11 @@ def _print_metrics(metrics: dict) -> None:
             print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
 
 
+def _at_least_1(value: int, flag: str) -> None:
+    if value < 1:
+        raise UserError(f"{flag}: expected a value >= 1, got {value}")
+
+
 def run(argv: list[str]) -> int:
     parser, dests = _build_parser()
     args = _parse(parser, argv)
@@ -254,6 +259,7 @@ def run(argv: list[str]) -> int:
               f"plot: {out / 'lr_find.svg'})")
         return 0
     if args.command == "evaluate":
+        _at_least_1(args.batch_size, "--batch-size")
         from .pipeline import evaluate
 
         metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
@@ -262,8 +268,8 @@ def run(argv: list[str]) -> int:
             Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         return 0
     if args.command == "predict":
-        if args.top_k < 1:
-            raise UserError(f"--top-k: expected a value >= 1, got {args.top_k}")
+        _at_least_1(args.top_k, "--top-k")
+        _at_least_1(args.batch_size, "--batch-size")
         if not args.inputs and not args.text:
             raise UserError("finetunekit predict: give input files or folders, or --text TEXT")
         from .artifacts import load

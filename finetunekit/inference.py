@@ -55,6 +55,7 @@ class FineTunedModel:
 
     def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1) -> list[dict]:
         """One dict per input: the task's prediction (label/score/top_k, labels/scores, or value)."""
+        check_batch_size(batch_size)
         items, extras = self._inputs(inputs)
         results = self.task.predict(self.logits(items, batch_size), top_k=top_k)
         return [{**extra, **r} for extra, r in zip(extras, results)]
@@ -91,6 +92,7 @@ class ImageModel(FineTunedModel):
         return items, [{"path": str(i)} if isinstance(i, (str, os.PathLike)) else {} for i in items]
 
     def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        check_batch_size(batch_size)
         from .data import ImageDataset, default_workers, make_loader
         from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
@@ -107,6 +109,11 @@ class ImageModel(FineTunedModel):
         split = labeled_split(files, self.classes, "the model's classes")
         return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
                            workers=default_workers(), seed=0), len(skipped)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
 
 
 def expand_inputs(images: Any) -> list[Any]:
@@ -177,6 +184,7 @@ class TextModel(FineTunedModel):
         return texts, extras
 
     def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        check_batch_size(batch_size)
         from .data.tables import read_labelled_texts
         from .data.text import PadCollate, TextDataset, make_text_loader
 

@@ -59,6 +59,27 @@ def _broken(folder: Path, name: str = "broken.jpg") -> Path:
     return path
 
 
+# 3. --batch-size must be positive, checked before the model loads
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_batch_size_below_1_is_one_line_before_loading(command, value, tmp_path):
+    extra = ["x.jpg"] if command == "predict" else ["--data", str(tmp_path)]
+    with pytest.raises(UserError) as e:  # /no/run: had the model loaded first, this would be the error
+        run([command, "/no/run", *extra, "--batch-size", value])
+    assert str(e.value) == f"--batch-size: expected a value >= 1, got {value}"
+
+
+def test_batch_size_below_1_from_python(tiny, tmp_path):
+    import finetunekit
+
+    model = finetunekit.load(tiny["run"])
+    with pytest.raises(UserError, match="batch_size: expected a value >= 1, got 0"):
+        model.predict(tiny["images"], batch_size=0)
+    with pytest.raises(UserError, match="batch_size: expected a value >= 1, got -1"):
+        finetunekit.evaluate(tiny["run"], tiny["test"], batch_size=-1)
+
+
 # 7. evaluate: pinned metrics of the tiny model (evaluate must give these whatever runs it)
 
 PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]], "samples": 6,
