@@ -59,6 +59,71 @@ def _broken(folder: Path, name: str = "broken.jpg") -> Path:
     return path
 
 
+# 1. unreadable images: skipped, reported, in the output; --strict fails instead
+
+def test_predict_skips_unreadable_images_and_lists_them(tiny, tmp_path):
+    good = sorted(str(p) for p in tiny["images"].iterdir())
+    bad = _broken(tmp_path)
+    trunc = tmp_path / "truncated.jpg"
+    trunc.write_bytes(Path(good[0]).read_bytes()[:300])
+    code, out, err = cli("predict", str(tiny["run"]), good[0], str(bad), str(tiny["images"]), str(trunc),
+                         "--format", "csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["path"] for r in rows] == [good[0], str(bad), *good, str(trunc)]  # one row per input, in order
+    assert [bool(r["error"]) for r in rows] == [False, True, False, False, False, True]
+    assert rows[1]["label"] == rows[1]["score"] == ""
+    assert rows[1]["error"].startswith("cannot read as an image (UnidentifiedImageError")
+    assert rows[5]["error"].startswith("cannot read as an image (OSError")
+    assert all(r["label"] in CLASSES for r in rows if not r["error"])
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"warning: {bad}: cannot read as an image (UnidentifiedImageError")
+    assert lines[1].startswith(f"warning: {trunc}: cannot read as an image (OSError")
+    assert lines[2] == "warning: 2 of 6 images could not be read and were skipped (their rows carry the error; " \
+                       "--strict fails instead)"
+    assert len(lines) == 3
+    # the images that read score exactly as they do without the broken ones in their batch
+    code, alone, _ = cli("predict", str(tiny["run"]), good[0], str(tiny["images"]), "--format", "csv")
+    assert [r for r in csv.DictReader(io.StringIO(alone))] == [r for r in rows if not r["error"]]
+
+    code, out, err = cli("predict", str(tiny["run"]), good[0], str(bad), "--format", "json")
+    preds = json.loads(out)
+    assert code == 0 and len(preds) == 2 and preds[1]["path"] == str(bad) and set(preds[1]) == {"path", "error"}
+    assert preds[0]["label"] in CLASSES and "error" not in preds[0]
+    code, out, err = cli("predict", str(tiny["run"]), good[0], str(bad))
+    assert out.splitlines()[0].split() == ["path", "label", "score", "error"]
+    assert out.splitlines()[2].split()[:4] == [str(bad), "cannot", "read", "as"]
+
+
+def test_predict_strict_fails_on_the_first_unreadable_image(tiny, tmp_path):
+    bad = _broken(tmp_path)
+    code, out, err = cli("predict", str(tiny["run"]), str(tiny["images"]), str(bad), "--strict")
+    assert code == 2 and out == ""
+    assert err.startswith(f"finetunekit: error: {bad}: cannot read as an image (UnidentifiedImageError")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_predict_with_no_readable_image_exits_1(tiny, tmp_path):
+    bad = _broken(tmp_path)
+    code, out, err = cli("predict", str(tiny["run"]), str(bad), "--format", "csv")
+    assert code == 1
+    assert list(csv.DictReader(io.StringIO(out)))[0]["path"] == str(bad)
+    assert err.strip().splitlines()[-1] == "finetunekit: error: none of the 1 images could be read"
+
+
+def test_the_python_api_raises_by_default_and_skips_on_request(tiny, tmp_path):
+    import finetunekit
+
+    model = finetunekit.load(tiny["run"])
+    bad = _broken(tmp_path)
+    with pytest.raises(UserError, match=f"{bad}: cannot read as an image"):
+        model.predict([bad])
+    preds = model.predict([tiny["images"], bad], errors="skip")
+    assert len(preds) == 4 and preds[3]["error"].startswith("cannot read as an image")
+    with pytest.raises(ValueError, match="errors"):
+        model.predict([bad], errors="ignore")
+
+
 # 3. --batch-size must be positive, checked before the model loads
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
