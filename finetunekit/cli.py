@@ -291,20 +291,24 @@ def run(argv: list[str]) -> int:
         is_text = hasattr(model, "tokenizer")
         if args.text and not is_text:
             raise UserError("--text: this is an image model; pass image files or folders")
+        kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
+            else "label"
+        top_k = args.top_k
+        if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
+            top_k = len(model.classes)
+            print(f"warning: --top-k {args.top_k}: the model has {top_k} classes; showing {top_k}", file=sys.stderr)
         if is_text:
             texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
-            preds = model.predict(texts, batch_size=args.batch_size, top_k=args.top_k) if texts else []
+            preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k) if texts else []
             for item in args.inputs:
-                preds += model.predict(Path(item), batch_size=args.batch_size, top_k=args.top_k)
+                preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
         else:
-            preds = model.predict(args.inputs, batch_size=args.batch_size, top_k=args.top_k,
+            preds = model.predict(args.inputs, batch_size=args.batch_size, top_k=top_k,
                                   errors="raise" if args.strict else "skip")
         failed = [p for p in preds if "error" in p]
         for p in failed:
             print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)
-        kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
-            else "label"
-        _write(_format_predictions(preds, args.format, args.top_k, "text" if is_text else "path", kind), args.output)
+        _write(_format_predictions(preds, args.format, top_k, "text" if is_text else "path", kind), args.output)
         if failed and len(failed) == len(preds):
             print(f"finetunekit: error: none of the {len(preds)} images could be read", file=sys.stderr)
             return 1

@@ -124,6 +124,39 @@ def test_the_python_api_raises_by_default_and_skips_on_request(tiny, tmp_path):
         model.predict([bad], errors="ignore")
 
 
+# 2. --top-k beyond the number of classes
+
+@pytest.mark.parametrize("fmt", ["csv", "table", "json"])
+def test_top_k_is_clamped_to_the_classes(tiny, fmt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table aligns cells of up to 60 characters
+    shutil.copytree(tiny["images"], "images")
+    _broken(Path("."))
+    code, out, err = cli("predict", str(tiny["run"]), "images", "broken.jpg", "--top-k", "3", "--format", fmt)
+    assert code == 0, err
+    assert err.splitlines()[0] == "warning: --top-k 3: the model has 2 classes; showing 2"
+    if fmt == "json":
+        preds = json.loads(out)
+        assert [len(p["top_k"]) for p in preds[:3]] == [2, 2, 2] and "top_k" not in preds[3]
+        return
+    if fmt == "csv":
+        rows = list(csv.reader(io.StringIO(out)))
+    else:
+        lines = out.splitlines()  # cells read at the header's column offsets: the table is aligned
+        starts = [lines[0].index(c) for c in lines[0].split()] + [None]
+        rows = [[line[a:b].strip() for a, b in zip(starts, starts[1:])] for line in lines]
+        assert rows[-1][1:5] == ["", "", "", ""] and rows[-1][5].startswith("cannot read as an image")
+    assert rows[0] == ["path", "label", "score", "label2", "score2", "error"]
+    assert all(len(r) == 6 for r in rows), rows  # rectangular
+    assert all({r[1], r[3]} == set(CLASSES) for r in rows[1:4])
+    assert all(float(r[2]) >= float(r[4]) for r in rows[1:4])
+
+
+def test_top_k_equal_to_the_classes_gives_no_warning(tiny):
+    code, out, err = cli("predict", str(tiny["run"]), str(tiny["images"]), "--top-k", "2", "--format", "csv")
+    assert code == 0 and err == ""
+    assert out.splitlines()[0] == "path,label,score,label2,score2,error"
+
+
 # 3. --batch-size must be positive, checked before the model loads
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
