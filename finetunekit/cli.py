@@ -303,8 +303,16 @@ def run(argv: list[str]) -> int:
             for item in args.inputs:
                 preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
         else:
-            preds = model.predict(args.inputs, batch_size=args.batch_size, top_k=top_k,
-                                  errors="raise" if args.strict else "skip")
+            from .inference import expand_inputs, no_images
+
+            found = {item: expand_inputs(item) for item in args.inputs}
+            empty = [item for item, files in found.items() if not files]  # folders without image files
+            if len(empty) == len(found):
+                raise UserError(no_images(", ".join(empty)))
+            for item in empty:
+                print(f"warning: {no_images(item)}", file=sys.stderr)
+            preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
+                                  top_k=top_k, errors="raise" if args.strict else "skip")
         failed = [p for p in preds if "error" in p]
         for p in failed:
             print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)

@@ -21,7 +21,7 @@ from .errors import UserError
 from .loop import forward
 from .models import Backbone
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".parquet"}
 
 
@@ -145,6 +145,10 @@ class ImageModel(FineTunedModel):
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
+
+
+def no_images(where: str) -> str:
+    return f"{where}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
 
 
 def expand_inputs(images: Any) -> list[Any]:

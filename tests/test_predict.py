@@ -178,6 +178,28 @@ def test_batch_size_below_1_from_python(tiny, tmp_path):
         finetunekit.evaluate(tiny["run"], tiny["test"], batch_size=-1)
 
 
+# 4. folders without images
+
+def test_predict_on_an_empty_folder_is_an_error(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    code, out, err = cli("predict", str(tiny["run"]), str(empty))
+    assert code == 2 and out == ""
+    assert err == (f"finetunekit: error: {empty}: no images found (looked for .jpg, .jpeg, .png, .bmp, .gif, .tif, "
+                   f".tiff, .webp, .ppm, .pgm, .pbm)\n")
+
+
+def test_an_empty_folder_beside_images_is_a_warning(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = cli("predict", str(tiny["run"]), str(empty), str(tiny["images"]), "--format", "csv")
+    assert code == 0
+    assert err.startswith(f"warning: {empty}: no images found (looked for .jpg, .jpeg, .png")
+    assert len(err.splitlines()) == 1
+    assert len(list(csv.DictReader(io.StringIO(out)))) == 3
+
+
 # 7. evaluate: pinned metrics of the tiny model (evaluate must give these whatever runs it)
 
 PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]], "samples": 6,
