@@ -25,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        # main() prints "finetunekit: error: "; a subcommand's own errors name it: "predict: ..."
+        command = self.prog.removeprefix("finetunekit").strip()
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _metavar(annotation: Any) -> str | None:
@@ -120,10 +122,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
         flags = [s for a in (sub or parser)._actions for s in a.option_strings]
         word = next((u for u in unknown if u.startswith("-")), unknown[0])
-        where = f"finetunekit {command}".strip()
+        where = f"{command}: " if command else ""
         if not word.startswith("-"):
-            raise UserError(f"{where}: unexpected argument {word} (inputs go before the options)")
-        raise UserError(f"{where}: unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
+            raise UserError(f"{where}unexpected argument {word} (inputs go before the options)")
+        raise UserError(f"{where}unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
     return args
 
 
@@ -247,8 +249,7 @@ def run(argv: list[str]) -> int:
         recipe = recipe_from_args(args, dests)  # validated before torch loads
         from .pipeline import fit
 
-        result = fit(recipe)
-        print(f"run: {result.run_dir}")
+        fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
         return 0
     if args.command == "lr-find":
         recipe = recipe_from_args(args, dests)
@@ -276,7 +277,7 @@ def run(argv: list[str]) -> int:
         _at_least_1(args.top_k, "--top-k")
         _at_least_1(args.batch_size, "--batch-size")
         if not args.inputs and not args.text:
-            raise UserError("finetunekit predict: give input files or folders, or --text TEXT")
+            raise UserError("predict: give input files or folders, or --text TEXT")
         from .artifacts import load
         from .tasks import MultiLabel, Regression
 

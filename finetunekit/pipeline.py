@@ -296,7 +296,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
     monitor = task.default_monitor if t.metric == "auto" else t.metric
     from . import checkpoint
-    from .strategies import Phase, Plan
+    from .strategies import Phase, Plan, plural
 
     data_hash, split_hashes, leaked = checkpoint.content_hash(inputs.sources)
     if leaked:
@@ -362,8 +362,9 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
              frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)
     extras = (f", layer decay {t.layer_decay:g}" if t.layer_decay else "") + \
         (f", head lr x{t.head_lr_mult:g}" if t.head_lr_mult != 1.0 else "")
-    log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %g epochs + %s decay; "
-             "%d updates/epoch", t.optimizer, lr, effective_batch, t.weight_decay, extras, warmup, kind, updates_per_epoch)
+    log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %s + %s decay; %s/epoch",
+             t.optimizer, lr, effective_batch, t.weight_decay, extras, plural(warmup, "epoch"), kind,
+             plural(updates_per_epoch, "update"))
 
     model_dir = out / "model"
 

@@ -57,6 +57,11 @@ class Plan:
         return [p for p in self.phases if p.start_epoch <= epoch][-1]
 
 
+def plural(n: float, word: str) -> str:
+    """'1 epoch', '2 epochs', '0.5 epochs'."""
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
 def _is_norm_param(module: nn.Module, name: str) -> bool:
     owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
     return isinstance(owner, _NORMS) or type(owner).__name__.lower().endswith(("norm", "layernorm", "rmsnorm"))
@@ -114,7 +119,7 @@ def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: in
         k = head_epochs if head_epochs is not None else (1 if strategy == "freeze-unfreeze" else max(1, epochs // 2))
         if k >= epochs:
             raise UserError(f"--head-epochs {k}: must be less than --epochs {epochs} for --strategy {strategy}")
-        return Plan(strategy, [phase(0, head, HEAD_PHASE_LR_MULT, f"head only ({k} epochs)"),
+        return Plan(strategy, [phase(0, head, HEAD_PHASE_LR_MULT, f"head only ({plural(k, 'epoch')})"),
                                phase(k, everything, 1.0, "all parameters")])
     # gradual: head first, then one more group (top down) every `unfreeze_every` epochs
     body = [g for g in groups if not g.is_head]
@@ -126,7 +131,8 @@ def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: in
             g: Group = body.pop()
             names = names | set(g.params)
         phases.append(phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
-                            "head only" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
+                            "head only" if i == 0 else
+                            f"head + the top {'group' if i == 1 else f'{i} groups'} (down to {g.name})"))
     return Plan(strategy, phases)
 
 

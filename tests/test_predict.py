@@ -200,6 +200,53 @@ def test_an_empty_folder_beside_images_is_a_warning(tiny, tmp_path):
     assert len(list(csv.DictReader(io.StringIO(out)))) == 3
 
 
+# 6. wording
+
+@pytest.mark.parametrize("args, expected", [
+    (["bogus"], "finetunekit: error: argument COMMAND: invalid choice: 'bogus' (choose from"),
+    (["predict"], "finetunekit: error: predict: the following arguments are required: RUN"),
+    (["fit", "--epoch", "3"], "finetunekit: error: fit: unknown option --epoch (did you mean '--epochs'?)"),
+    (["predict", "run"], "finetunekit: error: predict: give input files or folders, or --text TEXT"),
+    (["predict", "run", "x.jpg", "--top-k", "many"], "finetunekit: error: predict: argument --top-k: invalid int "
+                                                     "value: 'many'"),
+])
+def test_errors_have_one_prefix(args, expected):
+    code, out, err = cli(*args)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(expected), err
+    assert err.count("finetunekit") == 1
+
+
+def test_fit_says_where_the_run_is_once(tiny):
+    said = (tiny["fit_out"] + tiny["fit_err"]).count(f"run: {tiny['run']}")
+    assert said == 1, tiny["fit_out"] + tiny["fit_err"]
+    assert tiny["fit_err"].splitlines()[-1].endswith(f"; run: {tiny['run']}")  # --quiet still says it
+
+
+def test_phase_changes_read_as_english(tiny):
+    log = (tiny["run"] / "log.txt").read_text()
+    assert "epoch 1: training head only (1 epoch); 2 tensors, lr x10" in log
+    assert "epoch 2: training all parameters; 49 tensors, lr x1" in log and " trains (" not in log
+
+
+def test_epoch_counts_are_singular_or_plural():
+    from finetunekit.inspection import describe
+    from finetunekit.models import create_backbone
+    from finetunekit.strategies import make_plan, plural
+
+    assert [plural(n, "epoch") for n in (1, 2, 0.5, 1.0)] == ["1 epoch", "2 epochs", "0.5 epochs", "1 epoch"]
+
+    backbone = create_backbone("timm:test_efficientnet", 2, pretrained=False)
+    plan = make_plan("freeze-unfreeze", backbone, 3, head_epochs=1)
+    assert plan.phases[0].description == "head only (1 epoch)"
+    assert make_plan("lp-ft", backbone, 5, head_epochs=2).phases[0].description == "head only (2 epochs)"
+    gradual = [p.description for p in make_plan("gradual", backbone, 3).phases]
+    assert gradual[1].startswith("head + the top group (down to ") and \
+        gradual[2].startswith("head + the top 2 groups (down to ")
+    assert "trains from (full, 1 epoch)" in describe("timm:test_efficientnet", epochs=1)
+    assert "trains from (full, 3 epochs)" in describe("timm:test_efficientnet", epochs=3)
+
+
 # 7. evaluate: pinned metrics of the tiny model (evaluate must give these whatever runs it)
 
 PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]], "samples": 6,
