@@ -147,7 +147,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             apply_phase(phase, inner, optimizer)
             params = [p for p in module.parameters() if p.requires_grad]
             if epoch > 0 or len(cfg.plan.phases) > 1:
-                log.info("epoch %d: training %s (%d tensors, lr x%g)", epoch + 1, phase.description, len(params),
+                log.info("epoch %d: training %s; %d tensors, lr x%g", epoch + 1, phase.description, len(params),
                          phase.lr_mult)
         set_train_mode(module, inner)
         order.set_epoch(epoch)
@@ -254,8 +254,8 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             on_best(epoch + 1, val, weights)
         faults.point("after-eval")
         if stopper.update(score):
-            log.info("early stopping: no improvement of val %s by more than %g for %d epochs", cfg.monitor,
-                     cfg.min_delta, stopper.stale)
+            log.info("early stopping: no improvement of val %s by more than %g for %d epoch%s", cfg.monitor,
+                     cfg.min_delta, stopper.stale, "" if stopper.stale == 1 else "s")
             state.stopped_early = True
         state.stop_reference = list(stopper.reference) if stopper.reference else None
         state.stop_stale = stopper.stale

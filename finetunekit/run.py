@@ -27,6 +27,7 @@ from .preflight import preflight
 from .resume import RECIPE, Resume, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
+from .strategies import plural
 from .tasks import LOWER_IS_BETTER
 
 log = logging.getLogger("finetunekit")
@@ -203,9 +204,9 @@ def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, accelerator, 
              frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)
     extras = (f", layer decay {t.layer_decay:g}" if t.layer_decay else "") + \
         (f", head lr x{t.head_lr_mult:g}" if t.head_lr_mult != 1.0 else "")
-    log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %g epochs + %s decay; "
-             "%d updates/epoch", t.optimizer, hyper.lr, hyper.effective_batch, t.weight_decay, extras, hyper.warmup,
-             hyper.scheduler, updates_per_epoch)
+    log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %s + %s decay; %s/epoch",
+             t.optimizer, hyper.lr, hyper.effective_batch, t.weight_decay, extras, plural(hyper.warmup, "epoch"),
+             hyper.scheduler, plural(updates_per_epoch, "update"))
 
 
 def _peak_rss_mb() -> dict[str, float]:

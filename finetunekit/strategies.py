@@ -57,6 +57,11 @@ class Plan:
         return [p for p in self.phases if p.start_epoch <= epoch][-1]
 
 
+def plural(n: float, word: str) -> str:
+    """'1 epoch', '2 epochs', '0.5 epochs'."""
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
 def _is_norm_param(module: nn.Module, name: str) -> bool:
     owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
     return isinstance(owner, _NORMS) or type(owner).__name__.lower().endswith(("norm", "layernorm", "rmsnorm"))
@@ -111,7 +116,7 @@ def _full(p: _Parts) -> list[Phase]:
 
 
 def _linear_probe(p: _Parts) -> list[Phase]:
-    return [p.phase(0, p.head, 1.0, "the head only")]
+    return [p.phase(0, p.head, 1.0, "head only")]
 
 
 def _bitfit(p: _Parts) -> list[Phase]:
@@ -128,7 +133,7 @@ def _head_then_all(default_head_epochs) -> Callable[[_Parts], list[Phase]]:
         k = p.head_epochs if p.head_epochs is not None else default_head_epochs(p.epochs)
         if k >= p.epochs:
             raise UserError(f"--head-epochs {k}: must be less than --epochs {p.epochs} for --strategy {p.strategy}")
-        return [p.phase(0, p.head, HEAD_PHASE_LR_MULT, f"the head only ({k} epoch{'s' if k > 1 else ''})"),
+        return [p.phase(0, p.head, HEAD_PHASE_LR_MULT, f"head only ({plural(k, 'epoch')})"),
                 p.phase(k, p.everything, 1.0, "all parameters")]
     return plan
 
@@ -144,7 +149,8 @@ def _gradual(p: _Parts) -> list[Phase]:
             g: Group = body.pop()
             names = names | set(g.params)
         phases.append(p.phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
-                              "the head only" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
+                              "head only" if i == 0 else
+                              f"head + the top {'group' if i == 1 else f'{i} groups'} (down to {g.name})"))
     return phases
 
 
