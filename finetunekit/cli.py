@@ -267,6 +267,7 @@ def run(argv: list[str]) -> int:
         if not args.inputs and not args.text:
             raise UserError("finetunekit predict: give input files or folders, or --text TEXT")
         from .artifacts import load
+        from .inference import TextModel
 
         model = load(args.run)
         for item in args.inputs:
@@ -277,14 +278,14 @@ def run(argv: list[str]) -> int:
                 raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
             model.task.threshold = args.threshold
         if args.text:
-            if not hasattr(model, "tokenizer"):
+            if not isinstance(model, TextModel):
                 raise UserError("--text: this is an image model; pass image files or folders")
             texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
             preds = model.predict(texts, batch_size=args.batch_size, top_k=args.top_k)
         else:
             preds = []
         for item in args.inputs:
-            preds += model.predict(Path(item) if hasattr(model, "tokenizer") else [item],
+            preds += model.predict(Path(item) if isinstance(model, TextModel) else [item],
                                    batch_size=args.batch_size, top_k=args.top_k)
         _write(_format_predictions(preds, args.format, args.top_k), args.output)
         return 0

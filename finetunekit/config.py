@@ -201,6 +201,9 @@ TASKS = {
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
 }
 DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
+# what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
+MODEL_PREFIXES = ("timm", "torchvision", "hf")
+BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text"}
 
 
 class Recipe(_Section):

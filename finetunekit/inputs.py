@@ -97,9 +97,9 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
                                       max_bad_fraction=d.max_bad_fraction)
     task = _task(recipe, splits.classes, splits.train.labels)
     backbone = create_backbone(recipe.model_name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
-                               drop_path=m.drop_path, head=m.head, dropout=m.dropout)
+                               drop_path=m.drop_path, head=m.head, dropout=m.dropout, image_size=d.image_size,
+                               labels=splits.classes, kind=kind_of(recipe.task))
     summary = [_counts(splits, "images")]
-    backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
     workers = default_workers() if d.num_workers is None else d.num_workers
     train_tf = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
@@ -138,7 +138,7 @@ def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
     synonyms = read_synonyms(d.synonyms) if d.synonyms else None
     task = _task(recipe, splits.classes, splits.train.targets)
     backbone = create_text_backbone(recipe.model_name, splits.classes, kind, pretrained=m.pretrained,
-                                    weights=m.weights, trust_remote_code=m.trust_remote_code)
+                                    weights=m.weights, trust_remote_code=m.trust_remote_code, dropout=m.dropout)
     tok = backbone.tokenizer
     limit = model_max_length(backbone)
     if d.max_length is not None and d.max_length > limit:

@@ -104,8 +104,11 @@ def forward(module: torch.nn.Module, x: Any, tta: str = "none") -> torch.Tensor:
     With test-time augmentation (images), the mean of the logits over the views of `tta_views`."""
     if tta != "none":
         views = tta_views(x, tta)
-        return sum(module(v) for v in views) / len(views)
-    out = module(**x) if isinstance(x, Mapping) else module(x)
+        return sum(_logits(module(v)) for v in views) / len(views)
+    return _logits(module(**x) if isinstance(x, Mapping) else module(x))
+
+
+def _logits(out: Any) -> torch.Tensor:
     return getattr(out, "logits", out)  # transformers models return a ModelOutput
 
 
