@@ -156,11 +156,13 @@ def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
                 value = None
             key = dest.replace("__", ".")
             overrides[key], names[key] = value, flag
-    base, source = {}, "flags"
+    base, source, path = {}, "flags", None
     if args.config:
         path = resolve_config(args.config)
         base, source = read_yaml(path), str(path)
-    return build_recipe(base, overrides, source=source, override_names=names)
+    recipe = build_recipe(base, overrides, source=source, override_names=names)
+    recipe._config_path = path
+    return recipe
 
 
 def _write(text: str, output: str | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import UserError, did_you_mean
 
@@ -224,11 +224,24 @@ class Recipe(_Section):
     resume_force: bool = _opt(False, "resume even though the data or the recipe changed (what cannot be kept "
                               "is named and dropped)")
     quiet: bool = _opt(False, "no progress bars, log lines only")
+    # the YAML file this recipe was read from, if any (a run must not write over it: see rundir.check_out)
+    _config_path: Path | None = PrivateAttr(None)
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
         """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file."""
-        return build_recipe(read_yaml(path), overrides or {}, source=str(path))
+        recipe = build_recipe(read_yaml(path), overrides or {}, source=str(path))
+        recipe._config_path = Path(path)
+        return recipe
+
+    @property
+    def config_path(self) -> Path | None:
+        return self._config_path
+
+    def __eq__(self, other: object) -> bool:  # the same options, wherever they were read from
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like every pydantic model)
 
     @property
     def modality(self) -> str:

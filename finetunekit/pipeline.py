@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import re
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +18,12 @@ from typing import Any
 
 from .config import TASKS, Recipe, build_recipe, flatten
 from .errors import TrainingStopped, UserError
+from .rundir import MARKER, RunDir, check_out, is_run
 
 log = logging.getLogger("finetunekit")
 
-RUN_MARKER = "recipe.yaml"  # a directory holding this file is a finetunekit run
+RECIPE = "recipe.yaml"  # the run's resolved recipe: what --resume continues
+
 
 
 @dataclass
@@ -37,7 +38,11 @@ class RunResult:
 
 def as_recipe(recipe: Recipe | dict | str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     if isinstance(recipe, Recipe):
-        return build_recipe(recipe.model_dump(), overrides or {}) if overrides else recipe
+        if not overrides:
+            return recipe
+        merged = build_recipe(recipe.model_dump(), overrides)
+        merged._config_path = recipe.config_path
+        return merged
     if isinstance(recipe, (str, Path)):
         return Recipe.load(recipe, overrides)
     return build_recipe(recipe or {}, overrides or {})
@@ -48,28 +53,10 @@ def _default_out(spec: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds anything, unless --overwrite says to replace it."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finetunekit run" if (out / RUN_MARKER).exists() else "files"
-            raise UserError(f"--out {out}: already holds {what}; choose another --out or pass --overwrite")
-        if not (out / RUN_MARKER).exists():
-            raise UserError(f"--out {out}: --overwrite replaces finetunekit runs only, and this directory "
-                            f"holds other files")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
-
-
 class _RunLog:
-    """Log lines to stderr and to <run>/log.txt for the duration of a run."""
+    """Log lines to stderr and, once `attach` names it, to <run>/log.txt for the duration of a run. Lines
+    logged before `attach` (a run checks its data and model before it claims its folder) are kept and
+    written to the file first."""
 
     def __init__(self, path: Path | None, quiet: bool):
         self.handlers: list[logging.Handler] = []
@@ -77,10 +64,23 @@ class _RunLog:
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(logging.Formatter("%(message)s"))
             self.handlers.append(console)
+        self.early = _Buffer()
+        self.handlers.append(self.early)
         if path is not None:
-            file = logging.FileHandler(path, encoding="utf-8")
-            file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            self.handlers.append(file)
+            self.attach(path)
+
+    def attach(self, path: Path) -> None:
+        file = logging.FileHandler(path, encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in self.early.records:
+            file.handle(record)
+        if self.early in log.handlers:
+            log.removeHandler(self.early)
+        self.handlers.remove(self.early)
+        file._finetunekit = True  # type: ignore[attr-defined]
+        if any(h in log.handlers for h in self.handlers):  # entered: the file takes over from the buffer now
+            log.addHandler(file)
+        self.handlers.append(file)
 
     def __enter__(self):
         for h in self.handlers:
@@ -94,6 +94,15 @@ class _RunLog:
         for h in self.handlers:
             log.removeHandler(h)
             h.close()
+
+
+class _Buffer(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None):
@@ -133,16 +142,25 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
         recipe, resume = _resume_recipe(recipe)
     preflight(recipe)
     out = recipe.out or _default_out(recipe.model_name)
-    created = not out.exists()
-    if resume is None:
-        prepare_run_dir(out, recipe.overwrite)
-    try:
-        with _RunLog(out / "log.txt", recipe.quiet):
-            return _fit(recipe, out, resume)
-    except UserError:
-        if created and not (out / RUN_MARKER).exists():  # failed before training: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    run_dir = None
+    if resume is None:  # a new run: nothing at --out changes until its data and model have been checked
+        d = recipe.data
+        check_out(out, overwrite=recipe.overwrite, inputs={
+            "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
+            "--weights": recipe.model.weights, "--synonyms": d.synonyms})
+        run_dir = RunDir(out)
+    with _RunLog(out / "log.txt" if resume is not None else None, recipe.quiet) as run_log:
+        try:
+            result = _fit(recipe, out, resume, run_dir, run_log)
+        except BaseException:
+            from . import checkpoint
+
+            if run_dir is not None:  # failed before its first checkpoint: the folder goes back as it was
+                run_dir.finish() if checkpoint.latest(out) is not None else run_dir.abort()
+            raise
+    if run_dir is not None:
+        run_dir.finish()
+    return result
 
 
 # options that only one kind of input reads: setting one for the other is a mistake worth a message
@@ -226,16 +244,16 @@ def _resume_recipe(recipe: Recipe) -> tuple[Recipe, Resume | None]:
     if not auto and recipe.out is not None and Path(recipe.out).resolve() != run.resolve():
         raise UserError(f"--out {recipe.out}: differs from --resume {run}; a resumed run continues in its own "
                         f"directory")
-    if not (run / RUN_MARKER).is_file():
+    if not is_run(run):
         if auto:
             return recipe.model_copy(update={"resume": None}), None
-        raise UserError(f"--resume {run}: not a finetunekit run directory (no {RUN_MARKER})")
+        raise UserError(f"--resume {run}: not a finetunekit run directory (no {MARKER})")
     found = checkpoint.latest(run)
     if found is None:
         if auto and not (run / checkpoint.CHECKPOINTS).exists():
             return recipe.model_copy(update={"resume": None}), None  # refused later unless --overwrite
         raise UserError(f"--resume {run}: no complete checkpoint in {run / checkpoint.CHECKPOINTS}")
-    saved = Recipe.load(run / RUN_MARKER)
+    saved = Recipe.load(run / RECIPE)
     given = {k: v for k, v in recipe.model_dump(mode="json", exclude_unset=True).items() if k not in _RUN_KEYS}
     merged = build_recipe(saved.model_dump(mode="json"), given) if given else saved
     before, after = flatten(saved.model_dump(mode="json")), flatten(merged.model_dump(mode="json"))
@@ -260,7 +278,7 @@ def plan_and_optimizer(recipe: Recipe, backbone, lr: float, fused: bool = False)
     return plan, optimizer
 
 
-def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
+def _fit(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | None, run_log: _RunLog) -> RunResult:
     import torch
     from accelerate.utils import set_seed
 
@@ -281,6 +299,9 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     else:
         inputs = prepare_inputs(recipe, gpu=gpu)
     backbone, task = inputs.backbone, inputs.task
+    if run_dir is not None:  # data and model are good: the run takes its folder
+        run_dir.claim()
+        run_log.attach(out / "log.txt")
     log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, recipe.model_name, d.path, out)
     for line in inputs.summary:
         log.info("%s", line)
@@ -351,7 +372,7 @@ def _fit(recipe: Recipe, out: Path, resume: Resume | None = None) -> RunResult:
     for key, value in inputs.resolved.items():
         section, name = key.split(".")
         setattr(getattr(resolved, section), name, value)
-    (out / RUN_MARKER).write_text(resolved.to_yaml(), encoding="utf-8")
+    (out / RECIPE).write_text(resolved.to_yaml(), encoding="utf-8")
     write_json(out / "split.json", inputs.split_record)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
