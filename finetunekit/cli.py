@@ -282,6 +282,7 @@ def run(argv: list[str]) -> int:
         if not args.inputs and not args.text:
             raise UserError("predict: give input files or folders, or --text TEXT")
         from .artifacts import load
+        from .inference import TextModel
         from .tasks import MultiLabel, Regression
 
         model = load(args.run)
@@ -292,7 +293,7 @@ def run(argv: list[str]) -> int:
             if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
                 raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
             model.task.threshold = args.threshold
-        is_text = hasattr(model, "tokenizer")
+        is_text = isinstance(model, TextModel)
         if args.text and not is_text:
             raise UserError("--text: this is an image model; pass image files or folders")
         kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \

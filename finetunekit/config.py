@@ -93,7 +93,8 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder>, or a "
+    name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder> (text, or "
+                            "images with an image task), or a "
                             "built-in offline one: efficientnet_lite0 (images, the default), minilm (text, the "
                             "default)", flag="model", min_length=1)
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
@@ -101,8 +102,8 @@ class ModelConfig(_Section):
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
     head: str = _opt("linear", "images: the new head: linear, or mlp:N (Dropout, Linear N, GELU, Dropout, "
                      "Linear)", min_length=1)
-    dropout: float | None = _opt(None, "images: dropout before the classifier (timm's drop_rate), or inside "
-                                 "the MLP head", ge=0, lt=1)
+    dropout: float | None = _opt(None, "dropout before the classifier (timm's drop_rate; transformers' "
+                                 "classifier_dropout or the config's equivalent), or inside the MLP head", ge=0, lt=1)
     drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
                                    "stochastic_depth_prob) for models that have it", ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
@@ -204,6 +205,9 @@ TASKS = {
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
 }
 DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
+# what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
+MODEL_PREFIXES = ("timm", "torchvision", "hf")
+BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text"}
 
 
 class Recipe(_Section):

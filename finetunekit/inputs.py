@@ -107,9 +107,9 @@ def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig
                                       max_bad_fraction=d.max_bad_fraction)
     task = _task(task_name, t, splits.classes, splits.train.labels)
     backbone = create_backbone(name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
-                               drop_path=m.drop_path, head=m.head, dropout=m.dropout)
+                               drop_path=m.drop_path, head=m.head, dropout=m.dropout, image_size=d.image_size,
+                               labels=splits.classes, kind=TASK_CLASSES[task_name].kind)
     summary = [_counts(splits, "images")]
-    backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
     workers = default_workers() if d.num_workers is None else d.num_workers
     train_tf = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
@@ -147,7 +147,7 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
     synonyms = read_synonyms(d.synonyms) if d.synonyms else None
     task = _task(task_name, t, splits.classes, splits.train.targets)
     backbone = create_text_backbone(name, splits.classes, kind, pretrained=m.pretrained,
-                                    weights=m.weights, trust_remote_code=m.trust_remote_code)
+                                    weights=m.weights, trust_remote_code=m.trust_remote_code, dropout=m.dropout)
     tok = backbone.tokenizer
     limit = model_max_length(backbone)
     if d.max_length is not None and d.max_length > limit:

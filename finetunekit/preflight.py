@@ -15,7 +15,7 @@ _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
               "model": ("trust_remote_code",)}
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
                         "vflip", "tta", "cache_views", "cache_images"),
-               "model": ("drop_path", "head", "dropout")}
+               "model": ("drop_path", "head")}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -59,9 +59,10 @@ def preflight(recipe: Recipe) -> None:
     check_head(m.head)
     parse_period(t.checkpoint_every)
 
-    check_spec(recipe.model_name)
-    if model_modality(recipe.model_name) != modality:
+    check_spec(recipe.model_name, modality)
+    if model_modality(recipe.model_name, modality) != modality:  # hf: reads what the task needs
         hint = "hf:<hub id or folder> or minilm" if modality == "text" else \
-            "timm:<name>, torchvision:<name> or efficientnet_lite0"
-        raise UserError(f"--model {recipe.model_name}: reads {model_modality(recipe.model_name)}s, but --task "
-                        f"{recipe.task} needs a {modality} model ({hint})")
+            "timm:<name>, torchvision:<name>, hf:<hub id or folder> or efficientnet_lite0"
+        article = "an" if modality == "image" else "a"
+        raise UserError(f"--model {recipe.model_name}: reads {model_modality(recipe.model_name, modality)}s, but "
+                        f"--task {recipe.task} needs {article} {modality} model ({hint})")

@@ -35,7 +35,11 @@ class TTAModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = tta_views(x, self.mode)
-        return sum(self.module(v) for v in views) / len(views)
+        return sum(_logits(self.module(v)) for v in views) / len(views)
+
+
+def _logits(out):
+    return getattr(out, "logits", out)  # transformers models return a ModelOutput
 
 
 def with_tta(module: torch.nn.Module, mode: str) -> torch.nn.Module:
