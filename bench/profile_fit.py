@@ -30,12 +30,12 @@ from conftest import CIFAR, write_manifest  # noqa: E402
 
 # first match wins, tested against the whole stack (outermost frame first)
 PHASES = [
-    ("validation", r"evaluate \(finetunekit/loop\.py"),
+    ("validation", r"evaluate \(finetunekit/evaluation\.py"),
     ("saving (model folder, checkpoints)", r"(save_model_folder|Checkpoints\.save|checkpoint\.save)"),
     ("waiting for the data loader", r"fit \(finetunekit/loop\.py[^;]*;.*(__next__|_next_data) \(.*dataloader"),
     ("optimizer step", r"fit \(finetunekit/loop\.py[^;]*;.*(step|_step_unless_nonfinite) \(.*(optim|loop)"),
     ("backward pass", r"fit \(finetunekit/loop\.py[^;]*;.*backward"),
-    ("forward pass", r"fit \(finetunekit/loop\.py[^;]*;.*forward \(finetunekit/loop\.py"),
+    ("forward pass", r"fit \(finetunekit/loop\.py[^;]*;.*step \(finetunekit/tasks/base\.py"),
     ("other per-step work of the loop", r"fit \(finetunekit/loop\.py"),
     ("setup (imports, scan, model, cache build) and the rest", r""),
 ]
@@ -80,7 +80,7 @@ def summarize(raw: Path) -> None:
         pid = parts[k - 1].split(":")[0]
         thread = parts[k] if k < len(parts) else ""
         threads[(pid, thread)][";".join(parts[k + 1:])] += int(count)
-    main = max(threads, key=lambda t: sum(n for s, n in threads[t].items() if "pipeline.py" in s))
+    main = max(threads, key=lambda t: sum(n for s, n in threads[t].items() if "run.py" in s))
     phases = collections.Counter()
     for stack, n in threads[main].items():
         phases[next(name for name, pattern in PHASES if re.search(pattern, stack))] += n

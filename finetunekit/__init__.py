@@ -17,20 +17,20 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .inference import FineTunedModel
-    from .pipeline import RunResult
+    from .run import RunResult
 
 __all__ = ["Recipe", "UserError", "evaluate", "fit", "load", "predict"]
 
 
 # torch-heavy modules load on first use, so `import finetunekit` and the CLI's validation stay fast
 def fit(recipe: Any = None, **overrides: Any) -> RunResult:
-    from .pipeline import fit as _fit
+    from .run import fit as _fit
 
     return _fit(recipe, **overrides)
 
 
 def evaluate(run: Any, data: Any, **kwargs: Any) -> dict:
-    from .pipeline import evaluate as _evaluate
+    from .run import evaluate as _evaluate
 
     return _evaluate(run, data, **kwargs)
 
@@ -45,4 +45,4 @@ def predict(run: Any, images: Any, **kwargs: Any) -> list[dict]:
     return load(run).predict(images, **kwargs)
 
 
-fit.__doc__ = "Fine-tune as a Recipe (object, dict or YAML path) says; see finetunekit.pipeline.fit."
+fit.__doc__ = "Fine-tune as a Recipe (object, dict or YAML path) says; see finetunekit.run.fit."

@@ -37,6 +37,7 @@ from .errors import TrainingStopped, UserError
 log = logging.getLogger("finetunekit")
 
 CHECKPOINTS = "checkpoints"
+CORE_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # the rest are add-ons'
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 
@@ -276,7 +277,8 @@ class Checkpoints:
         self.keep, self.fingerprint, self.scaler, self.is_main = keep, fingerprint, scaler, is_main
         self.last_time = time.monotonic()
         self.best_name: str | None = None
-        self.ema_weights: dict[str, torch.Tensor] | None = None  # from the checkpoint a run resumes
+        # add-ons' tensors (file name -> state dict) from the checkpoint a run resumes, e.g. the EMA's
+        self.addon_tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.stop_requested: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -285,12 +287,12 @@ class Checkpoints:
                     or (self.every_updates and updates % self.every_updates == 0)
                     or (self.every_seconds and time.monotonic() - self.last_time >= self.every_seconds))
 
-    def save(self, state, model, optimizer, scheduler, ema, steps: list[tuple[int, float]],
-             best: bool = False) -> Path | None:
+    def save(self, state, model, optimizer, scheduler, addon_tensors: dict[str, dict[str, torch.Tensor]],
+             steps: list[tuple[int, float]], best: bool = False) -> Path | None:
         if not self.is_main:
             return None
         try:
-            return self._save(state, model, optimizer, scheduler, ema, steps, best)
+            return self._save(state, model, optimizer, scheduler, addon_tensors, steps, best)
         except OSError as e:  # a full disk, a quota, a file-size limit, lost permissions: the previous one is intact
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -300,7 +302,7 @@ class Checkpoints:
                 f"{last.path if last else 'none'}, is intact; {_REMEDY.get(e.errno, 'fix that')} and continue "
                 f"with `finetunekit fit --resume {self.root.parent}`") from None
 
-    def _save(self, state, model, optimizer, scheduler, ema, steps, best) -> Path:
+    def _save(self, state, model, optimizer, scheduler, addon_tensors, steps, best) -> Path:
         new = not self.steps_csv.exists()
         with self.steps_csv.open("a", encoding="utf-8") as f:
             if new:
@@ -310,8 +312,7 @@ class Checkpoints:
         rng_tensors, rng_meta = rng_parts()
         tensors = {"model.safetensors": model.state_dict(), "optimizer.safetensors": opt_tensors,
                    "rng.safetensors": rng_tensors}
-        if ema is not None:
-            tensors["ema.safetensors"] = ema.module.state_dict()
+        tensors.update(addon_tensors)  # e.g. ema.safetensors
         name = f"step-{state.step:08d}"
         if best:
             self.best_name = name

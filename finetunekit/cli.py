@@ -25,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        # main() prints "finetunekit: error: "; a subcommand's own errors name it: "predict: ..."
+        command = self.prog.removeprefix("finetunekit").strip()
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _metavar(annotation: Any) -> str | None:
@@ -90,6 +92,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--top-k", type=int, default=1, metavar="K")
     pr.add_argument("--batch-size", type=int, default=64, metavar="N")
     pr.add_argument("--output", metavar="FILE", help="write the predictions to FILE instead of stdout")
+    pr.add_argument("--strict", action="store_true",
+                    help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
 
     demo = sub.add_parser("demo", help="fine-tune the offline EfficientNet-Lite0 on scikit-learn's digits")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
@@ -118,10 +122,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
         flags = [s for a in (sub or parser)._actions for s in a.option_strings]
         word = next((u for u in unknown if u.startswith("-")), unknown[0])
-        where = f"finetunekit {command}".strip()
+        where = f"{command}: " if command else ""
         if not word.startswith("-"):
-            raise UserError(f"{where}: unexpected argument {word} (inputs go before the options)")
-        raise UserError(f"{where}: unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
+            raise UserError(f"{where}unexpected argument {word} (inputs go before the options)")
+        raise UserError(f"{where}unknown option {word.split('=')[0]}{did_you_mean(word.split('=')[0], flags)}")
     return args
 
 
@@ -156,11 +160,13 @@ def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
                 value = None
             key = dest.replace("__", ".")
             overrides[key], names[key] = value, flag
-    base, source = {}, "flags"
+    base, source, path = {}, "flags", None
     if args.config:
         path = resolve_config(args.config)
         base, source = read_yaml(path), str(path)
-    return build_recipe(base, overrides, source=source, override_names=names)
+    recipe = build_recipe(base, overrides, source=source, override_names=names)
+    recipe._config_path = path
+    return recipe
 
 
 def _write(text: str, output: str | None) -> None:
@@ -170,29 +176,32 @@ def _write(text: str, output: str | None) -> None:
         sys.stdout.write(text)
 
 
-def _rows(preds: list[dict], top_k: int) -> tuple[list[str], list[list[str]]]:
-    """Predictions of any task as a header and rows of strings."""
-    first = preds[0] if preds else {}
-    key = "path" if "path" in first else "text"
+def _rows(preds: list[dict], top_k: int, key: str, kind: str, error_column: bool) -> tuple[list[str], list[list[str]]]:
+    """Predictions as a header and rows of strings. key: path | text; kind: label | labels | value (the task);
+    an input that could not be read has empty prediction cells and its reason in the `error` column."""
     source = [p.get(key, "") if isinstance(p.get(key, ""), str) else " ||| ".join(p[key]) for p in preds]
-    if "value" in first:  # regression
-        return [key, "value"], [[s, f"{p['value']:.6g}"] for s, p in zip(source, preds)]
-    if "labels" in first:  # multi-label
-        return [key, "labels"], [[s, "|".join(p["labels"])] for s, p in zip(source, preds)]
-    cols = [key, "label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
+    if kind == "value":  # regression
+        cols, cells = ["value"], lambda p: [f"{p['value']:.6g}"]
+    elif kind == "labels":  # multi-label
+        cols, cells = ["labels"], lambda p: ["|".join(p["labels"])]
+    else:
+        cols = ["label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
+
+        def cells(p: dict) -> list[str]:
+            return [v for alt in p["top_k"] for v in (alt["label"], f"{alt['score']:.4f}")]
     rows = []
     for s, p in zip(source, preds):
-        row = [s, p["label"], f"{p['score']:.4f}"]
-        for alt in p["top_k"][1:]:
-            row += [alt["label"], f"{alt['score']:.4f}"]
-        rows.append(row)
-    return cols, rows
+        row = [s] + (cells(p) if "error" not in p else [""] * len(cols))
+        rows.append(row + ([p.get("error", "")] if error_column else []))
+    return [key, *cols] + (["error"] if error_column else []), rows
 
 
-def _format_predictions(preds: list[dict], fmt: str, top_k: int) -> str:
+def _format_predictions(preds: list[dict], fmt: str, top_k: int, key: str, kind: str) -> str:
     if fmt == "json":
         return json.dumps(preds, indent=2, ensure_ascii=False) + "\n"
-    cols, rows = _rows(preds, top_k)
+    # images: csv always has the error column (one schema for scripts), the table only when an input failed
+    error_column = key == "path" and (fmt == "csv" or any("error" in p for p in preds))
+    cols, rows = _rows(preds, top_k, key, kind, error_column)
     if fmt == "csv":
         import csv
         import io
@@ -221,6 +230,11 @@ def _print_metrics(metrics: dict) -> None:
             print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
 
 
+def _at_least_1(value: int, flag: str) -> None:
+    if value < 1:
+        raise UserError(f"{flag}: expected a value >= 1, got {value}")
+
+
 def run(argv: list[str]) -> int:
     parser, dests = _build_parser()
     args = _parse(parser, argv)
@@ -235,26 +249,27 @@ def run(argv: list[str]) -> int:
         return 0
     if args.command == "fit":
         recipe = recipe_from_args(args, dests)  # validated before torch loads
-        from .pipeline import fit
+        from .run import fit
 
-        result = fit(recipe)
-        print(f"run: {result.run_dir}")
+        fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
         return 0
     if args.command == "lr-find":
         recipe = recipe_from_args(args, dests)
         from .lr_find import lr_range_test
-        from .pipeline import _RunLog, _default_out
+        from .run import default_out
+        from .runlog import RunLog
 
-        out = recipe.out or _default_out("lr-find-" + recipe.model_name)
+        out = recipe.out or default_out("lr-find-" + recipe.model_name)
         if (out / "lr_find.csv").exists() and not recipe.overwrite:
             raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
-        with _RunLog(None, recipe.quiet):
+        with RunLog(None, recipe.quiet):
             result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
         print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
               f"plot: {out / 'lr_find.svg'})")
         return 0
     if args.command == "evaluate":
-        from .pipeline import evaluate
+        _at_least_1(args.batch_size, "--batch-size")
+        from .run import evaluate
 
         metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
         _print_metrics(metrics)
@@ -262,11 +277,13 @@ def run(argv: list[str]) -> int:
             Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         return 0
     if args.command == "predict":
-        if args.top_k < 1:
-            raise UserError(f"--top-k: expected a value >= 1, got {args.top_k}")
+        _at_least_1(args.top_k, "--top-k")
+        _at_least_1(args.batch_size, "--batch-size")
         if not args.inputs and not args.text:
-            raise UserError("finetunekit predict: give input files or folders, or --text TEXT")
+            raise UserError("predict: give input files or folders, or --text TEXT")
         from .artifacts import load
+        from .inference import TextModel
+        from .tasks import MultiLabel, Regression
 
         model = load(args.run)
         for item in args.inputs:
@@ -276,17 +293,41 @@ def run(argv: list[str]) -> int:
             if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
                 raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
             model.task.threshold = args.threshold
-        if args.text:
-            if not hasattr(model, "tokenizer"):
-                raise UserError("--text: this is an image model; pass image files or folders")
+        is_text = isinstance(model, TextModel)
+        if args.text and not is_text:
+            raise UserError("--text: this is an image model; pass image files or folders")
+        kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
+            else "label"
+        top_k = args.top_k
+        if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
+            top_k = len(model.classes)
+            print(f"warning: --top-k {args.top_k}: the model has {top_k} classes; showing {top_k}", file=sys.stderr)
+        if is_text:
             texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
-            preds = model.predict(texts, batch_size=args.batch_size, top_k=args.top_k)
+            preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k) if texts else []
+            for item in args.inputs:
+                preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
         else:
-            preds = []
-        for item in args.inputs:
-            preds += model.predict(Path(item) if hasattr(model, "tokenizer") else [item],
-                                   batch_size=args.batch_size, top_k=args.top_k)
-        _write(_format_predictions(preds, args.format, args.top_k), args.output)
+            from .inference import expand_inputs, no_images
+
+            found = {item: expand_inputs(item) for item in args.inputs}
+            empty = [item for item, files in found.items() if not files]  # folders without image files
+            if len(empty) == len(found):
+                raise UserError(no_images(", ".join(empty)))
+            for item in empty:
+                print(f"warning: {no_images(item)}", file=sys.stderr)
+            preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
+                                  top_k=top_k, errors="raise" if args.strict else "skip")
+        failed = [p for p in preds if "error" in p]
+        for p in failed:
+            print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)
+        _write(_format_predictions(preds, args.format, top_k, "text" if is_text else "path", kind), args.output)
+        if failed and len(failed) == len(preds):
+            print(f"finetunekit: error: none of the {len(preds)} images could be read", file=sys.stderr)
+            return 1
+        if failed:
+            print(f"warning: {len(failed)} of {len(preds)} images could not be read and were skipped (their rows "
+                  f"carry the error; --strict fails instead)", file=sys.stderr)
         return 0
     if args.command == "inspect":
         from .config import TrainConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import UserError, did_you_mean
 
@@ -94,7 +94,8 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder>, or a "
+    name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder> (text, or "
+                            "images with an image task), or a "
                             "built-in offline one: efficientnet_lite0 (images, the default), minilm (text, the "
                             "default)", flag="model", min_length=1)
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
@@ -102,8 +103,8 @@ class ModelConfig(_Section):
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
     head: str = _opt("linear", "images: the new head: linear, or mlp:N (Dropout, Linear N, GELU, Dropout, "
                      "Linear)", min_length=1)
-    dropout: float | None = _opt(None, "images: dropout before the classifier (timm's drop_rate), or inside "
-                                 "the MLP head", ge=0, lt=1)
+    dropout: float | None = _opt(None, "dropout before the classifier (timm's drop_rate; transformers' "
+                                 "classifier_dropout or the config's equivalent), or inside the MLP head", ge=0, lt=1)
     drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
                                    "stochastic_depth_prob) for models that have it", ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
@@ -188,6 +189,9 @@ class TrainConfig(_Section):
                               "gradient", ge=1)
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+    grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass instead of "
+                                    "keeping them: less memory, about a third more compute (timm and "
+                                    "transformers models)")
     compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
                          "if compiling fails, the log says why and training goes on without it")
 
@@ -202,6 +206,9 @@ TASKS = {
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
 }
 DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
+# what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
+MODEL_PREFIXES = ("timm", "torchvision", "hf")
+BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text"}
 
 
 class Recipe(_Section):
@@ -221,11 +228,24 @@ class Recipe(_Section):
     resume_force: bool = _opt(False, "resume even though the data or the recipe changed (what cannot be kept "
                               "is named and dropped)")
     quiet: bool = _opt(False, "no progress bars, log lines only")
+    # the YAML file this recipe was read from, if any (a run must not write over it: see rundir.check_out)
+    _config_path: Path | None = PrivateAttr(None)
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
         """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file."""
-        return build_recipe(read_yaml(path), overrides or {}, source=str(path))
+        recipe = build_recipe(read_yaml(path), overrides or {}, source=str(path))
+        recipe._config_path = Path(path)
+        return recipe
+
+    @property
+    def config_path(self) -> Path | None:
+        return self._config_path
+
+    def __eq__(self, other: object) -> bool:  # the same options, wherever they were read from
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like every pydantic model)
 
     @property
     def modality(self) -> str:

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from .data.sources import stratified_split
-from .pipeline import RUN_MARKER, fit
+from .run import fit
+from .rundir import is_run
 
 DEMO_RECIPE = {
     "description": "the demo: EfficientNet-Lite0 on scikit-learn's digits, offline",
@@ -44,7 +45,7 @@ def write_digits(root: Path) -> Path:
 
 def run_demo(out: Path, epochs: int | None = None, quiet: bool = False):
     data = write_digits(Path("runs") / ".data" / "digits")
-    replacing = (out / RUN_MARKER).exists()
+    replacing = is_run(out)
     if replacing:
         print(f"replacing the previous demo run in {out}")
     recipe = {**DEMO_RECIPE, "data": {**DEMO_RECIPE["data"], "path": str(data)},

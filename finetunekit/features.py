@@ -41,15 +41,15 @@ def cache_dir() -> Path:
     return cache_root() / "features"
 
 
-def augmented(recipe) -> bool:
-    d = recipe.data
+def augmented(d) -> bool:
+    """Whether the recipe's data section (config.DataConfig) augments training images."""
     return d.augment != "none" or bool(d.rotate or d.elastic or d.vflip)
 
 
-def why_not(recipe, backbone) -> str | None:
-    """Why this linear probe cannot train on cached features, or None when it can."""
-    d = recipe.data
-    if recipe.modality != "image":
+def why_not(d, modality: str, backbone) -> str | None:
+    """Why this linear probe (data section `d`, a config.DataConfig) cannot train on cached features, or None
+    when it can."""
+    if modality != "image":
         return "text models are not cached yet"
     if d.cache_features == "off":
         return "--cache-features off"
@@ -59,7 +59,7 @@ def why_not(recipe, backbone) -> str | None:
         return "--tta needs the backbone at validation"
     if len(backbone.heads) != 1:
         return "the model has several head modules"
-    if augmented(recipe) and not d.cache_views:
+    if augmented(d) and not d.cache_views:
         return "augmentation draws new views every epoch (pass --cache-views K to cache K views per image)"
     return None
 

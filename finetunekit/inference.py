@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 
 from .data import build_transform, load_rgb, to_rgb
 from .errors import UserError
-from .loop import forward
+from .addons.tta import with_tta
+from .tasks import logits_of
 from .models import Backbone
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".parquet"}
 
 
@@ -30,7 +31,7 @@ class FineTunedModel:
 
     def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
         self.backbone, self.task, self.folder = backbone, task, folder
-        self.tta = tta  # images: test-time augmentation used in training's validation (loop.tta_views)
+        self.tta = tta  # images: test-time augmentation used in training's validation (addons.tta)
         self.device = torch.device("cpu")
 
     @property
@@ -40,6 +41,10 @@ class FineTunedModel:
     @property
     def module(self) -> torch.nn.Module:
         return self.backbone.module
+
+    def eval_module(self, module: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The module to score with (this model's, or `module`): wrapped for test-time augmentation if any."""
+        return with_tta(self.module if module is None else module, self.tta)
 
     def to(self, device: str | torch.device) -> FineTunedModel:
         self.device = torch.device(device)
@@ -53,11 +58,32 @@ class FineTunedModel:
         """(items to score, extra fields per result) from what the user passed."""
         raise NotImplementedError
 
-    def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1) -> list[dict]:
-        """One dict per input: the task's prediction (label/score/top_k, labels/scores, or value)."""
+    def _scores(self, items: list[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
+        """Logits of the items that read, in order, and {index: reason} for those that did not (skip)."""
+        return self.logits(items, batch_size), {}
+
+    def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1, errors: str = "raise") -> list[dict]:
+        """One dict per input, in input order: the task's prediction (label/score/top_k, labels/scores, or value).
+
+        errors="raise": an unreadable image is a UserError naming it; "skip": its dict is {"path", "error"}.
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors={errors!r}: expected 'raise' or 'skip'")
+        check_batch_size(batch_size)
         items, extras = self._inputs(inputs)
-        results = self.task.predict(self.logits(items, batch_size), top_k=top_k)
-        return [{**extra, **r} for extra, r in zip(extras, results)]
+        logits, failed = self._scores(items, batch_size, skip=errors == "skip")
+        results = iter(self.task.predict(logits, top_k=top_k))
+        return [{**extra, "error": failed[i]} if i in failed else {**extra, **next(results)}
+                for i, extra in enumerate(extras)]
+
+
+class UnreadableImage(UserError):
+    """An input that does not decode as an image: `path: reason`."""
+
+    def __init__(self, path: Any, error: Exception):
+        first = str(error).splitlines()[0] if str(error) else ""
+        self.path, self.reason = str(path), f"cannot read as an image ({type(error).__name__}: {first})"
+        super().__init__(f"{path}: {self.reason}")
 
 
 class ImageModel(FineTunedModel):
@@ -74,23 +100,35 @@ class ImageModel(FineTunedModel):
         try:
             return load_rgb(item)
         except Exception as e:  # noqa: BLE001 - any decoding failure: name the file, no traceback
-            raise UserError(f"{item}: cannot read as an image ({type(e).__name__}: {e})") from None
+            raise UnreadableImage(item, e) from None
 
-    @torch.inference_mode()
     def logits(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """[N, num_classes] logits for a sequence of images (paths, PIL images or HxWxC uint8 arrays)."""
+        return self._scores(images, batch_size, skip=False)[0]
+
+    @torch.inference_mode()
+    def _scores(self, images: Sequence[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
         self.module.eval()
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([self.transform(self._image(im)) for im in images[i:i + batch_size]])
-            out.append(forward(self.module, x.to(self.device), self.tta).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.task.num_outputs)
+        out, failed = [], {}
+        for start in range(0, len(images), batch_size):
+            xs = []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    xs.append(self.transform(self._image(images[i])))
+                except UnreadableImage as e:
+                    if not skip:
+                        raise
+                    failed[i] = e.reason
+            if xs:  # [B, 3, H, W]: the batch less its unreadable images
+                out.append(logits_of(self.eval_module(), torch.stack(xs).to(self.device)).float().cpu())
+        return (torch.cat(out) if out else torch.empty(0, self.task.num_outputs)), failed
 
     def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:
         items = expand_inputs(inputs)
         return items, [{"path": str(i)} if isinstance(i, (str, os.PathLike)) else {} for i in items]
 
     def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        check_batch_size(batch_size)
         from .data import ImageDataset, default_workers, make_loader
         from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
@@ -107,6 +145,15 @@ class ImageModel(FineTunedModel):
         split = labeled_split(files, self.classes, "the model's classes")
         return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
                            workers=default_workers(), seed=0), len(skipped)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
+
+
+def no_images(where: str) -> str:
+    return f"{where}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
 
 
 def expand_inputs(images: Any) -> list[Any]:
@@ -177,6 +224,7 @@ class TextModel(FineTunedModel):
         return texts, extras
 
     def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        check_batch_size(batch_size)
         from .data.tables import read_labelled_texts
         from .data.text import PadCollate, TextDataset, make_text_loader
 

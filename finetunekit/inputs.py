@@ -1,8 +1,9 @@
-"""What differs between images and texts before the shared engine runs: reading the splits, building the
-backbone (its head sized by the data), the task, and the loaders.
+"""The data-and-model build stage: what differs between images and texts before the shared engine runs —
+reading the splits, building the backbone (its head sized by the data), the task, and the loaders.
 
 Each `prepare_*` reads the data first (every problem with it is a one-line error before a model loads),
-then the model, then the loaders, and returns a `Prepared`.
+then the model, then the loaders, and returns a `Prepared`. It reads the recipe's typed sections; the
+datasets, loaders, models and tasks it builds get plain arguments.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .config import Recipe
+from .config import TASKS, DataConfig, ModelConfig, TrainConfig
 from .errors import UserError
 from .models import Backbone
-from .tasks import build_task, kind_of
+from .tasks import TASKS as TASK_CLASSES
+from .tasks import build_task
 
 log = logging.getLogger("finetunekit")
 
@@ -32,7 +34,10 @@ class Prepared:
     test_loader: DataLoader | None
     split_record: dict  # written to split.json
     skipped: int  # files or rows that could not be used
-    resolved: dict[str, Any]  # recipe keys resolved from the data or model ({"data.image_size": 224})
+    model_name: str  # the --model spec, default resolved
+    num_workers: int  # data-loading workers, default resolved
+    image_size: int | None  # images: the input size, default resolved
+    max_length: int | None  # text: tokens per sample, default resolved
     input_desc: str  # for the log: "input 224px", "max 128 tokens"
     summary: list[str] = field(default_factory=list)  # lines for the log, once data and model are known good
     extra_config: dict[str, Any] = field(default_factory=dict)  # saved with the model (text columns...)
@@ -46,8 +51,15 @@ def _counts(splits, noun: str) -> str:
             f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})")
 
 
-def prepare_inputs(recipe: Recipe, *, gpu: bool) -> Prepared:
-    return (prepare_images if recipe.modality == "image" else prepare_text)(recipe, gpu=gpu)
+def prepare_inputs(task: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
+    prepare = prepare_images if TASKS[task][0] == "image" else prepare_text
+    return prepare(task, d, m, t, gpu=gpu)
+
+
+def _model_name(task: str, m: ModelConfig) -> str:
+    from .config import DEFAULT_MODEL
+
+    return m.name or DEFAULT_MODEL[TASKS[task][0]]
 
 
 def class_weights(spec: str | None, kind: str, classes: list[str], targets: list) -> list[float] | None:
@@ -75,31 +87,29 @@ def class_weights(spec: str | None, kind: str, classes: list[str], targets: list
     return weights
 
 
-def _task(recipe: Recipe, classes: list[str], targets: list):
-    t = recipe.train
-    kind = kind_of(recipe.task)
-    weights = class_weights(t.class_weights, kind, classes, targets)
-    return build_task(recipe.task, classes, loss=t.loss, label_smoothing=t.label_smoothing,
+def _task(task: str, t: TrainConfig, classes: list[str], targets: list):
+    weights = class_weights(t.class_weights, TASK_CLASSES[task].kind, classes, targets)
+    return build_task(task, classes, loss=t.loss, label_smoothing=t.label_smoothing,
                       class_weights=weights, focal_gamma=t.focal_gamma, threshold=t.threshold)
 
 
-def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
+def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
     from .data import ImageDataset, build_transform, default_workers, make_loader, resolve_splits
     from .data.sources import resolve_table_splits
     from .models import create_backbone
 
-    d, m, t = recipe.data, recipe.model, recipe.train
-    if recipe.task == "image-classification":
+    name = _model_name(task_name, m)
+    if task_name == "image-classification":
         splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
     else:
-        splits = resolve_table_splits(recipe.task, d.path, d.val, d.test, label_column=d.label_column,
+        splits = resolve_table_splits(task_name, d.path, d.val, d.test, label_column=d.label_column,
                                       label_delimiter=d.label_delimiter, val_fraction=d.val_fraction, seed=t.seed,
                                       max_bad_fraction=d.max_bad_fraction)
-    task = _task(recipe, splits.classes, splits.train.labels)
-    backbone = create_backbone(recipe.model_name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
-                               drop_path=m.drop_path, head=m.head, dropout=m.dropout)
+    task = _task(task_name, t, splits.classes, splits.train.labels)
+    backbone = create_backbone(name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
+                               drop_path=m.drop_path, head=m.head, dropout=m.dropout, image_size=d.image_size,
+                               labels=splits.classes, kind=TASK_CLASSES[task_name].kind)
     summary = [_counts(splits, "images")]
-    backbone.preprocessing = backbone.preprocessing.with_size(d.image_size)
 
     workers = default_workers() if d.num_workers is None else d.num_workers
     train_tf = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
@@ -114,35 +124,34 @@ def prepare_images(recipe: Recipe, *, gpu: bool) -> Prepared:
                     loader(splits.test, eval_tf, False) if splits.test is not None else None,
                     {"classes": splits.classes, **splits.record,
                      "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]},
-                    len(splits.skipped), {"data.image_size": size, "data.num_workers": workers, "model.name": recipe.model_name},
-                    f"input {size}px", summary, extra_config={
+                    len(splits.skipped), name, workers, size, None, f"input {size}px", summary, extra_config={
                         **({"head_type": m.head} if m.head != "linear" else {}),
                         **({k: splits.record[k] for k in ("path_column", "label_columns", "label_delimiter")
                             if k in splits.record}),
-                        **({"threshold": t.threshold} if recipe.task == "image-multilabel" else {})},
+                        **({"threshold": t.threshold} if task_name == "image-multilabel" else {})},
                     sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
                              "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]})
 
 
-def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
+def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
     from .data.tables import describe_columns, resolve_text_splits
     from .data.text import PadCollate, TextDataset, TokenAugment, make_text_loader, read_synonyms
     from .models import create_text_backbone
     from .models.hf_source import model_max_length
 
-    d, m, t = recipe.data, recipe.model, recipe.train
-    kind = kind_of(recipe.task)
-    splits = resolve_text_splits(recipe.task, d.path, d.val, d.test, text_column=d.text_column,
+    name = _model_name(task_name, m)
+    kind = TASK_CLASSES[task_name].kind
+    splits = resolve_text_splits(task_name, d.path, d.val, d.test, text_column=d.text_column,
                                  label_column=d.label_column, label_delimiter=d.label_delimiter,
                                  val_fraction=d.val_fraction, seed=t.seed, max_bad_fraction=d.max_bad_fraction)
     synonyms = read_synonyms(d.synonyms) if d.synonyms else None
-    task = _task(recipe, splits.classes, splits.train.targets)
-    backbone = create_text_backbone(recipe.model_name, splits.classes, kind, pretrained=m.pretrained,
-                                    weights=m.weights, trust_remote_code=m.trust_remote_code)
+    task = _task(task_name, t, splits.classes, splits.train.targets)
+    backbone = create_text_backbone(name, splits.classes, kind, pretrained=m.pretrained,
+                                    weights=m.weights, trust_remote_code=m.trust_remote_code, dropout=m.dropout)
     tok = backbone.tokenizer
     limit = model_max_length(backbone)
     if d.max_length is not None and d.max_length > limit:
-        raise UserError(f"--max-length {d.max_length}: {recipe.model_name} takes at most {limit} tokens")
+        raise UserError(f"--max-length {d.max_length}: {name} takes at most {limit} tokens")
     summary = [describe_columns(splits.record), _counts(splits, "texts")]
     seen = set(splits.train.texts)
     leaked = sum(t in seen for t in splits.val.texts)
@@ -175,6 +184,5 @@ def prepare_text(recipe: Recipe, *, gpu: bool) -> Prepared:
             "threshold": t.threshold if kind == "multilabel" else None}
     return Prepared(backbone, task, train_loader, loader(splits.val, False),
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
-                    {"data.max_length": max_length, "data.num_workers": 0, "model.name": recipe.model_name},
-                    f"max {max_length} tokens", summary, extra_config=text,
+                    name, 0, None, max_length, f"max {max_length} tokens", summary, extra_config=text,
                     sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .models import create_backbone, create_text_backbone, modality
 from .models.groups import layer_groups
-from .strategies import make_plan
+from .strategies import make_plan, plural
 
 
 def describe(spec: str, *, strategy: str = "full", epochs: int = 10, num_classes: int = 2,
@@ -26,7 +26,7 @@ def describe(spec: str, *, strategy: str = "full", epochs: int = 10, num_classes
                                                                         else f" ({len(some)}/{len(g.params)} tensors)")
         rows.append((str(i), g.name, str(len(g.params)), f"{n:,}", when))
     total = sum(p.numel() for p in params.values())
-    header = ("group", "name", "tensors", "parameters", f"trains from ({strategy}, {epochs} epochs)")
+    header = ("group", "name", "tensors", "parameters", f"trains from ({strategy}, {plural(epochs, 'epoch')})")
     widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
     lines = [f"{spec}: {backbone.source}:{backbone.architecture}, {total / 1e6:.2f}M parameters, "
              f"{len(rows)} layer groups (input to output)"]

@@ -1,11 +1,18 @@
-"""The one training loop. accelerate does devices, precision, accumulation and distribution."""
+"""The one training loop. accelerate does devices, precision, accumulation and distribution.
+
+Per batch, in this order: task.prepare (on the device), addons.train_batch, task.step (loss, size,
+outputs), backward of the loss plus addons.extra_loss, and at an accumulation boundary: clip, optimizer
+step (a non-finite update is skipped), scheduler, addons.after_update. After each epoch: evaluate the
+trained weights and every addons.eval_candidates() (each through addons.eval_model), keep the best, early
+stopping, checkpoint. The loop never looks inside a batch or an output: the task does.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +24,8 @@ from tqdm.auto import tqdm
 from . import faults
 from .errors import TrainingStopped
 from .data.order import EpochBatches
+from .addons.base import AddOns
+from .evaluation import evaluate
 from .strategies import Plan, apply_phase, set_train_mode
 from .tasks import LOWER_IS_BETTER
 
@@ -36,13 +45,7 @@ class LoopConfig:
     min_delta: float = 0.0  # early stopping: the smallest change of the monitored metric that counts
     quiet: bool = False
     log_every: int = 25  # steps between progress updates and device-side skip checks (each one syncs)
-    mixup: Callable | None = None  # images: (x, y) -> (mixed x, soft targets), e.g. timm.data.Mixup
-    mixup_off_epoch: int | None = None  # 1-based epoch from which batches are no longer mixed
-    tta: str = "none"  # test-time augmentation at validation: none | flip | crops | flip-crops (tta_views)
-    ema_decay: float | None = None  # keep an EMA of the weights; evaluated each epoch, saved when it scores better
-    penalty: Callable[[], torch.Tensor] | None = None  # added to the training loss (e.g. an L1 penalty)
     max_nonfinite: int = 10  # stop after this many updates in a row skipped for a non-finite loss/gradient
-    normalize: Callable | None = None  # batches -> model input, on the device (uint8 images: data.decoded)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class TrainState:
     seen: int = 0
     epoch_seconds: float = 0.0
     train_seconds: float = 0.0
+    grad_norm_sum: float = 0.0  # the epoch in progress: its updates' finite gradient norms (before clipping),
+    grad_norms: float = 0.0  # summed, and how many
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,31 +104,6 @@ class EarlyStopping:
         return bool(self.patience) and self.stale >= self.patience
 
 
-def forward(module: torch.nn.Module, x: Any, tta: str = "none") -> torch.Tensor:
-    """Logits [B, num_outputs] from a batch: a tensor (images) or a dict of tensors (tokenized text).
-    With test-time augmentation (images), the mean of the logits over the views of `tta_views`."""
-    if tta != "none":
-        views = tta_views(x, tta)
-        return sum(module(v) for v in views) / len(views)
-    out = module(**x) if isinstance(x, Mapping) else module(x)
-    return getattr(out, "logits", out)  # transformers models return a ModelOutput
-
-
-def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """Views of an image batch [B, C, H, W]: the batch itself; 'flip' adds its mirror; 'crops' adds the
-    centre and the four corner crops of 7/8 of each side, resized back to H x W; 'flip-crops' adds both."""
-    views = [x]
-    if tta in ("flip", "flip-crops"):
-        views.append(x.flip(-1))
-    if tta in ("crops", "flip-crops"):
-        h, w = x.shape[-2:]
-        ch, cw = round(h * 7 / 8), round(w * 7 / 8)
-        for top, left in ((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw):
-            crop = x[..., top:top + ch, left:left + cw]
-            views.append(torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
-    return views
-
-
 def _better(score: tuple[float, float], best: tuple[float, float] | None) -> bool:
     if not all(math.isfinite(s) for s in score):
         return False  # a NaN/Inf metric is never "best"
@@ -132,10 +112,11 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
         val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict, torch.nn.Module], None],
-        state: TrainState | None = None, checkpoints: Checkpoints | None = None) -> TrainState:
+        state: TrainState | None = None, checkpoints: Checkpoints | None = None,
+        addons: AddOns | None = None) -> TrainState:
     """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
-    each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or its
-    EMA when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
+    each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or an
+    add-on's candidate, e.g. its EMA, when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
     update boundary, never inside an accumulation window), after each epoch, and on SIGTERM/SIGINT.
 
     An update whose loss or gradient is not finite is skipped. With torch's fused Adam/AdamW (the default
@@ -143,20 +124,17 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     `cfg.log_every` batches, before a checkpoint and at the end of an epoch, so the warnings come in bursts
     and `cfg.max_nonfinite` skips in a row stop the run up to `log_every` batches later than they occur. A
     skipped update still counts in `state.updates`: the lr schedule moves on by one update (as after fp16's
-    GradScaler skips a step) and the EMA takes its step towards the unchanged weights. Other optimizers
+    GradScaler skips a step) and add-ons' after_update runs (the EMA steps towards the unchanged weights). Other optimizers
     check each update's gradient norm on the host and neither count nor schedule a skipped update."""
     state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
     stopper.stale = state.stop_stale
     inner = accelerator.unwrap_model(module, keep_torch_compile=False)  # the model itself, also under --compile
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(inner, decay=cfg.ema_decay, use_warmup=True)  # decay ramps up over the first steps
-        if checkpoints is not None and checkpoints.ema_weights is not None:
-            ema.module.load_state_dict(checkpoints.ema_weights)
+    addons = addons if addons is not None else AddOns()
+    addons.start(inner)
+    if checkpoints is not None and checkpoints.addon_tensors:
+        addons.load_state_dict(checkpoints.addon_tensors)
     sampler = _epoch_batches(train_loader)
     order = train_loader if hasattr(train_loader, "set_epoch") else sampler  # accelerate's forwards it to ours
     skips = _Skips(cfg.max_nonfinite)
@@ -169,7 +147,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             apply_phase(phase, inner, optimizer)
             params = [p for p in module.parameters() if p.requires_grad]
             if epoch > 0 or len(cfg.plan.phases) > 1:
-                log.info("epoch %d: %s trains (%d tensors, lr x%g)", epoch + 1, phase.description, len(params),
+                log.info("epoch %d: training %s; %d tensors, lr x%g", epoch + 1, phase.description, len(params),
                          phase.lr_mult)
         set_train_mode(module, inner)
         order.set_epoch(epoch)
@@ -179,43 +157,46 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         device = accelerator.device
         loss_sum = torch.tensor(state.loss_sum, device=device)
         running = torch.tensor(state.running, device=device)  # task.running_metric, summed over samples
+        norms = torch.tensor([state.grad_norm_sum, state.grad_norms], device=device)  # finite norms: sum, count
         losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
         start = time.perf_counter() - state.epoch_seconds
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    initial=state.batch, total=len(sampler) if sampler is not None else None,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
-        mix = cfg.mixup if cfg.mixup_off_epoch is None or epoch + 1 < cfg.mixup_off_epoch else None
-        for x, y in bar:
-            x = cfg.normalize(x) if cfg.normalize is not None else x
+        for batch in bar:
+            batch = task.prepare(batch)
             with accelerator.accumulate(module):
-                inputs, target = mix(x, y) if mix is not None else (x, y)  # soft targets [B, N] when mixed
-                logits = forward(module, inputs)  # [B, num_outputs]
-                loss = task.loss(logits, target)  # logged as the train loss: the penalty is not in it
-                accelerator.backward(loss + cfg.penalty() if cfg.penalty is not None else loss)
+                trained = addons.train_batch(batch, epoch)  # MixUp: mixed inputs, soft targets
+                loss, size, outputs = task.step(module, trained)  # logged as the train loss
+                accelerator.backward(addons.extra_loss(loss, trained, outputs))  # + an L1 penalty, if any
                 faults.point("batch")
                 update = accelerator.sync_gradients
                 if update and on_device:  # stepped, or skipped by the kernel: known at the next skips.check
-                    skips.queue(state.step + 1, _step_unless_nonfinite(accelerator, optimizer, params, cfg.clip_grad))
+                    flag, norm = _step_unless_nonfinite(accelerator, optimizer, params, cfg.clip_grad)
+                    skips.queue(state.step + 1, flag)
+                    ok = (flag == 0).float()  # the norm of a skipped update is not finite: left out
+                    norms += torch.stack([torch.where(flag > 0, 0.0, norm.float().to(device)), ok])
                     optimizer.zero_grad(set_to_none=True)
                     state.updates += 1
                     scheduler.step_update(num_updates=state.updates)
-                    if ema is not None:
-                        ema.update(inner, step=state.updates)
-                elif update and not _finite_gradients(accelerator, params, cfg.clip_grad):
-                    optimizer.zero_grad(set_to_none=True)  # the update is skipped: the weights never see it
-                    skips.record(state, state.step + 1, True)
-                    update = False
+                    addons.after_update(inner, state.updates)
                 elif update:
-                    skips.record(state, state.step + 1, False)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.updates += 1
-                    scheduler.step_update(num_updates=state.updates)
-                    if ema is not None:
-                        ema.update(inner, step=state.updates)
-            loss_sum += loss.detach() * len(y)
-            running += task.running(logits.detach(), y)
-            state.seen += len(y)
+                    norm = _clipped_norm(accelerator, params, cfg.clip_grad)
+                    if not bool(torch.isfinite(norm)):
+                        optimizer.zero_grad(set_to_none=True)  # the update is skipped: the weights never see it
+                        skips.record(state, state.step + 1, True)
+                        update = False
+                    else:
+                        skips.record(state, state.step + 1, False)
+                        norms += torch.stack([norm.float().to(device), torch.ones((), device=device)])
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        state.updates += 1
+                        scheduler.step_update(num_updates=state.updates)
+                        addons.after_update(inner, state.updates)
+            loss_sum += loss.detach() * size
+            running += task.running(outputs, batch)
+            state.seen += size
             state.batch += 1
             state.step += 1
             losses.append(loss.detach())
@@ -230,30 +211,32 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             if update and checkpoints is not None and checkpoints.due(state.updates):
                 skips.check(state)
                 state.loss_sum, state.running = loss_sum.item(), running.item()
+                state.grad_norm_sum, state.grad_norms = norms.tolist()
                 state.epoch_seconds = time.perf_counter() - start
-                path = checkpoints.save(state, inner, optimizer, scheduler, ema, _flush(losses, state.step))
+                path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
+                                        _flush(losses, state.step))
                 if checkpoints.stop_requested:
                     raise checkpoints.stopped(path)
         bar.close()
         skips.check(state)
         epoch_seconds = time.perf_counter() - start
         state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
-        val = evaluate(accelerator, module, val_loader, task, desc="validate", quiet=cfg.quiet, tta=cfg.tta,
-                       normalize=cfg.normalize)
+        val = evaluate(accelerator, addons.eval_model(module), val_loader, task, desc="validate", quiet=cfg.quiet)
         weights = inner
-        if ema is not None:
-            val_ema = evaluate(accelerator, ema.module, val_loader, task, desc="validate EMA", quiet=cfg.quiet,
-                               tta=cfg.tta, normalize=cfg.normalize)
-            ema_wins = _better(_score(cfg.monitor, val_ema), _score(cfg.monitor, val))
-            log.info("epoch %d: EMA val %s %.4f vs %.4f%s", epoch + 1, cfg.monitor, val_ema[cfg.monitor],
-                     val[cfg.monitor], " (EMA kept)" if ema_wins else "")
-            if ema_wins:
-                val, weights = {**val_ema, "ema": True}, ema.module
+        for name, candidate in addons.eval_candidates():  # e.g. the EMA of the weights
+            val_c = evaluate(accelerator, addons.eval_model(candidate), val_loader, task, desc=f"validate {name}",
+                             quiet=cfg.quiet)
+            wins = _better(_score(cfg.monitor, val_c), _score(cfg.monitor, val))
+            log.info("epoch %d: %s val %s %.4f vs %.4f%s", epoch + 1, name, cfg.monitor, val_c[cfg.monitor],
+                     val[cfg.monitor], f" ({name} kept)" if wins else "")
+            if wins:
+                val, weights = {**val_c, name.lower(): True}, candidate
         seen = state.seen
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
                f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
                **{f"val_{k}": val[k] for k in task.headline},
+               "grad_norm": norms[0].item() / max(norms[1].item(), 1.0),  # mean over its updates, before clipping
                "train_samples_per_s": seen * accelerator.num_processes / epoch_seconds,
                "epoch_seconds": epoch_seconds}
         state.history.append(row)
@@ -271,16 +254,16 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             on_best(epoch + 1, val, weights)
         faults.point("after-eval")
         if stopper.update(score):
-            log.info("early stopping: no improvement of val %s by more than %g for %d epochs", cfg.monitor,
-                     cfg.min_delta, stopper.stale)
+            log.info("early stopping: no improvement of val %s by more than %g for %d epoch%s", cfg.monitor,
+                     cfg.min_delta, stopper.stale, "" if stopper.stale == 1 else "s")
             state.stopped_early = True
         state.stop_reference = list(stopper.reference) if stopper.reference else None
         state.stop_stale = stopper.stale
         state.epoch, state.batch, state.seen = epoch + 1, 0, 0
-        state.loss_sum = state.running = state.epoch_seconds = 0.0
+        state.loss_sum = state.running = state.epoch_seconds = state.grad_norm_sum = state.grad_norms = 0.0
         if checkpoints is not None:
-            path = checkpoints.save(state, inner, optimizer, scheduler, ema, _flush(losses, state.step),
-                                    best=improved)
+            path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
+                                    _flush(losses, state.step), best=improved)
             if checkpoints.stop_requested and state.epoch < cfg.epochs:
                 raise checkpoints.stopped(path)
     return state
@@ -294,15 +277,14 @@ def _epoch_batches(loader):
     return sampler
 
 
-def _finite_gradients(accelerator: Accelerator, params: list[torch.Tensor], clip: float | None) -> bool:
-    """Clip the gradients (when asked) and say whether their norm is finite (a host-device sync). fp16's
-    gradient scaler skips overflowing steps itself (and lowers its scale), so with one this always says yes."""
+def _clipped_norm(accelerator: Accelerator, params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """Clip the gradients (when asked); their total norm before clipping. fp16's gradient scaler skips
+    overflowing steps itself (and lowers its scale), so with one the norm is reported as finite (0)."""
     if accelerator.scaler is not None:
         if clip:
             accelerator.clip_grad_norm_(params, clip)
-        return True
-    norm = accelerator.clip_grad_norm_(params, clip or float("inf"))
-    return bool(torch.isfinite(norm))
+        return torch.zeros(())
+    return accelerator.clip_grad_norm_(params, clip or float("inf"))
 
 
 def _base_optimizer(optimizer):
@@ -326,9 +308,9 @@ def _skips_on_device(accelerator: Accelerator, optimizer) -> bool:
 
 
 def _step_unless_nonfinite(accelerator: Accelerator, optimizer, params: list[torch.Tensor],
-                           clip: float | None) -> torch.Tensor:
+                           clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients (when asked) and step; the fused kernel skips the update when their norm is not
-    finite. Returns that flag, 1.0 = skipped, a 0-d float32 tensor left on the device (no sync)."""
+    finite. Returns that flag (1.0 = skipped, a 0-d float32 tensor left on the device: no sync) and the norm."""
     norm = accelerator.clip_grad_norm_(params, clip or float("inf"))  # a CPU 0.0 when no gradient at all
     found_inf = (~torch.isfinite(norm)).float().to(accelerator.device)
     inner = _base_optimizer(optimizer)
@@ -337,7 +319,7 @@ def _step_unless_nonfinite(accelerator: Accelerator, optimizer, params: list[tor
         optimizer.step()
     finally:
         del inner.found_inf  # as GradScaler does: nothing is left for a later step to read
-    return found_inf
+    return found_inf, norm
 
 
 class _Skips:
@@ -379,24 +361,3 @@ def _flush(losses: list[torch.Tensor], last_step: int) -> list[tuple[int, float]
     values = torch.stack(losses).float().cpu().tolist() if losses else []
     losses.clear()
     return list(zip(range(last_step - len(values) + 1, last_step + 1), values))
-
-
-@torch.inference_mode()
-def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
-             quiet: bool = False, tta: str = "none", normalize: Callable | None = None) -> dict:
-    """Metrics of `task` over `loader`, plus the mean unsmoothed loss."""
-    module.eval()
-    metrics = task.metrics().to(accelerator.device)
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    count = 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                     disable=quiet or not accelerator.is_local_main_process):
-        logits = forward(module, normalize(x) if normalize is not None else x, tta)
-        logits, y = accelerator.gather_for_metrics((logits, y))
-        metrics.update(*task.for_metrics(logits, y))
-        loss_sum += task.eval_loss(logits, y).sum()
-        count += len(y)
-    out = task.summarize(metrics.compute())
-    out["loss"] = loss_sum.item() / max(count, 1)
-    out["samples"] = count
-    return out

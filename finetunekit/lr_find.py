@@ -24,9 +24,10 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     import torch
     from accelerate.utils import set_seed
 
+    from .build import accelerator as make_accelerator
+    from .build import plan_and_optimizer
     from .inputs import prepare_inputs
-    from .loop import forward
-    from .pipeline import _accelerator, plan_and_optimizer, preflight
+    from .preflight import preflight
     from .strategies import apply_phase, set_train_mode
 
     if not 0 < start < end:
@@ -38,10 +39,10 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     preflight(recipe)
     t = recipe.train
     set_seed(t.seed)
-    accelerator = _accelerator(t.precision, 1, t.cpu, None)
-    inputs = prepare_inputs(recipe, gpu=accelerator.device.type == "cuda")
+    accelerator = make_accelerator(t.precision, 1, t.cpu, None)
+    inputs = prepare_inputs(recipe.task, recipe.data, recipe.model, t, gpu=accelerator.device.type == "cuda")
     backbone, task = inputs.backbone, inputs.task
-    plan, optimizer = plan_and_optimizer(recipe, backbone, start)
+    plan, optimizer = plan_and_optimizer(t, backbone, start)
     apply_phase(plan.phases[0], backbone.module, optimizer)  # the phase's lr multiple, as the loop applies it
     module, optimizer, loader = accelerator.prepare(backbone.module, optimizer, inputs.train_loader)
     set_train_mode(module, accelerator.unwrap_model(module))
@@ -53,11 +54,11 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         try:
-            x, y = next(batches)
+            batch = next(batches)
         except StopIteration:
             batches = iter(loader)
-            x, y = next(batches)
-        loss = task.loss(forward(module, x), y)
+            batch = next(batches)
+        loss = task.step(module, task.prepare(batch)).loss
         accelerator.backward(loss)
         if t.clip_grad:
             accelerator.clip_grad_norm_(params, t.clip_grad)

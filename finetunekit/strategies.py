@@ -25,6 +25,7 @@ frozen part do not drift.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -33,7 +34,6 @@ from .errors import UserError
 from .models import Backbone
 from .models.groups import Group, layer_groups
 
-STRATEGIES = ("full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit", "norm-head")
 HEAD_PHASE_LR_MULT = 10.0  # head-only phases: the linear-probe default lr is 10x the full fine-tune one
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _TYPES = {"norm": _NORMS, "embedding": (nn.Embedding, nn.EmbeddingBag), "conv": (nn.modules.conv._ConvNd,),
@@ -55,6 +55,11 @@ class Plan:
 
     def phase_at(self, epoch: int) -> Phase:
         return [p for p in self.phases if p.start_epoch <= epoch][-1]
+
+
+def plural(n: float, word: str) -> str:
+    """'1 epoch', '2 epochs', '0.5 epochs'."""
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 def _is_norm_param(module: nn.Module, name: str) -> bool:
@@ -88,46 +93,89 @@ def always_frozen(backbone: Backbone, freeze: str | None, freeze_types: str | No
     return frozen
 
 
+@dataclass
+class _Parts:
+    """What a strategy's plan is made of: the model's layer groups and parameter names, and the options."""
+
+    strategy: str
+    backbone: Backbone
+    groups: list[Group]
+    everything: set[str]
+    head: set[str]
+    fixed: set[str]  # always frozen (--freeze, --freeze-types, --freeze-layers)
+    epochs: int
+    head_epochs: int | None
+    unfreeze_every: int
+
+    def phase(self, start: int, names: set[str], mult: float, what: str) -> Phase:
+        return Phase(start, frozenset(names - self.fixed), mult, what)
+
+
+def _full(p: _Parts) -> list[Phase]:
+    return [p.phase(0, p.everything, 1.0, "all parameters")]
+
+
+def _linear_probe(p: _Parts) -> list[Phase]:
+    return [p.phase(0, p.head, 1.0, "head only")]
+
+
+def _bitfit(p: _Parts) -> list[Phase]:
+    return [p.phase(0, p.head | {n for n in p.everything if n.endswith("bias")}, 1.0, "biases + head")]
+
+
+def _norm_head(p: _Parts) -> list[Phase]:
+    module = p.backbone.module
+    return [p.phase(0, p.head | {n for n in p.everything if _is_norm_param(module, n)}, 1.0, "norm layers + head")]
+
+
+def _head_then_all(default_head_epochs) -> Callable[[_Parts], list[Phase]]:
+    def plan(p: _Parts) -> list[Phase]:
+        k = p.head_epochs if p.head_epochs is not None else default_head_epochs(p.epochs)
+        if k >= p.epochs:
+            raise UserError(f"--head-epochs {k}: must be less than --epochs {p.epochs} for --strategy {p.strategy}")
+        return [p.phase(0, p.head, HEAD_PHASE_LR_MULT, f"head only ({plural(k, 'epoch')})"),
+                p.phase(k, p.everything, 1.0, "all parameters")]
+    return plan
+
+
+def _gradual(p: _Parts) -> list[Phase]:
+    """The head first, then one more group (top down) every `unfreeze_every` epochs."""
+    body = [g for g in p.groups if not g.is_head]
+    phases, names = [], set(p.head)
+    for i, start in enumerate(range(0, p.epochs, p.unfreeze_every)):
+        if i:
+            if not body:
+                break
+            g: Group = body.pop()
+            names = names | set(g.params)
+        phases.append(p.phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
+                              "head only" if i == 0 else
+                              f"head + the top {'group' if i == 1 else f'{i} groups'} (down to {g.name})"))
+    return phases
+
+
+# name -> plan builder; the recipe's choices (config.TrainConfig.strategy) are checked against it in tests
+STRATEGIES: dict[str, Callable[[_Parts], list[Phase]]] = {
+    "full": _full,
+    "linear-probe": _linear_probe,
+    "freeze-unfreeze": _head_then_all(lambda epochs: 1),
+    "gradual": _gradual,
+    "lp-ft": _head_then_all(lambda epochs: max(1, epochs // 2)),
+    "bitfit": _bitfit,
+    "norm-head": _norm_head,
+}
+
+
 def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: int | None = None,
               unfreeze_every: int = 1, freeze: str | None = None, freeze_types: str | None = None,
               freeze_layers: int | None = None) -> Plan:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     groups = layer_groups(backbone)
-    everything = {n for g in groups for n in g.params}
-    head = {n for g in groups if g.is_head for n in g.params}
-    fixed = always_frozen(backbone, freeze, freeze_types, freeze_layers)
-
-    def phase(start: int, names: set[str], mult: float, what: str) -> Phase:
-        return Phase(start, frozenset(names - fixed), mult, what)
-
-    if strategy == "full":
-        return Plan(strategy, [phase(0, everything, 1.0, "all parameters")])
-    if strategy == "linear-probe":
-        return Plan(strategy, [phase(0, head, 1.0, "head only")])
-    if strategy in ("bitfit", "norm-head"):
-        module = backbone.module
-        pick = (lambda n: n.endswith("bias")) if strategy == "bitfit" else (lambda n: _is_norm_param(module, n))
-        return Plan(strategy, [phase(0, head | {n for n in everything if pick(n)}, 1.0,
-                                     "biases + head" if strategy == "bitfit" else "norm layers + head")])
-    if strategy in ("freeze-unfreeze", "lp-ft"):
-        k = head_epochs if head_epochs is not None else (1 if strategy == "freeze-unfreeze" else max(1, epochs // 2))
-        if k >= epochs:
-            raise UserError(f"--head-epochs {k}: must be less than --epochs {epochs} for --strategy {strategy}")
-        return Plan(strategy, [phase(0, head, HEAD_PHASE_LR_MULT, f"head only ({k} epochs)"),
-                               phase(k, everything, 1.0, "all parameters")])
-    # gradual: head first, then one more group (top down) every `unfreeze_every` epochs
-    body = [g for g in groups if not g.is_head]
-    phases, names = [], set(head)
-    for i, start in enumerate(range(0, epochs, unfreeze_every)):
-        if i:
-            if not body:
-                break
-            g: Group = body.pop()
-            names = names | set(g.params)
-        phases.append(phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
-                            "head only" if i == 0 else f"head + top {i} group(s) (down to {g.name})"))
-    return Plan(strategy, phases)
+    parts = _Parts(strategy, backbone, groups, {n for g in groups for n in g.params},
+                   {n for g in groups if g.is_head for n in g.params},
+                   always_frozen(backbone, freeze, freeze_types, freeze_layers), epochs, head_epochs, unfreeze_every)
+    return Plan(strategy, STRATEGIES[strategy](parts))
 
 
 def apply_phase(phase: Phase, module: nn.Module, optimizer=None) -> None:

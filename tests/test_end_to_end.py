@@ -102,9 +102,12 @@ def test_cli_predict_and_evaluate(lite0_run, cifar_subset, tmp_path):
 
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a picture")
-    r = run_cli("predict", str(lite0_run), str(bad))
+    r = run_cli("predict", str(lite0_run), str(bad), "--strict")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
     assert "broken.jpg: cannot read as an image" in r.stderr
+    r = run_cli("predict", str(lite0_run), rows[50]["path"], str(bad), "--format", "csv")  # skipped, listed
+    assert r.returncode == 0 and "warning: 1 of 2 images could not be read" in r.stderr, r.stderr
+    assert [bool(t["error"]) for t in csv.DictReader(io.StringIO(r.stdout))] == [False, True]
 
     r = run_cli("evaluate", str(lite0_run), "--data", str(cifar_subset["test"]), "--output", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import finetunekit
 from conftest import CIFAR, write_manifest
-from finetunekit import fastpath, loop, pipeline
+from finetunekit import build, fastpath, loop
 from finetunekit.errors import TrainingStopped
 
 
@@ -37,7 +37,7 @@ def _linear_run(poison: set[int], max_nonfinite: int = 10, log_every: int = 25, 
     from finetunekit.strategies import Phase, Plan
     from finetunekit.tasks import Classification
 
-    accelerator = pipeline._accelerator("no", 1, True, None)
+    accelerator = build.accelerator("no", 1, True, None)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
@@ -73,7 +73,7 @@ def _linear_run(poison: set[int], max_nonfinite: int = 10, log_every: int = 25, 
 
 def test_fused_adamw_skips_a_non_finite_update_on_the_device(caplog):
     seen, final, optimizer, state = _linear_run(poison={3})
-    assert loop._skips_on_device(pipeline._accelerator("no", 1, True, None), optimizer)
+    assert loop._skips_on_device(build.accelerator("no", 1, True, None), optimizer)
     assert torch.equal(seen[3], seen[2])  # the update of forward 3 (0-based index 2) changed nothing
     assert all(not torch.equal(seen[i], seen[i + 1]) for i in (0, 1, 3, 4, 5, 6))
     assert not torch.equal(seen[7], final)
@@ -82,7 +82,7 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device(caplog):
     assert step.item() == 7  # the kernel took back the skipped update's step: Adam's bias correction is right
     assert "step 3: non-finite loss or gradient; update skipped (1 in a row)" in caplog.text
     # a non-fused optimizer keeps the host-checked path
-    assert not loop._skips_on_device(pipeline._accelerator("no", 1, True, None),
+    assert not loop._skips_on_device(build.accelerator("no", 1, True, None),
                                      torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
 
 
@@ -112,9 +112,9 @@ def _regression_table(manifest, path, poison=()):
 def test_a_run_with_fused_adamw_counts_skips_in_metrics(tiny, tmp_path, monkeypatch):
     """A whole run on the device-skip path (fused AdamW forced on the CPU): two poisoned targets make up to
     two of the 7 updates non-finite; they are skipped, counted in metrics.json, the saved weights are finite."""
-    forced = pipeline.plan_and_optimizer
-    monkeypatch.setattr(pipeline, "plan_and_optimizer",
-                        lambda recipe, backbone, lr, fused=False: forced(recipe, backbone, lr, fused=True))
+    forced = build.plan_and_optimizer
+    monkeypatch.setattr(build, "plan_and_optimizer",
+                        lambda train, backbone, lr, fused=False: forced(train, backbone, lr, fused=True))
     run = finetunekit.fit({
         "task": "image-regression",
         "data": {"path": str(_regression_table(tiny["train"], tmp_path / "train.csv", poison={0, 31})),

@@ -83,3 +83,17 @@ def test_ema_and_dropout_on_cached_features_save_the_whole_model(cifar_subset, t
     again = finetunekit.evaluate(run.run_dir, cifar_subset["test"])
     assert again["accuracy"] == pytest.approx(run.metrics["val"]["accuracy"], abs=1e-6)
     assert again["loss"] == pytest.approx(run.metrics["val"]["loss"], rel=1e-4)
+
+
+def test_features_of_another_random_init_are_not_reused(cifar_subset, tmp_path, monkeypatch):
+    """pretrained: false with another seed is another backbone: its features must be computed, not read
+    from the first run's cache entry (the key holds the frozen weights' SHA-256)."""
+    monkeypatch.setenv("FINETUNEKIT_CACHE", str(tmp_path / "cache"))
+    _, first = _fit(cifar_subset["train"], tmp_path / "seed1")
+    assert "features (train): 360 x 256, computed" in first
+    recipe_seed = {"data": {"path": str(cifar_subset["train"]), "image_size": 32, "augment": "none", "num_workers": 0},
+                   "model": {"name": "timm:test_efficientnet", "pretrained": False},
+                   "train": {"strategy": "linear-probe", "epochs": 1, "batch_size": 16, "seed": 2},
+                   "out": str(tmp_path / "seed2"), "quiet": True}
+    run = finetunekit.fit(recipe_seed)
+    assert "features (train): 360 x 256, computed" in (run.run_dir / "log.txt").read_text()

@@ -185,7 +185,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(cifar_subset, tmp_pat
         in r.stderr and "bad labels" in r.stderr
 
 
-STRATEGIES = ["full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit", "norm-head"]
+from finetunekit.strategies import STRATEGIES  # noqa: E402
 
 
 @pytest.mark.slow

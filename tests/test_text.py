@@ -319,5 +319,5 @@ def test_gradual_unfreezing_through_the_pipeline(tiny_bert, sentiment, tmp_path)
     best = run.metrics["best_epoch"]  # the saved weights are the best epoch's
     assert any("pooler." in k for k in moved) == (best >= 2) and any("layer.1." in k for k in moved) == (best == 3)
     log = (run.run_dir / "log.txt").read_text()
-    assert "epoch 2: head + top 1 group(s) (down to bert.pooler) trains" in log
-    assert "epoch 3: head + top 2 group(s) (down to bert.encoder.layer.1) trains" in log
+    assert "epoch 2: training head + the top group (down to bert.pooler); " in log
+    assert "epoch 3: training head + the top 2 groups (down to bert.encoder.layer.1); " in log

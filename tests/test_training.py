@@ -123,9 +123,10 @@ def test_mixup_cutmix_strong_augment_and_flip_tta_run_end_to_end(cifar_subset, t
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain, mirrored = model.module(x), model.module(x.flip(-1))
-    from finetunekit.loop import forward
+    from finetunekit.addons.tta import with_tta
 
-    assert torch.allclose(forward(model.module, x, "flip"), (plain + mirrored) / 2)
+    with torch.no_grad():
+        assert torch.allclose(with_tta(model.module, "flip")(x), (plain + mirrored) / 2)
 
 
 def test_mixup_needs_an_even_batch(cifar_subset, tmp_path):
@@ -228,7 +229,7 @@ def test_l1_penalty_shrinks_the_head_and_is_kept_out_of_the_logged_loss(cifar_su
 
 
 def test_tta_views_flip_and_crop_sets():
-    from finetunekit.loop import forward, tta_views
+    from finetunekit.addons.tta import tta_views, with_tta
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     assert [len(tta_views(x, t)) for t in ("none", "flip", "crops", "flip-crops")] == [1, 2, 6, 7]
@@ -242,8 +243,8 @@ def test_tta_views_flip_and_crop_sets():
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 4))
     with torch.no_grad():
         expected = sum(module(v) for v in views) / 7
-        assert torch.allclose(forward(module, x, "flip-crops"), expected)
-        assert torch.equal(forward(module, x), module(x))
+        assert torch.allclose(with_tta(module, "flip-crops")(x), expected)
+        assert with_tta(module, "none") is module
 
 
 def test_rotation_elastic_and_vertical_flip_augment_the_training_images_only():

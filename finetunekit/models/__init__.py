@@ -1,99 +1,97 @@
-"""Models: one adapter per source behind the Backbone contract.
+"""Models: one adapter class per source behind the Source contract (base.py), in one registry
+(registry.SOURCES).
 
     spec                   source
     efficientnet_lite0     images, built-in, offline (timm architecture, weights from a registry package)
     timm:<name>            images, timm (pretrained weights from the Hugging Face Hub)
     torchvision:<name>     images, torchvision (pretrained weights from torchvision's URLs)
     minilm                 text, built-in, offline (all-MiniLM-L6-v2, a Hugging Face folder in a registry package)
-    hf:<hub id or folder>  text, transformers (AutoModelForSequenceClassification)
+    hf:<hub id or folder>  text (AutoModelForSequenceClassification) or, with an image task, images
+                           (AutoModelForImageClassification)
+
+The functions below are thin wrappers over the adapters, for the pipeline.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from ..errors import UserError, did_you_mean
-from . import builtin, hf_source, timm_source, torchvision_source
-from .base import Backbone
-from .heads import apply_head
-from .weights import load_weights, read_state_dict
+from ..errors import UserError
+from . import folder as model_folder
+from .base import Backbone, CreateOptions, Source
+from .registry import SOURCES, resolve
 
-__all__ = ["Backbone", "check_spec", "create_backbone", "create_text_backbone", "modality", "rebuild_backbone"]
-
-log = logging.getLogger("finetunekit")
-
-_SOURCES = {"timm": timm_source, "torchvision": torchvision_source, "hf": hf_source}
+__all__ = ["Backbone", "CreateOptions", "SOURCES", "Source", "check_spec", "create_backbone", "create_text_backbone",
+           "load_folder", "modality", "resolve"]
 
 
-def _parse(spec: str) -> tuple[str, str]:
-    if spec in builtin.BUILTIN or spec in builtin.TEXT_BUILTIN:
-        return "builtin", spec
-    source, _, name = spec.partition(":")
-    if source not in _SOURCES or not name:
-        raise UserError(f"--model {spec}: expected timm:<name>, torchvision:<name>, hf:<hub id or folder>, or "
-                        f"one of the built-in {sorted(builtin.BUILTIN) + sorted(builtin.TEXT_BUILTIN)}"
-                        f"{did_you_mean(spec, list(builtin.BUILTIN) + list(builtin.TEXT_BUILTIN))}")
-    return source, name
+def modality(spec: str, task_modality: str | None = None) -> str:
+    """'image' or 'text': what kind of input the model named by `spec` reads (for hf:, the task's when
+    given, else its config.json's architectures, else text)."""
+    return resolve(spec, task_modality)[0].modality
 
 
-def modality(spec: str) -> str:
-    """'image' or 'text': what kind of input the model named by `spec` reads."""
-    source, name = _parse(spec)
-    return "text" if source == "hf" or name in builtin.TEXT_BUILTIN else "image"
-
-
-def check_spec(spec: str) -> None:
+def check_spec(spec: str, task_modality: str | None = None) -> None:
     """Cheap validation of a model spec, before any data is read or weights downloaded."""
-    source, name = _parse(spec)
-    if source != "builtin":
-        _SOURCES[source].check_name(name)
+    source, name = resolve(spec, task_modality)
+    source.check_name(name)
 
 
 def create_backbone(spec: str, num_classes: int, *, pretrained: bool = True, weights: Path | None = None,
-                    drop_path: float | None = None, head: str = "linear", dropout: float | None = None) -> Backbone:
-    """The model for `spec` with a fresh head of `num_classes` outputs.
+                    drop_path: float | None = None, head: str = "linear", dropout: float | None = None,
+                    image_size: int | None = None, labels: list[str] | None = None,
+                    kind: str = "classification") -> Backbone:
+    """The image model for `spec` with a fresh head of `num_classes` outputs, fed `image_size` px images.
 
     `weights` (a file) replaces the source's pretrained weights; its head is kept when it has the same
-    number of classes.
+    number of classes. `labels` name the outputs (hf: id2label).
     """
-    source, name = _parse(spec)
-    use_hub = pretrained and weights is None
-    create = builtin.create if source == "builtin" else _SOURCES[source].create
-    backbone = create(name, use_hub, drop_path=drop_path, dropout=dropout if head == "linear" else None)
-    _SOURCES[backbone.source].replace_head(backbone, num_classes)
-    apply_head(backbone, head, dropout)
-    if weights is not None:
-        load_weights(backbone, read_state_dict(weights), f"--weights {weights}")
-    return backbone
+    source, name = resolve(spec, "image")
+    options = CreateOptions(pretrained=pretrained, weights=weights, drop_path=drop_path, dropout=dropout, head=head,
+                            image_size=image_size, labels=tuple(labels or ()), kind=kind, spec=spec)
+    return source.create(name, num_classes, options)
 
 
 def create_text_backbone(spec: str, labels: list[str], kind: str, *, pretrained: bool = True,
-                         weights: Path | None = None, trust_remote_code: bool = False) -> Backbone:
+                         weights: Path | None = None, trust_remote_code: bool = False,
+                         dropout: float | None = None) -> Backbone:
     """A transformers encoder with a new sequence-classification head for `kind` (classification,
-    multilabel, regression) and `labels`."""
-    source, name = _parse(spec)
-    folder = builtin.text_folder(name) if source == "builtin" else name
-    backbone = hf_source.create(folder, labels, kind, pretrained=pretrained and weights is None,
-                                trust_remote_code=trust_remote_code, spec=spec)
-    if weights is not None:
-        load_weights(backbone, read_state_dict(weights), f"--weights {weights}")
-    return backbone
+    multilabel, regression) and `labels`; `dropout` sets the classifier's (or hidden) dropout."""
+    source, name = resolve(spec, "text")
+    if source.modality != "text":
+        raise UserError(f"--model {spec}: reads images, not texts")
+    options = CreateOptions(pretrained=pretrained, weights=weights, dropout=dropout, labels=tuple(labels), kind=kind,
+                            trust_remote_code=trust_remote_code, spec=spec)
+    return source.create(name, 1 if kind == "regression" else len(labels), options)
 
 
-def rebuild_backbone(source: str, architecture: str, num_classes: int, preprocessing, head: str = "linear"
-                     ) -> Backbone:
-    """An untrained network of a saved architecture (weights are loaded by the caller)."""
-    if source == "timm":
-        import timm
+def folder_source(folder: Path, config: dict) -> type[Source]:
+    """The adapter of a saved model folder: its recorded source; a Hugging Face folder without one
+    (config.json has model_type) by its architectures."""
+    ours = config.get("finetunekit", {})
+    recorded = ours.get("source")
+    if recorded is None:
+        if "model_type" not in config:
+            raise UserError(f"{folder / model_folder.CONFIG}: field finetunekit.source: missing (not a finetunekit "
+                            f"or Hugging Face model folder)")
+        archs = config.get("architectures") or []
+        image = isinstance(archs, list) and any(str(a).endswith("ForImageClassification") for a in archs)
+        recorded = "hf-image" if image else "hf"
+    if recorded not in SOURCES or SOURCES[recorded].name != recorded:
+        names = sorted(k for k, v in SOURCES.items() if v.name == k)
+        raise UserError(f"{folder / model_folder.CONFIG}: field finetunekit.source: {recorded!r}, expected one of "
+                        f"{', '.join(names)}")
+    return SOURCES[recorded]
 
-        module = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-        backbone = timm_source.wrap(module, architecture, preprocessing)
-    elif source == "torchvision":
-        backbone = torchvision_source.create(architecture, pretrained=False)
-        torchvision_source.replace_head(backbone, num_classes)
-        backbone.preprocessing = preprocessing
-    else:
-        raise UserError(f"unknown model source {source!r} in the model folder's config.json")
-    apply_head(backbone, head, None)  # dropout is inactive at inference
-    return backbone
+
+def load_folder(folder: Path) -> tuple[Backbone, str, list[str], dict]:
+    """(backbone in eval mode, task name, classes, the finetunekit section) from a model folder, every field
+    and the weights checked first."""
+    config = model_folder.read_config(folder)
+    mf = model_folder
+    mf.field(config, "finetunekit.tta", folder, str, required=False, check=lambda v: v in mf.TTA,
+             expected=f"one of {', '.join(mf.TTA)}")
+    mf.field(config, "finetunekit.threshold", folder, (int, float, type(None)), required=False,
+             check=lambda v: v is None or 0 < v < 1, expected="a number in (0, 1)")
+    backbone, task, classes = folder_source(folder, config).load(folder, config)
+    return backbone, task, classes, config.get("finetunekit", {})

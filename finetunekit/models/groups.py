@@ -27,16 +27,31 @@ class Group:
 
 
 def layer_groups(backbone: Backbone) -> list[Group]:
-    module = backbone.module
-    names = [n for n, _ in module.named_parameters()]
-    body = [n for n in names if not backbone.is_head(n)]
-    head = [n for n in names if backbone.is_head(n)]
-    if backbone.source == "timm" and hasattr(module, "group_matcher"):
-        groups = _timm_groups(module, set(body))
-    elif backbone.blocks is not None:
-        groups = _block_groups(body, backbone.blocks)
-    else:
-        groups = _child_groups(body)
+    """The backbone's groups, as its source orders them (Source.layer_groups)."""
+    return backbone.adapter.layer_groups(backbone)
+
+
+def default_groups(backbone: Backbone) -> list[Group]:
+    """Blocks when the backbone names them (`blocks`), else one group per top-level child; the head last."""
+    body, head = _split(backbone)
+    groups = _block_groups(body, backbone.blocks) if backbone.blocks is not None else _child_groups(body)
+    return _finish(groups, head)
+
+
+def timm_groups(backbone: Backbone) -> list[Group]:
+    """timm's own group_matcher(coarse=True) where the model has one."""
+    if not hasattr(backbone.module, "group_matcher"):
+        return default_groups(backbone)
+    body, head = _split(backbone)
+    return _finish(_timm_groups(backbone.module, set(body)), head)
+
+
+def _split(backbone: Backbone) -> tuple[list[str], list[str]]:
+    names = [n for n, _ in backbone.module.named_parameters()]
+    return [n for n in names if not backbone.is_head(n)], [n for n in names if backbone.is_head(n)]
+
+
+def _finish(groups: list[Group], head: list[str]) -> list[Group]:
     return [g for g in groups if g.params] + ([Group("head", head)] if head else [])
 
 

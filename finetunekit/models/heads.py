@@ -1,8 +1,9 @@
 """Heads: the default linear classifier a source provides, or an MLP in its place (`--head mlp:N`).
 
 The MLP replaces the module at `backbone.head`, so the head keeps its name (strategies, layer groups and
-weight loading see it as the head). A folder with an MLP head records it in config.json and reloads
-with `finetunekit.load`; plain timm would rebuild a linear head instead.
+weight loading see it as the head). A folder with an MLP head records it in config.json
+(finetunekit.head_type) and loads with `finetunekit.load` only: plain timm and torchvision build their
+linear head, and refuse the MLP's tensors (head.1.weight, head.4.weight, ...) as unexpected keys.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def apply_head(backbone: Backbone, spec: str, dropout: float | None) -> None:
     check_head(spec)
     if spec == "linear":
         return
-    if backbone.source == "hf":
+    if not backbone.adapter.mlp_head:
         raise UserError("--head mlp: transformers models keep their own classification head; use --head linear")
     linear = backbone.module.get_submodule(backbone.head)
     if not isinstance(linear, nn.Linear):

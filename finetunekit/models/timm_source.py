@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, ClassVar
+
 import timm
 from timm.data import resolve_data_config
 from torch import nn
@@ -10,6 +13,8 @@ from ..data.transforms import Preprocessing
 from ..errors import UserError, did_you_mean
 from . import hub
 from .base import Backbone
+from .groups import Group, timm_groups
+from .image import ImageSource
 
 
 def check_name(name: str) -> None:
@@ -60,24 +65,80 @@ def _fail_fast_offline(name: str) -> None:
                         f"offline efficientnet_lite0")
 
 
-def create(name: str, pretrained: bool, drop_path: float | None = None, dropout: float | None = None) -> Backbone:
-    """The model with its original head (replaced later, after any weights are loaded)."""
-    check_name(name)
-    if pretrained:
-        _fail_fast_offline(name)
-    try:
-        module = create_model(name, drop_path, dropout, pretrained=pretrained)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model timm:{name}: could not get its pretrained weights from the Hugging Face "
-                        f"Hub ({type(e).__name__}: {first}); without internet, pass --weights FILE or "
-                        f"--no-pretrained") from None
-    return wrap(module, name)
+class TimmSource(ImageSource):
+    """timm's model contract, as is: reset_classifier, group_matcher, pretrained_cfg, set_input_size,
+    set_grad_checkpointing. The folder is timm's own hub format."""
 
+    name: ClassVar[str] = "timm"
+    loads_in: ClassVar[str] = (
+        'plain timm: timm.create_model("local-dir:FOLDER", pretrained=True) (linear heads; an MLP head '
+        "loads with finetunekit.load only)")
 
-def replace_head(backbone: Backbone, num_classes: int) -> None:
-    backbone.module.reset_classifier(num_classes)
-    rewrapped = wrap(backbone.module, backbone.architecture, backbone.preprocessing)
-    backbone.head = rewrapped.head
+    @classmethod
+    def check_name(cls, name: str) -> None:
+        check_name(name)
+
+    @classmethod
+    def _new(cls, name: str, pretrained: bool, drop_path: float | None, dropout: float | None) -> Backbone:
+        check_name(name)
+        if pretrained:
+            _fail_fast_offline(name)
+        try:
+            module = create_model(name, drop_path, dropout, pretrained=pretrained)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"--model timm:{name}: could not get its pretrained weights from the Hugging Face "
+                            f"Hub ({type(e).__name__}: {first}); without internet, pass --weights FILE or "
+                            f"--no-pretrained") from None
+        return wrap(module, name)
+
+    @classmethod
+    def reset_head(cls, backbone: Backbone, num_outputs: int) -> None:
+        backbone.module.reset_classifier(num_outputs)
+        backbone.head = wrap(backbone.module, backbone.architecture, backbone.preprocessing).head
+
+    @classmethod
+    def layer_groups(cls, backbone: Backbone) -> list[Group]:
+        return timm_groups(backbone)
+
+    @classmethod
+    def set_input_size(cls, backbone: Backbone, size: int | None) -> None:
+        """Fixed-size models (ViTs) are resized with timm's set_input_size, which resamples the position
+        embeddings; the size is saved as model_args.img_size, which plain timm's local-dir loader reads."""
+        module = backbone.module
+        native = backbone.preprocessing.input_size
+        if size is not None and size != native and module.pretrained_cfg.get("fixed_input_size", False):
+            if not hasattr(module, "set_input_size"):
+                raise UserError(f"--image-size {size}: timm's {backbone.architecture} takes {native}px inputs only")
+            try:
+                module.set_input_size(img_size=(size, size))
+            except Exception as e:  # noqa: BLE001 - e.g. a size the patch grid does not divide
+                raise UserError(f"--image-size {size}: timm's {backbone.architecture} cannot take it "
+                                f"({type(e).__name__}: {str(e).strip()[:160]})") from None
+            backbone.model_args["img_size"] = size
+        super().set_input_size(backbone, size)
+
+    @classmethod
+    def set_grad_checkpointing(cls, backbone: Backbone, enable: bool = True) -> None:
+        try:
+            backbone.module.set_grad_checkpointing(enable)
+        except Exception as e:  # noqa: BLE001 - timm asserts for models without it
+            raise UserError(f"gradient checkpointing: timm's {backbone.architecture} does not support it "
+                            f"({type(e).__name__}: {str(e).strip()[:120]})") from None
+
+    @classmethod
+    def check_architecture(cls, architecture: str, folder: Path) -> None:
+        if not timm.is_model(architecture):
+            raise UserError(f"{folder / 'config.json'}: field architecture: {architecture!r} is not a timm model")
+
+    @classmethod
+    def _rebuild(cls, architecture: str, num_classes: int, model_args: dict[str, Any]) -> Backbone:
+        module = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **model_args)
+        return wrap(module, architecture)
+
+    @classmethod
+    def load_native(cls, folder: Path) -> nn.Module:
+        cls._refuse_mlp(folder)
+        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()

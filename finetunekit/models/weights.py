@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -24,19 +25,34 @@ def read_state_dict(path: Path, option: str = "--weights") -> dict[str, torch.Te
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure of the file is the user's input
-            raise UserError(f"{option} {path}: not a readable safetensors file ({e})") from None
+            raise UserError(f"{option} {path}: not a readable safetensors file ({_one_line(e)})") from None
+    if path.stat().st_size == 0:
+        raise UserError(f"{option} {path}: empty file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{option} {path}: refused: not a weights-only state dict ({first}); "
-                        f"convert it to .safetensors") from None
+    except (pickle.UnpicklingError, AttributeError, ImportError, TypeError) as e:
+        raise UserError(f"{option} {path}: refused: not a weights-only state dict (torch.load with "
+                        f"weights_only=True: {_unpickler_reason(e)}); convert it to .safetensors") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"{option} {path}: not a readable torch state dict, damaged or truncated "
+                        f"({_one_line(e)})") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{option} {path}: expected a state dict of tensors")
     return obj
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The one informative line of torch's weights_only message ("Unsupported global: GLOBAL x.Y ...")."""
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+    return match.group(1).strip()[:200] if match else _one_line(e)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:

@@ -1,36 +1,36 @@
-"""Tasks: each owns its head size, loss, metrics and prediction format, so the loop stays the same.
+"""Tasks: each owns its batches, loss, metrics and prediction format, so the loop stays the same for all.
 
-Every task answers: num_outputs, loss(logits, y) (training), eval_loss(logits, y) (per sample, plain),
-running(logits, y) (a cheap training figure, summed over the batch), for_metrics(logits, y), metrics(),
-summarize(computed), predict(logits, top_k); and names its headline metrics and default monitor.
+The contract is in tasks/base.py. TASKS is the registry: a task name of the recipe -> its Task class.
+What each task reads and which losses and metrics fit it is config.TASKS (torch-free, for the CLI's checks);
+tests/test_registries.py checks that the two name the same tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..config import TASKS as TASK_OPTIONS
+from .base import LogitsTask, Step, logits_of
 from .classification import Classification
 from .multilabel import MultiLabel
 from .regression import Regression
 
-__all__ = ["Classification", "MultiLabel", "Regression", "build_task", "LOSSES", "LOWER_IS_BETTER"]
+__all__ = ["Classification", "LogitsTask", "MultiLabel", "Regression", "Step", "TASKS", "build_task", "logits_of",
+           "LOWER_IS_BETTER"]
 
-# the losses each kind of task accepts; the first is the default
-LOSSES = {"classification": ("ce", "focal"), "multilabel": ("bce", "focal"), "regression": ("mse", "l1", "huber")}
+TASKS: dict[str, type] = {
+    "image-classification": Classification,
+    "image-multilabel": MultiLabel,
+    "image-regression": Regression,
+    "text-classification": Classification,
+    "text-multilabel": MultiLabel,
+    "text-regression": Regression,
+}
 LOWER_IS_BETTER = {"loss", "mae", "rmse"}
-
-
-def kind_of(task: str) -> str:
-    return "multilabel" if task.endswith("multilabel") else "regression" if task.endswith("regression") \
-        else "classification"
 
 
 def build_task(task: str, classes: Sequence[str], *, loss: str = "auto", label_smoothing: float = 0.0,
                class_weights: Sequence[float] | None = None, focal_gamma: float = 2.0, threshold: float = 0.5):
-    kind = kind_of(task)
-    loss = LOSSES[kind][0] if loss == "auto" else loss
-    if kind == "regression":
-        return Regression(loss)
-    if kind == "multilabel":
-        return MultiLabel(classes, threshold, loss, class_weights, focal_gamma)
-    return Classification(classes, label_smoothing, loss, class_weights, focal_gamma)
+    loss = TASK_OPTIONS[task][1][0] if loss == "auto" else loss  # the first is the default
+    return TASKS[task].from_options(classes, loss=loss, label_smoothing=label_smoothing, class_weights=class_weights,
+                                    focal_gamma=focal_gamma, threshold=threshold)

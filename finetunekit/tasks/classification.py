@@ -10,6 +10,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
+from .base import LogitsTask
+
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, weight: torch.Tensor | None = None,
                label_smoothing: float = 0.0) -> torch.Tensor:
@@ -19,13 +21,18 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, weight:
     return (1 - p_true).clamp_min(0).pow(gamma) * ce
 
 
-class Classification:
+class Classification(LogitsTask):
     """N classes, one per sample. Logits [B, N], targets [B] (class indices)."""
 
+    kind = "classification"  # the head and targets it needs: classification | multilabel | regression
     running_metric = "accuracy"  # the cheap training-set figure shown per epoch
     headline = ("accuracy", "macro_f1")
     default_monitor = "accuracy"
     target_dtype = torch.long
+
+    @classmethod
+    def from_options(cls, classes, *, loss, label_smoothing=0.0, class_weights=None, focal_gamma=2.0, threshold=0.5):
+        return cls(classes, label_smoothing, loss, class_weights, focal_gamma)
 
     def __init__(self, classes: Sequence[str], label_smoothing: float = 0.0, loss: str = "ce",
                  class_weights: Sequence[float] | None = None, focal_gamma: float = 2.0):
@@ -60,7 +67,7 @@ class Classification:
         """Per-sample plain cross-entropy (no smoothing, no weights): comparable across recipes."""
         return F.cross_entropy(logits.float(), target, reduction="none")
 
-    def running(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def running_on(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (logits.argmax(-1) == target).sum()
 
     def for_metrics(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,14 +11,21 @@ from torchmetrics.classification import (MultilabelAccuracy, MultilabelAveragePr
                                          MultilabelF1Score, MultilabelPrecision, MultilabelRecall)
 from torchvision.ops import sigmoid_focal_loss
 
+from .base import LogitsTask
 
-class MultiLabel:
+
+class MultiLabel(LogitsTask):
     """C labels, each on or off. Logits [B, C], targets [B, C] multi-hot floats."""
 
+    kind = "multilabel"  # the head and targets it needs: classification | multilabel | regression
     running_metric = "label_accuracy"  # fraction of (sample, label) decisions right at the threshold
     headline = ("micro_f1", "macro_f1", "map")
     default_monitor = "micro_f1"
     target_dtype = torch.float32
+
+    @classmethod
+    def from_options(cls, classes, *, loss, label_smoothing=0.0, class_weights=None, focal_gamma=2.0, threshold=0.5):
+        return cls(classes, threshold, loss, class_weights, focal_gamma)
 
     def __init__(self, classes: Sequence[str], threshold: float = 0.5, loss: str = "bce",
                  class_weights: Sequence[float] | None = None, focal_gamma: float = 2.0):
@@ -49,7 +56,7 @@ class MultiLabel:
     def eval_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(-1)
 
-    def running(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def running_on(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return ((logits.sigmoid() > self.threshold) == (target > 0.5)).float().mean(-1).sum()
 
     def for_metrics(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,15 +8,22 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score, SpearmanCorrCoef
 
+from .base import LogitsTask
 
-class Regression:
+
+class Regression(LogitsTask):
     """Outputs [B, 1], targets [B] floats. Targets are used on their own scale."""
 
+    kind = "regression"  # the head and targets it needs: classification | multilabel | regression
     running_metric = "mae"
     headline = ("mae", "rmse", "r2", "spearman")
     default_monitor = "rmse"
     target_dtype = torch.float32
     num_outputs = 1
+
+    @classmethod
+    def from_options(cls, classes, *, loss, label_smoothing=0.0, class_weights=None, focal_gamma=2.0, threshold=0.5):
+        return cls(loss)
 
     def __init__(self, loss: str = "mse"):
         if loss not in ("mse", "l1", "huber"):
@@ -34,7 +41,7 @@ class Regression:
     def eval_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._per_sample(out, target)
 
-    def running(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def running_on(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (out.float().squeeze(-1) - target).abs().sum()
 
     def for_metrics(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,104 @@
+"""The add-on contract: a plain object with named hooks, which the loop calls in a fixed order.
+
+    wrap_model(module) -> module         once, before the model is prepared for the device (QAT, LoRA,
+                                         gradient checkpointing)
+    start(model)                         once, when training starts (after a resume: before load_state_dict)
+    train_batch(batch, epoch) -> batch   each training batch, after task.prepare (MixUp/CutMix)
+    extra_loss(batch, outputs) -> tensor | None   added to the task's loss for backward, never logged (L1)
+    after_update(model, updates)         after each optimizer update (EMA)
+    eval_model(model) -> model           the model to evaluate and predict with (TTA)
+    eval_candidates() -> [(name, module)]  other weights to evaluate after each epoch; the best is saved (EMA)
+    model_config() -> dict               entries saved in the model folder's config (TTA)
+    state_dict() / load_state_dict(d)    tensors for checkpoints, by file name ({"ema.safetensors": {...}})
+
+Every hook has a default that does nothing, so an add-on defines only the hooks it needs. Hooks run in
+the order the add-ons were built (build.addons), each receiving what the previous one returned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class AddOn:
+    name = "addon"
+
+    def wrap_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def start(self, model: torch.nn.Module) -> None:
+        pass
+
+    def train_batch(self, batch: Any, epoch: int) -> Any:
+        return batch
+
+    def extra_loss(self, batch: Any, outputs: Any) -> torch.Tensor | None:
+        return None
+
+    def after_update(self, model: torch.nn.Module, updates: int) -> None:
+        pass
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def eval_candidates(self) -> list[tuple[str, torch.nn.Module]]:
+        return []
+
+    def model_config(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        pass
+
+
+class AddOns(list):
+    """The run's add-ons, with each hook applied across all of them in order."""
+
+    def wrap_model(self, module):
+        for a in self:
+            module = a.wrap_model(module)
+        return module
+
+    def start(self, model) -> None:
+        for a in self:
+            a.start(model)
+
+    def train_batch(self, batch, epoch: int):
+        for a in self:
+            batch = a.train_batch(batch, epoch)
+        return batch
+
+    def extra_loss(self, loss: torch.Tensor, batch, outputs) -> torch.Tensor:
+        """`loss` plus every add-on's extra term: what is back-propagated."""
+        for a in self:
+            extra = a.extra_loss(batch, outputs)
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
+    def after_update(self, model, updates: int) -> None:
+        for a in self:
+            a.after_update(model, updates)
+
+    def eval_model(self, model):
+        for a in self:
+            model = a.eval_model(model)
+        return model
+
+    def eval_candidates(self) -> list[tuple[str, torch.nn.Module]]:
+        return [c for a in self for c in a.eval_candidates()]
+
+    def model_config(self) -> dict[str, Any]:
+        return {k: v for a in self for k, v in a.model_config().items()}
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {k: v for a in self for k, v in a.state_dict().items()}
+
+    def load_state_dict(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        for a in self:
+            a.load_state_dict(tensors)

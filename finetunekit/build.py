@@ -1,0 +1,287 @@
+"""The build stages of a run, each with explicit inputs and a typed result:
+
+    accelerator(...)                  devices, precision, accumulation (accelerate)
+    inputs(...)                       data, model and task (finetunekit.inputs), --batch-size auto's probe
+    hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
+    plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
+    fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
+    addons(...) -> AddOns             EMA, MixUp/CutMix, TTA, the L1 penalty, gradient checkpointing
+    resolved_recipe(...)              the recipe with every default the run chose written in
+
+run.py calls them in this order. A stage reads the recipe's typed sections; what it builds (datasets,
+models, tasks, add-ons, the loop) gets plain arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import faults, features
+from .addons import ADDONS
+from .addons.base import AddOns
+from .config import DataConfig, ModelConfig, Recipe, TrainConfig
+from .data import make_loader
+from .errors import UserError
+from .inputs import Prepared, prepare_inputs
+from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, default_lr, default_warmup
+from .strategies import Phase, Plan, apply_phase, make_plan
+
+log = logging.getLogger("finetunekit")
+
+AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad-accum
+
+
+def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration
+
+    # one Accelerator per run, also when several runs share a process (tests, notebooks, sweeps)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gpu = torch.cuda.is_available() and not cpu
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "no"
+    if precision == "fp16" and not gpu:
+        raise UserError("--precision fp16: needs a GPU; use bf16 or no on the CPU")
+    kwargs: dict[str, Any] = {}
+    if run_dir is not None:
+        kwargs = dict(log_with="tensorboard", project_dir=str(run_dir))
+    # on a GPU, batches go to the device without blocking the host (the image loaders pin their memory)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(non_blocking=gpu), **kwargs)
+
+
+def inputs(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
+    """The run's data, model and task; with --batch-size auto, the recipe with the chosen numbers in."""
+    if recipe.train.batch_size == "auto":
+        return auto_batch(recipe, accelerator)
+    return recipe, prepare_inputs(recipe.task, recipe.data, recipe.model, recipe.train,
+                                  gpu=accelerator.device.type == "cuda")
+
+
+@dataclass
+class Hyper:
+    lr: float
+    scheduler: str  # the schedule kind, "auto" resolved
+    warmup: float  # epochs
+    min_lr_ratio: float
+    monitor: str  # the validation metric that picks the best epoch
+    effective_batch: int
+
+
+def hyperparameters(t: TrainConfig, modality: str, task, processes: int) -> Hyper:
+    effective_batch = t.batch_size * t.grad_accum * processes
+    lr = t.lr or default_lr(modality, t.strategy, effective_batch, t.optimizer)
+    kind = DEFAULT_SCHEDULER[modality] if t.scheduler == "auto" else t.scheduler
+    warmup = t.warmup if t.warmup is not None else \
+        0.3 * t.epochs if kind == "onecycle" else default_warmup(modality, t.epochs)
+    min_lr_ratio = DEFAULT_MIN_LR_RATIO[kind] if t.min_lr_ratio is None else t.min_lr_ratio
+    monitor = task.default_monitor if t.metric == "auto" else t.metric
+    return Hyper(lr, kind, warmup, min_lr_ratio, monitor, effective_batch)
+
+
+def plan_and_optimizer(t: TrainConfig, backbone, lr: float, fused: bool = False):
+    """The strategy's plan (its first phase applied) and the optimizer over every parameter."""
+    plan = make_plan(t.strategy, backbone, t.epochs, head_epochs=t.head_epochs, unfreeze_every=t.unfreeze_every,
+                     freeze=t.freeze, freeze_types=t.freeze_types, freeze_layers=t.freeze_layers)
+    apply_phase(plan.phases[0], backbone.module)
+    optimizer = build_optimizer(backbone, lr, t.weight_decay, name=t.optimizer, momentum=t.momentum,
+                                layer_decay=t.layer_decay, head_lr_mult=t.head_lr_mult, fused=fused)
+    return plan, optimizer
+
+
+@dataclass
+class Trained:
+    """What trains and what it reads: the whole model on its loaders, or (linear probe on cached
+    features) the head alone on feature loaders."""
+
+    module: nn.Module
+    plan: Plan
+    train_loader: Any
+    val_loader: Any
+    cached: bool  # the head on cached features
+    cache_images: str | None  # the decoded-image cache, resolved: on | off (images), None (text)
+
+
+def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict[str, str], device,
+                pin_memory: bool) -> Trained:
+    """Cached features for a linear probe when they can be used; else the decoded-image cache for images
+    when it pays; else the model on its loaders as prepared."""
+    d, t = recipe.data, recipe.train
+    if t.strategy == "linear-probe":
+        reason = features.why_not(d, recipe.modality, inputs.backbone)
+        if reason is None:
+            head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)
+            plan = Plan(plan.strategy, [Phase(0, frozenset(n for n, _ in head.named_parameters()), 1.0,
+                                              "the head, on cached features")])
+            return Trained(head, plan, train, val, True, None)
+        log.info("features not cached: %s", reason)
+    if recipe.modality != "image":
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None)
+    decoded = decoded_loaders(d, t, inputs, split_hashes, pin_memory)
+    if decoded is None:
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off")
+    train, val, normalize = decoded
+    inputs.task.input_transform = normalize  # uint8 batches -> the model's input, where they train
+    return Trained(inputs.backbone.module, plan, train, val, False, "on")
+
+
+def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepared, split_hashes: dict[str, str],
+                    device):
+    """The head to train (with the model's dropout in front, if any) and loaders over cached features."""
+    import timm
+
+    from .checkpoint import sha256_file
+
+    backbone = inputs.backbone
+    views = d.cache_views or 1
+    augmented = features.augmented(d)
+    common = {"format": features.FORMAT, "model": inputs.model_name, "pretrained": m.pretrained,
+              "weights": sha256_file(m.weights) if m.weights else None, "head": backbone.heads[0],
+              "backbone_sha256": _frozen_sha256(backbone),  # the weights as they are: a random init differs by seed
+              "preprocessing": backbone.preprocessing.to_dict(), "torch": torch.__version__,
+              "timm": timm.__version__}
+    out = {}
+    for split, loader, aug in (("train", inputs.train_loader, augmented), ("val", inputs.val_loader, False)):
+        ds = loader.dataset
+        parts = {**common, "data": split_hashes[split], "transform": repr(ds.transform),
+                 "views": views if aug else 1, "seed": t.seed if aug else None}
+        started = time.perf_counter()
+        x, y, hit = features.load_or_extract(parts, lambda: features.extract(
+            backbone, ds, views=parts["views"], seed=t.seed, augmented=aug, device=device,
+            batch_size=t.batch_size * 2, workers=inputs.num_workers))
+        log.info("features (%s): %d x %d%s, %s in %.1fs", split, x.shape[1], x.shape[2],
+                 f" x {x.shape[0]} views" if x.shape[0] > 1 else "", "read from the cache" if hit else "computed",
+                 time.perf_counter() - started)
+        out[split] = make_loader(features.Features(x, y), t.batch_size * (1 if split == "train" else 2),
+                                 train=split == "train", workers=0, seed=t.seed)
+    head = backbone.module.get_submodule(backbone.heads[0])
+    trained = features.WithDropout(m.dropout, head) if m.dropout and m.head == "linear" else head
+    return trained, out["train"], out["val"]
+
+
+def _frozen_sha256(backbone) -> str:
+    """SHA-256 of every tensor the head does not own (names, dtypes and bytes): what the features depend on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in backbone.module.state_dict().items():
+        if not backbone.is_head(name):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def decoded_loaders(d: DataConfig, t: TrainConfig, inputs: Prepared, split_hashes: dict[str, str],
+                    pin_memory: bool):
+    """Training and validation loaders over the decoded-image cache (uint8 batches) and the Normalize that
+    turns their batches into the model's input; None when the cache is off or does not pay."""
+    from .data.decoded import Normalize, decoded_datasets
+
+    pre = inputs.backbone.preprocessing
+    datasets = decoded_datasets({"train": inputs.train_loader.dataset, "val": inputs.val_loader.dataset},
+                                split_hashes, mode=d.cache_images, epochs=t.epochs, pre=pre, augment=d.augment,
+                                rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
+    if datasets is None:
+        return None
+    train, val = (make_loader(datasets[s], t.batch_size * (1 if s == "train" else 2), train=s == "train",
+                              workers=inputs.num_workers, seed=t.seed, pin_memory=pin_memory)
+                  for s in ("train", "val"))
+    return train, val, Normalize(pre.mean, pre.std)
+
+
+def with_head(backbone, trained: nn.Module) -> nn.Module:
+    """The whole model carrying `trained`'s head weights (the trained head itself, or its EMA copy)."""
+    head, name = features.head_of(trained), backbone.heads[0]
+    if head is backbone.module.get_submodule(name):
+        return backbone.module
+    full = copy.deepcopy(backbone.module)
+    full.get_submodule(name).load_state_dict(head.state_dict())
+    return full
+
+
+def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task) -> AddOns:
+    """The run's add-ons, in the order their hooks run."""
+    out = AddOns()
+    if t.grad_checkpointing:
+        out.append(ADDONS["grad-checkpointing"](backbone))
+    if modality == "image" and (d.mixup or d.cutmix):
+        out.append(ADDONS["mixup"](d.mixup, d.cutmix, t.label_smoothing, task.num_outputs, d.mixup_off_epoch))
+    if t.l1_penalty:
+        head_weights = [p for n, p in backbone.module.named_parameters() if backbone.is_head(n) and p.ndim >= 2]
+        out.append(ADDONS["l1"](t.l1_penalty, head_weights))
+    if t.ema:
+        out.append(ADDONS["ema"](t.ema))
+    if modality == "image" and d.tta != "none":
+        out.append(ADDONS["tta"](d.tta))
+    return out
+
+
+def resolved_recipe(recipe: Recipe, out: Path, hyper: Hyper, inputs: Prepared, trained: Trained) -> Recipe:
+    """The recipe as the run ran it: every default it resolved filled in, so a re-run (or --resume)
+    makes the same choices."""
+    r = recipe.model_copy(deep=True)
+    r.out, r.resume, r.resume_force, r.overwrite = out, None, False, False
+    r.train.lr, r.train.scheduler, r.train.warmup = hyper.lr, hyper.scheduler, hyper.warmup
+    r.train.min_lr_ratio, r.train.metric = hyper.min_lr_ratio, hyper.monitor
+    r.model.name = inputs.model_name
+    r.data.num_workers = inputs.num_workers
+    if inputs.image_size is not None:
+        r.data.image_size = inputs.image_size
+    if inputs.max_length is not None:
+        r.data.max_length = inputs.max_length
+    if trained.cache_images is not None:
+        r.data.cache_images = trained.cache_images
+    return r
+
+
+def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
+    """--batch-size auto: the largest of AUTO_BATCH x grad_accum, half that, ... whose forward and backward
+    pass on real training samples fits in memory, with grad_accum raised to keep the effective batch.
+    Returns the recipe with the numbers filled in and its prepared inputs."""
+    target = AUTO_BATCH * recipe.train.grad_accum
+    size = target
+    gpu = accelerator.device.type == "cuda"
+    while True:
+        trial = recipe.model_copy(deep=True)
+        trial.train.batch_size, trial.train.grad_accum = size, -(-target // size)
+        inputs = prepare_inputs(trial.task, trial.data, trial.model, trial.train, gpu=gpu)
+        module = inputs.backbone.module.to(accelerator.device)
+        loader = inputs.train_loader
+        samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
+        x, y = loader.collate_fn(samples)
+        x = {k: v.to(accelerator.device) for k, v in x.items()} if isinstance(x, dict) else x.to(accelerator.device)
+        buffers = {k: b.clone() for k, b in module.named_buffers()}  # BatchNorm statistics: put back after
+        try:
+            faults.point("probe")
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())), accelerator.autocast():
+                inputs.task.step(module, (x, y.to(accelerator.device))).loss.backward()
+            fits = True
+        except torch.OutOfMemoryError:
+            fits = False
+        module.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, b in module.named_buffers():
+                b.copy_(buffers[k])
+        if fits:
+            break
+        del module, inputs, x, y, buffers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if size == 1:
+            raise UserError("--batch-size auto: even a batch of 1 does not fit in memory; try a smaller "
+                            "--image-size or --max-length, or another model")
+        log.info("--batch-size auto: %d does not fit", size)
+        size //= 2
+    log.info("--batch-size auto: %d x --grad-accum %d (effective batch %d)", size, trial.train.grad_accum,
+             size * trial.train.grad_accum)
+    return trial, inputs

@@ -1,0 +1,34 @@
+"""One evaluation pass: a task's metrics over a loader, plus the mean plain (unsmoothed) loss.
+
+Used by the loop after each epoch, by `evaluate` on a saved model, and for the test set; it needs only the
+task contract (tasks/base.py), never the training loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
+             quiet: bool = False) -> dict:
+    """Metrics of `task` over `loader` (`module`: the model to score, e.g. wrapped for test-time
+    augmentation), plus "loss" (the mean plain loss) and "samples"."""
+    module.eval()
+    metrics = task.metrics().to(accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = 0
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                      disable=quiet or not accelerator.is_local_main_process):
+        outputs, targets = task.eval_outputs(module, task.prepare(batch))
+        outputs, targets = accelerator.gather_for_metrics((outputs, targets))
+        batch_loss, n = task.update(metrics, outputs, targets)
+        loss_sum += batch_loss
+        count += n
+    out = task.summarize(metrics.compute())
+    out["loss"] = loss_sum.item() / max(count, 1)
+    out["samples"] = count
+    return out

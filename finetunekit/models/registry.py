@@ -1,0 +1,59 @@
+"""The registry of model sources, and what a `--model` value resolves to.
+
+    --model                  adapter                   reads
+    efficientnet_lite0       builtin.EfficientNetLite0  images (a timm backbone)
+    timm:<name>              TimmSource                 images
+    torchvision:<name>       TorchvisionSource          images
+    minilm                   builtin.MiniLM             text (a transformers backbone)
+    hf:<hub id or folder>    HfTextSource (text tasks), HfImageSource (image tasks; without a task: from
+                             the folder's config.json architectures, else text)
+
+tests/test_adapters.py checks that these keys are what config.MODEL_PREFIXES and config.BUILTIN_MODELS
+accept.
+"""
+
+from __future__ import annotations
+
+from ..config import BUILTIN_MODELS, MODEL_PREFIXES
+from ..errors import UserError, did_you_mean
+from .base import Source
+from .builtin import EfficientNetLite0, MiniLM
+from .hf_image import HfImageSource, architectures
+from .hf_source import HfTextSource, _local
+from .timm_source import TimmSource
+from .torchvision_source import TorchvisionSource
+
+SOURCES: dict[str, type[Source]] = {
+    "timm": TimmSource,
+    "torchvision": TorchvisionSource,
+    "hf": HfTextSource,
+    "hf-image": HfImageSource,
+    "efficientnet_lite0": EfficientNetLite0,
+    "minilm": MiniLM,
+}
+# a prefix whose models read either kind of input: the key of each kind's adapter
+BY_MODALITY = {"hf": {"text": "hf", "image": "hf-image"}}
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """(prefix or built-in name, the rest) of a --model value."""
+    if spec in BUILTIN_MODELS:
+        return spec, spec
+    prefix, _, name = spec.partition(":")
+    if prefix not in MODEL_PREFIXES or not name:
+        raise UserError(f"--model {spec}: expected timm:<name>, torchvision:<name>, hf:<hub id or folder>, or "
+                        f"one of the built-in {sorted(BUILTIN_MODELS)}{did_you_mean(spec, list(BUILTIN_MODELS))}")
+    return prefix, name
+
+
+def resolve(spec: str, modality: str | None = None) -> tuple[type[Source], str]:
+    """The adapter for `spec` and the name it takes. `modality` (the task's) decides for hf:."""
+    prefix, name = parse(spec)
+    kinds = BY_MODALITY.get(prefix)
+    if kinds is None:
+        return SOURCES[prefix], name
+    if modality is None:
+        local = _local(name)
+        image = local is not None and any(a.endswith("ForImageClassification") for a in architectures(local))
+        modality = "image" if image else "text"
+    return SOURCES[kinds[modality]], name

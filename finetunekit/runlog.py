@@ -1,0 +1,61 @@
+"""A run's log: lines to stderr and to <run>/log.txt, for the duration of a run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("finetunekit")
+
+
+class RunLog:
+    """Log lines to stderr and, once `attach` names it, to <run>/log.txt for the duration of a run. Lines
+    logged before `attach` (a run checks its data and model before it claims its folder) are kept and
+    written to the file first."""
+
+    def __init__(self, path: Path | None, quiet: bool):
+        self.handlers: list[logging.Handler] = []
+        if not any(getattr(h, "_finetunekit", False) for h in log.handlers):
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(logging.Formatter("%(message)s"))
+            self.handlers.append(console)
+        self.early = Buffer()
+        self.handlers.append(self.early)
+        if path is not None:
+            self.attach(path)
+
+    def attach(self, path: Path) -> None:
+        file = logging.FileHandler(path, encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in self.early.records:
+            file.handle(record)
+        if self.early in log.handlers:
+            log.removeHandler(self.early)
+        self.handlers.remove(self.early)
+        file._finetunekit = True  # type: ignore[attr-defined]
+        if any(h in log.handlers for h in self.handlers):  # entered: the file takes over from the buffer now
+            log.addHandler(file)
+        self.handlers.append(file)
+
+    def __enter__(self):
+        for h in self.handlers:
+            h._finetunekit = True  # type: ignore[attr-defined]
+            log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+class Buffer(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

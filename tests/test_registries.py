@@ -1,0 +1,50 @@
+"""Every registry is an explicit dict whose keys are exactly the choices the recipe schema offers, so a name
+is written once and a new entry cannot be half-registered."""
+
+from __future__ import annotations
+
+import typing
+
+from finetunekit import config
+from finetunekit.addons import ADDONS, OPTIONS
+from finetunekit.addons.tta import MODES
+from finetunekit.export import EXPORTERS
+from finetunekit.strategies import STRATEGIES
+from finetunekit.tasks import TASKS
+
+
+def _choices(section: type, name: str) -> set[str]:
+    annotation = section.model_fields[name].annotation
+    if typing.get_origin(annotation) is not typing.Literal:
+        annotation = next(a for a in typing.get_args(annotation) if typing.get_origin(a) is typing.Literal)
+    return set(typing.get_args(annotation))
+
+
+def test_tasks_registry_matches_the_schema():
+    assert set(TASKS) == _choices(config.Recipe, "task") == set(config.TASKS)
+    for name, cls in TASKS.items():
+        losses = config.TASKS[name][1]
+        assert cls.kind in ("classification", "multilabel", "regression")
+        assert cls.default_monitor in config.TASKS[name][2]
+        assert {"ce": "classification", "bce": "multilabel", "mse": "regression"}[losses[0]] == cls.kind
+
+
+def test_strategies_registry_matches_the_schema():
+    assert set(STRATEGIES) == _choices(config.TrainConfig, "strategy")
+
+
+def test_tta_modes_match_the_schema():
+    assert set(MODES) == _choices(config.DataConfig, "tta")
+
+
+def test_every_addon_is_switched_on_by_a_recipe_option():
+    leaves = {key for key, _, _ in config.leaf_fields()}
+    assert set(ADDONS) == set(OPTIONS)
+    for name, keys in OPTIONS.items():
+        assert set(keys) <= leaves, name
+        assert ADDONS[name].name == name
+
+
+def test_exporters_registry():
+    assert set(EXPORTERS) == {"model-folder"}
+    assert all(callable(f) for f in EXPORTERS.values())
