@@ -287,7 +287,7 @@ class _Alias(yaml.YAMLError):
 
 class _RecipeLoader(yaml.SafeLoader):
     """yaml.safe_load without aliases (`*name`, merge keys `<<: *name` included): nine nested aliases of
-    nine items make a 355-byte file a billion values (billion laughs), cheap as shared references but not
+    nine items make a file of a few hundred bytes a billion values (billion laughs), cheap as shared references but not
     to walk, print or validate. A recipe writes its values out."""
 
     def compose_node(self, parent, index):

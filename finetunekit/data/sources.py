@@ -81,16 +81,17 @@ def _read_class_folders(root: Path, option: str) -> LabeledFiles:
     return LabeledFiles(paths, labels, f"{option} {root}", declared=[d.name for d in folders])
 
 
-def _raise(error: OSError) -> None:
-    raise error
+def _unreadable(error: OSError) -> None:
+    if isinstance(error, PermissionError):
+        raise error  # other failures (a folder removed meanwhile) pass, as they did under Path.rglob
 
 
 def _files_under(folder: Path) -> list[Path]:
     """The files in `folder` and its sub-folders (symlinks to files count; hidden names and symlinked folders
-    are skipped, as Path.rglob does), which raises the PermissionError of a folder it cannot list (rglob
-    would pass over it in silence)."""
+    are skipped, as Path.rglob does). A folder it cannot list raises its PermissionError, where rglob passed
+    over it in silence."""
     out = []
-    for parent, dirs, names in os.walk(folder, onerror=_raise):
+    for parent, dirs, names in os.walk(folder, onerror=_unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         out += [p for n in names if not n.startswith(".") and (p := Path(parent) / n).is_file()]
     return out
