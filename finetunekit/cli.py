@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin
@@ -235,123 +236,149 @@ def _at_least_1(value: int, flag: str) -> None:
         raise UserError(f"{flag}: expected a value >= 1, got {value}")
 
 
+def _recipes(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit recipes`: the shipped recipes, one line each."""
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    width = max((len(p.stem) for p in paths), default=0)
+    for path in paths:
+        print(f"{path.stem:<{width}}  {read_yaml(path).get('description', '')}")
+    return 0
+
+
+def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit fit`: a recipe from the flags (and --config), validated before torch loads."""
+    recipe = recipe_from_args(args, dests)  # validated before torch loads
+    from .run import fit
+
+    fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
+    return 0
+
+
+def _lr_find(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit lr-find`: the learning-rate range test."""
+    recipe = recipe_from_args(args, dests)
+    from .lr_find import lr_range_test
+    from .run import default_out
+    from .runlog import RunLog
+
+    out = recipe.out or default_out("lr-find-" + recipe.model_name)
+    if (out / "lr_find.csv").exists() and not recipe.overwrite:
+        raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
+    with RunLog(None, recipe.quiet):
+        result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
+    print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
+          f"plot: {out / 'lr_find.svg'})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit evaluate RUN DATA`: a saved model's metrics on labelled data."""
+    _at_least_1(args.batch_size, "--batch-size")
+    from .run import evaluate
+
+    metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
+    _print_metrics(metrics)
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit predict RUN INPUT...`: predictions as csv, json or a table."""
+    _at_least_1(args.top_k, "--top-k")
+    _at_least_1(args.batch_size, "--batch-size")
+    if not args.inputs and not args.text:
+        raise UserError("predict: give input files or folders, or --text TEXT")
+    from .artifacts import load
+    from .inference import TextModel
+    from .tasks import MultiLabel, Regression
+
+    model = load(args.run)
+    for item in args.inputs:
+        if not Path(item).exists():
+            raise UserError(f"{item}: no such file or folder")
+    if args.threshold is not None:
+        if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
+            raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
+        model.task.threshold = args.threshold
+    is_text = isinstance(model, TextModel)
+    if args.text and not is_text:
+        raise UserError("--text: this is an image model; pass image files or folders")
+    kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
+        else "label"
+    top_k = args.top_k
+    if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
+        top_k = len(model.classes)
+        print(f"warning: --top-k {args.top_k}: the model has {top_k} classes; showing {top_k}", file=sys.stderr)
+    if is_text:
+        texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
+        preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k) if texts else []
+        for item in args.inputs:
+            preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
+    else:
+        from .inference import expand_inputs, no_images
+
+        found = {item: expand_inputs(item) for item in args.inputs}
+        empty = [item for item, files in found.items() if not files]  # folders without image files
+        if len(empty) == len(found):
+            raise UserError(no_images(", ".join(empty)))
+        for item in empty:
+            print(f"warning: {no_images(item)}", file=sys.stderr)
+        preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
+                              top_k=top_k, errors="raise" if args.strict else "skip")
+    failed = [p for p in preds if "error" in p]
+    for p in failed:
+        print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)
+    _write(_format_predictions(preds, args.format, top_k, "text" if is_text else "path", kind), args.output)
+    if failed and len(failed) == len(preds):
+        print(f"finetunekit: error: none of the {len(preds)} images could be read", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"warning: {len(failed)} of {len(preds)} images could not be read and were skipped (their rows "
+              f"carry the error; --strict fails instead)", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit inspect MODEL`: layer groups and when each trains."""
+    from .config import TrainConfig
+
+    strategies = TrainConfig.model_fields["strategy"].annotation.__args__
+    if args.strategy not in strategies:
+        raise UserError(f"--strategy {args.strategy}: expected one of {', '.join(strategies)}"
+                        f"{did_you_mean(args.strategy, list(strategies))}")
+    if args.epochs < 1 or args.num_classes < 1:
+        raise UserError("--epochs and --num-classes: expected values >= 1")
+    from .inspection import describe
+    from .models import check_spec
+
+    check_spec(args.model)
+    print(describe(args.model, strategy=args.strategy, epochs=args.epochs, num_classes=args.num_classes,
+                   head_epochs=args.head_epochs, unfreeze_every=args.unfreeze_every, freeze=args.freeze,
+                   freeze_types=args.freeze_types, freeze_layers=args.freeze_layers), end="")
+    return 0
+
+
+def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit demo`: the main job, offline."""
+    from .demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+    return 0
+
+
+# command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
+COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "evaluate": _evaluate, "predict": _predict,
+            "inspect": _inspect, "demo": _demo}
+
+
 def run(argv: list[str]) -> int:
     parser, dests = _build_parser()
     args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "recipes":
-        paths = sorted(RECIPES_DIR.glob("*.yaml"))
-        width = max((len(p.stem) for p in paths), default=0)
-        for path in paths:
-            print(f"{path.stem:<{width}}  {read_yaml(path).get('description', '')}")
-        return 0
-    if args.command == "fit":
-        recipe = recipe_from_args(args, dests)  # validated before torch loads
-        from .run import fit
-
-        fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
-        return 0
-    if args.command == "lr-find":
-        recipe = recipe_from_args(args, dests)
-        from .lr_find import lr_range_test
-        from .run import default_out
-        from .runlog import RunLog
-
-        out = recipe.out or default_out("lr-find-" + recipe.model_name)
-        if (out / "lr_find.csv").exists() and not recipe.overwrite:
-            raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
-        with RunLog(None, recipe.quiet):
-            result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
-        print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
-              f"plot: {out / 'lr_find.svg'})")
-        return 0
-    if args.command == "evaluate":
-        _at_least_1(args.batch_size, "--batch-size")
-        from .run import evaluate
-
-        metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
-        _print_metrics(metrics)
-        if args.output:
-            Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        return 0
-    if args.command == "predict":
-        _at_least_1(args.top_k, "--top-k")
-        _at_least_1(args.batch_size, "--batch-size")
-        if not args.inputs and not args.text:
-            raise UserError("predict: give input files or folders, or --text TEXT")
-        from .artifacts import load
-        from .inference import TextModel
-        from .tasks import MultiLabel, Regression
-
-        model = load(args.run)
-        for item in args.inputs:
-            if not Path(item).exists():
-                raise UserError(f"{item}: no such file or folder")
-        if args.threshold is not None:
-            if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
-                raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
-            model.task.threshold = args.threshold
-        is_text = isinstance(model, TextModel)
-        if args.text and not is_text:
-            raise UserError("--text: this is an image model; pass image files or folders")
-        kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
-            else "label"
-        top_k = args.top_k
-        if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
-            top_k = len(model.classes)
-            print(f"warning: --top-k {args.top_k}: the model has {top_k} classes; showing {top_k}", file=sys.stderr)
-        if is_text:
-            texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
-            preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k) if texts else []
-            for item in args.inputs:
-                preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
-        else:
-            from .inference import expand_inputs, no_images
-
-            found = {item: expand_inputs(item) for item in args.inputs}
-            empty = [item for item, files in found.items() if not files]  # folders without image files
-            if len(empty) == len(found):
-                raise UserError(no_images(", ".join(empty)))
-            for item in empty:
-                print(f"warning: {no_images(item)}", file=sys.stderr)
-            preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
-                                  top_k=top_k, errors="raise" if args.strict else "skip")
-        failed = [p for p in preds if "error" in p]
-        for p in failed:
-            print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)
-        _write(_format_predictions(preds, args.format, top_k, "text" if is_text else "path", kind), args.output)
-        if failed and len(failed) == len(preds):
-            print(f"finetunekit: error: none of the {len(preds)} images could be read", file=sys.stderr)
-            return 1
-        if failed:
-            print(f"warning: {len(failed)} of {len(preds)} images could not be read and were skipped (their rows "
-                  f"carry the error; --strict fails instead)", file=sys.stderr)
-        return 0
-    if args.command == "inspect":
-        from .config import TrainConfig
-
-        strategies = TrainConfig.model_fields["strategy"].annotation.__args__
-        if args.strategy not in strategies:
-            raise UserError(f"--strategy {args.strategy}: expected one of {', '.join(strategies)}"
-                            f"{did_you_mean(args.strategy, list(strategies))}")
-        if args.epochs < 1 or args.num_classes < 1:
-            raise UserError("--epochs and --num-classes: expected values >= 1")
-        from .inspection import describe
-        from .models import check_spec
-
-        check_spec(args.model)
-        print(describe(args.model, strategy=args.strategy, epochs=args.epochs, num_classes=args.num_classes,
-                       head_epochs=args.head_epochs, unfreeze_every=args.unfreeze_every, freeze=args.freeze,
-                       freeze_types=args.freeze_types, freeze_layers=args.freeze_layers), end="")
-        return 0
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
-        return 0
-    raise AssertionError(args.command)
+    return COMMANDS[args.command](args, dests)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("finetunekit: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `finetunekit predict ... | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        code = 141  # 128 + SIGPIPE
     sys.exit(code)
 
 

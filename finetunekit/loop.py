@@ -221,16 +221,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         skips.check(state)
         epoch_seconds = time.perf_counter() - start
         state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
-        val = evaluate(accelerator, addons.eval_model(module), val_loader, task, desc="validate", quiet=cfg.quiet)
-        weights = inner
-        for name, candidate in addons.eval_candidates():  # e.g. the EMA of the weights
-            val_c = evaluate(accelerator, addons.eval_model(candidate), val_loader, task, desc=f"validate {name}",
-                             quiet=cfg.quiet)
-            wins = _better(_score(cfg.monitor, val_c), _score(cfg.monitor, val))
-            log.info("epoch %d: %s val %s %.4f vs %.4f%s", epoch + 1, name, cfg.monitor, val_c[cfg.monitor],
-                     val[cfg.monitor], f" ({name} kept)" if wins else "")
-            if wins:
-                val, weights = {**val_c, name.lower(): True}, candidate
+        val, weights = _validate(accelerator, module, inner, addons, val_loader, task, cfg, epoch)
         seen = state.seen
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
@@ -267,6 +258,22 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             if checkpoints.stop_requested and state.epoch < cfg.epochs:
                 raise checkpoints.stopped(path)
     return state
+
+
+def _validate(accelerator: Accelerator, module, inner, addons: AddOns, loader, task, cfg: LoopConfig, epoch: int):
+    """Validation metrics of the trained weights and of each add-on candidate (the EMA); the best one's
+    metrics and weights (`inner`, the unwrapped model, when the trained weights win)."""
+    val = evaluate(accelerator, addons.eval_model(module), loader, task, desc="validate", quiet=cfg.quiet)
+    weights = inner
+    for name, candidate in addons.eval_candidates():
+        val_c = evaluate(accelerator, addons.eval_model(candidate), loader, task, desc=f"validate {name}",
+                         quiet=cfg.quiet)
+        wins = _better(_score(cfg.monitor, val_c), _score(cfg.monitor, val))
+        log.info("epoch %d: %s val %s %.4f vs %.4f%s", epoch + 1, name, cfg.monitor, val_c[cfg.monitor],
+                 val[cfg.monitor], f" ({name} kept)" if wins else "")
+        if wins:
+            val, weights = {**val_c, name.lower(): True}, candidate
+    return val, weights
 
 
 def _epoch_batches(loader):

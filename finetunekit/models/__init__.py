@@ -9,7 +9,7 @@
     hf:<hub id or folder>  text (AutoModelForSequenceClassification) or, with an image task, images
                            (AutoModelForImageClassification)
 
-The functions below are thin wrappers over the adapters, for the pipeline.
+The functions below are thin wrappers over the adapters, for the build stages (inputs.py).
 """
 
 from __future__ import annotations

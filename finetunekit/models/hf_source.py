@@ -194,7 +194,9 @@ class HfSource(Source):
         module = backbone.module
         if not getattr(module, "supports_gradient_checkpointing", False):
             raise UserError(f"gradient checkpointing: transformers' {backbone.architecture} does not support it")
-        if enable:
+        if enable and hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enable:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_disable()
