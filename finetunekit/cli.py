@@ -248,6 +248,10 @@ def _recipes(args: argparse.Namespace, dests: dict[str, str]) -> int:
 def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit fit`: a recipe from the flags (and --config), validated before torch loads."""
     recipe = recipe_from_args(args, dests)  # validated before torch loads
+    if not recipe.resume:  # a resumed run's recipe is the saved one: checked once it is read
+        from .preflight import preflight
+
+        preflight(recipe)  # the instant checks come before torch and the libraries load
     from .run import fit
 
     fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory

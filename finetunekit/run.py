@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 
 from . import build, checkpoint, fastpath, loop
 from .artifacts import load, load_weights_file, write_history, write_json
@@ -143,11 +144,18 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     model_dir = out / "model"
 
     def on_best(epoch: int, val: dict, weights) -> None:
-        if accelerator.is_main_process:
-            full = build.with_head(backbone, weights) if trained.cached else weights
+        if not accelerator.is_main_process:
+            return
+        full = build.with_head(backbone, weights) if trained.cached else weights
+        try:
             EXPORTERS["model-folder"](dataclasses.replace(backbone, module=full), task, model_dir,
                                       spec=inputs.model_name, task_name=recipe.task,
                                       extra={**inputs.extra_config, **addons.model_config()})
+        except (OSError, SafetensorError) as e:  # a full disk, a file-size limit: the checkpoints are intact
+            last = checkpoint.latest(out)
+            raise TrainingStopped(f"cannot write the model folder {model_dir} ({getattr(e, 'strerror', None) or e}); "
+                                  f"the last complete checkpoint is {last.path if last else 'none yet'}; make room "
+                                  f"and continue with `finetunekit fit --resume {out}`") from None
 
     accelerator.init_trackers("tensorboard")
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,

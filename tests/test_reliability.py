@@ -172,6 +172,26 @@ def test_a_disk_quota_mid_run_stops_naming_the_intact_checkpoint(tiny_images, tm
     assert problem(previous) is None and not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_model_folder_that_cannot_be_written_stops_naming_the_checkpoint(tiny_images, tmp_path, monkeypatch):
+    """The best model's folder hits a file-size limit (EFBIG, as safetensors' write raises it through
+    checkpoint.save_tensors): one line naming the folder and the intact checkpoint, no traceback."""
+    import errno
+
+    from finetunekit.models import folder
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(folder, "save_tensors", full)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        finetunekit.fit(_recipe(tiny_images, out, checkpoint_every="2"))
+    assert str(stopped.value) == (
+        f"cannot write the model folder {out / 'model'} (File too large); the last complete checkpoint is "
+        f"{out / 'checkpoints' / 'step-00000004'}; make room and continue with `finetunekit fit --resume {out}`")
+    assert "\n" not in str(stopped.value)
+
+
 def test_a_steps_row_cut_short_by_a_failed_write_is_dropped_on_resume(tmp_path):
     from finetunekit.checkpoint import truncate_steps
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import save_tensors  # a full disk or a file-size limit: an OSError, not a SafetensorError
 from ..data.transforms import Preprocessing
 from ..errors import UserError
 
@@ -129,13 +130,11 @@ def read_head_type(config: dict, folder: Path) -> str:
 # --- the timm-format image folder (timm and torchvision sources) ---
 
 def write_image_folder(folder: Path, backbone, classes: list[str], ours: dict) -> None:
-    from safetensors.torch import save_file
-
     from .. import artifacts
 
     module = getattr(backbone.module, "_orig_mod", backbone.module)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_tensors(state, folder / WEIGHTS, metadata={"format": "pt"})
     pre = backbone.preprocessing
     outputs = len(classes) or 1  # regression: one output, no class names
     config = {
