@@ -302,7 +302,7 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         if not Path(item).exists():
             raise UserError(f"{item}: no such file or folder")
     if args.threshold is not None:
-        if not 0 < args.threshold < 1 or not hasattr(model.task, "threshold"):
+        if not 0 < args.threshold < 1 or not isinstance(model.task, MultiLabel):
             raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
         model.task.threshold = args.threshold
     is_text = isinstance(model, TextModel)

@@ -205,6 +205,10 @@ TASKS = {
     "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
 }
+# the head and targets each task needs (tasks.TASKS's classes say the same: tests/test_registries.py)
+TASK_KIND = {"image-classification": "classification", "image-multilabel": "multilabel",
+             "image-regression": "regression", "text-classification": "classification",
+             "text-multilabel": "multilabel", "text-regression": "regression"}
 DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
 # what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
 MODEL_PREFIXES = ("timm", "torchvision", "hf")

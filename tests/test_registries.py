@@ -24,7 +24,7 @@ def test_tasks_registry_matches_the_schema():
     assert set(TASKS) == _choices(config.Recipe, "task") == set(config.TASKS)
     for name, cls in TASKS.items():
         losses = config.TASKS[name][1]
-        assert cls.kind in ("classification", "multilabel", "regression")
+        assert cls.kind == config.TASK_KIND[name]
         assert cls.default_monitor in config.TASKS[name][2]
         assert {"ce": "classification", "bce": "multilabel", "mse": "regression"}[losses[0]] == cls.kind
 

@@ -258,3 +258,18 @@ def test_batch_size_auto_probes_and_keeps_the_effective_batch(cifar_subset, tmp_
     assert "--batch-size auto: 32 does not fit" in r.stderr and "16 x --grad-accum 2 (effective batch 32)" in r.stderr
     saved = yaml.safe_load((tmp_path / "half" / "recipe.yaml").read_text())["train"]
     assert (saved["batch_size"], saved["grad_accum"]) == (16, 2)
+
+
+def test_resume_keeps_the_runs_quiet_unless_told_otherwise(cifar_subset, tmp_path):
+    """--resume RUN without --quiet continues as quietly as the run was started; an explicit flag wins."""
+    import finetunekit
+    from finetunekit.config import build_recipe
+    from finetunekit.resume import resume_recipe
+
+    out = tmp_path / "run"
+    finetunekit.fit({"data": {"path": str(cifar_subset["train"]), "image_size": 32, "augment": "none",
+                              "num_workers": 0},
+                     "model": {"name": "timm:test_efficientnet", "pretrained": False},
+                     "train": {"epochs": 1, "batch_size": 16}, "out": str(out), "quiet": True})
+    assert resume_recipe(build_recipe({}, {"resume": str(out)}))[0].quiet is True
+    assert resume_recipe(build_recipe({}, {"resume": str(out), "quiet": False}))[0].quiet is False

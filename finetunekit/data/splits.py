@@ -9,6 +9,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
+from ..config import TASK_KIND
 from ..errors import UserError
 
 
@@ -42,9 +43,8 @@ def random_split(n: int, fraction: float, seed: int) -> list[bool]:
 
 
 def task_kind(task: str) -> str:
-    """classification | multilabel | regression, from a task name (text-... or image-...)."""
-    return "multilabel" if task.endswith("multilabel") else "regression" if task.endswith("regression") \
-        else "classification"
+    """classification | multilabel | regression: what the task's table must hold (config.TASK_KIND)."""
+    return TASK_KIND[task]
 
 
 def lookup(columns: list[str]) -> dict[str, str]:
