@@ -52,8 +52,8 @@ def _counts(splits, noun: str) -> str:
 
 
 def prepare_inputs(task: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
-    prepare = prepare_images if TASKS[task][0] == "image" else prepare_text
-    return prepare(task, d, m, t, gpu=gpu)
+    """The data, model, task and loaders of `task` (its entry in PREPARERS)."""
+    return PREPARERS[task](task, d, m, t, gpu=gpu)
 
 
 def _model_name(task: str, m: ModelConfig) -> str:
@@ -186,3 +186,15 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
                     name, 0, None, max_length, f"max {max_length} tokens", summary, extra_config=text,
                     sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]})
+
+
+# task name -> the stage that reads its data and builds its model, task and loaders (a new task with data of
+# its own kind adds its function here; tests/test_registries.py checks the keys against the schema)
+PREPARERS = {
+    "image-classification": prepare_images,
+    "image-multilabel": prepare_images,
+    "image-regression": prepare_images,
+    "text-classification": prepare_text,
+    "text-multilabel": prepare_text,
+    "text-regression": prepare_text,
+}

@@ -29,6 +29,12 @@ def test_tasks_registry_matches_the_schema():
         assert {"ce": "classification", "bce": "multilabel", "mse": "regression"}[losses[0]] == cls.kind
 
 
+def test_every_task_has_a_data_stage():
+    from finetunekit.inputs import PREPARERS
+
+    assert set(PREPARERS) == set(config.TASKS)
+
+
 def test_strategies_registry_matches_the_schema():
     assert set(STRATEGIES) == _choices(config.TrainConfig, "strategy")
 
