@@ -97,7 +97,8 @@ class ModelConfig(_Section):
     name: str | None = _opt(None, "backbone: timm:<name>, torchvision:<name>, hf:<hub id or folder> (text, or "
                             "images with an image task), or a "
                             "built-in offline one: efficientnet_lite0 (images, the default), minilm (text, the "
-                            "default)", flag="model", min_length=1)
+                            "default), fasterrcnn_efficientnet_lite0 (--task detection, the default; or "
+                            "torchvision:fasterrcnn_resnet50_fpn and the other torchvision Faster R-CNNs)", flag="model", min_length=1)
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
                                 "dict) instead of the source's pretrained weights")
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
@@ -108,6 +109,22 @@ class ModelConfig(_Section):
     drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
                                    "stochastic_depth_prob) for models that have it", ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
+    anchor_sizes: str | None = _opt(None, "detection: anchor sizes in pixels, comma-separated: one per feature "
+                                    "level (the built-in has 4, ResNet-50 FPN 5, MobileNet FPN 3), or sizes "
+                                    "every level uses; default: the model's own (32,64,128,256 for the built-in)")
+    aspect_ratios: str | None = _opt(None, "detection: anchor aspect ratios (height/width), comma-separated, at "
+                                     "every level; default 0.5,1,2")
+    nms_threshold: float = _opt(0.5, "detection: IoU above which non-maximum suppression drops the lower-scoring "
+                                "of two boxes of a class (0.3 for crowded small objects)", gt=0, le=1)
+    score_threshold: float = _opt(0.05, "detection: detections scoring below this are dropped (at validation "
+                                  "and predict)", ge=0, lt=1)
+    detections_per_image: int = _opt(100, "detection: at most this many detections per image", ge=1, le=10_000)
+    min_size: int | None = _opt(None, "detection: images are resized so their shorter side is this many pixels; "
+                                "default: the model's (512 for the built-in, 800 for torchvision's)", ge=32, le=4096)
+    max_size: int | None = _opt(None, "detection: ... and their longer side at most this many; default: the "
+                                "model's (853 for the built-in, 1333 for torchvision's)", ge=32, le=8192)
+    trainable_layers: int | None = _opt(None, "detection: backbone stages that train, from the top (0 = the "
+                                        "backbone frozen); default 3, as torchvision's", ge=0, le=8)
 
 
 class TrainConfig(_Section):
@@ -176,10 +193,11 @@ class TrainConfig(_Section):
                              "(0.99-0.9999); it is evaluated every epoch and saved when it scores better", gt=0, lt=1)
     early_stopping_delta: float = _opt(0.0, "early stopping: the smallest change of the metric that counts as "
                                        "an improvement", ge=0)
-    metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "mae", "rmse", "r2", "spearman",
-                    "loss"] = _opt(
+    metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "map50", "mar", "mae", "rmse", "r2",
+                    "spearman", "loss"] = _opt(
         "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
-        "accuracy (classification), micro_f1 (multi-label), rmse (regression)")
+        "accuracy (classification), micro_f1 (multi-label), rmse (regression), map50 (detection: mAP at IoU "
+        "0.5; map = mAP@[.5:.95], mar = mean recall at 100 detections)")
     checkpoint_every: str = _opt("30m", "write a resumable checkpoint every N updates (500), every so long "
                                  "(10m, 90s, 1h), or only after each epoch (epoch); one is also written after "
                                  "each epoch and on SIGTERM/SIGINT")
@@ -204,23 +222,24 @@ TASKS = {
     "text-classification": ("text", ("ce", "focal"), ("accuracy", "macro_f1", "loss")),
     "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
+    "detection": ("image", ("rcnn",), ("map50", "map", "mar", "loss")),
 }
 # the head and targets each task needs (tasks.TASKS's classes say the same: tests/test_registries.py)
 TASK_KIND = {"image-classification": "classification", "image-multilabel": "multilabel",
              "image-regression": "regression", "text-classification": "classification",
-             "text-multilabel": "multilabel", "text-regression": "regression"}
-DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm"}
+             "text-multilabel": "multilabel", "text-regression": "regression", "detection": "detection"}
+DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm", "detection": "fasterrcnn_efficientnet_lite0"}
 # what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
 MODEL_PREFIXES = ("timm", "torchvision", "hf")
-BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text"}
+BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text", "fasterrcnn_efficientnet_lite0": "image"}
 
 
 class Recipe(_Section):
     """Everything a fine-tuning run needs. `Recipe(**dict)`, `Recipe.load(yaml)`, or flags."""
 
     task: Literal["image-classification", "image-multilabel", "image-regression", "text-classification",
-                  "text-multilabel", "text-regression"] = _opt(
-        "image-classification", "what to learn")
+                  "text-multilabel", "text-regression", "detection"] = _opt(
+        "image-classification", "what to learn (detection: boxes; Pascal VOC, COCO or YOLO data)")
     description: str = _opt("", "one line on what this recipe is for (shown by `finetunekit recipes`)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -257,7 +276,7 @@ class Recipe(_Section):
 
     @property
     def model_name(self) -> str:
-        return self.model.name or DEFAULT_MODEL[self.modality]
+        return self.model.name or DEFAULT_MODEL.get(self.task) or DEFAULT_MODEL[self.modality]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

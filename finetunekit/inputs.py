@@ -59,7 +59,7 @@ def prepare_inputs(task: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, 
 def _model_name(task: str, m: ModelConfig) -> str:
     from .config import DEFAULT_MODEL
 
-    return m.name or DEFAULT_MODEL[TASKS[task][0]]
+    return m.name or DEFAULT_MODEL.get(task) or DEFAULT_MODEL[TASKS[task][0]]
 
 
 def class_weights(spec: str | None, kind: str, classes: list[str], targets: list) -> list[float] | None:
@@ -188,6 +188,68 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
                     sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]})
 
 
+def parse_numbers(spec: str | None, flag: str, kind=float) -> tuple | None:
+    """'32,64,128' -> (32, 64, 128); a UserError naming the flag otherwise."""
+    if spec is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{flag} {spec}: expected comma-separated positive {'integers' if kind is int else 'numbers'}")
+    return values
+
+
+def detector_options(m: ModelConfig):
+    from .models.detection import DetectorOptions
+
+    return DetectorOptions(pretrained=m.pretrained, weights=m.weights,
+                           anchor_sizes=parse_numbers(m.anchor_sizes, "--anchor-sizes", int),
+                           aspect_ratios=parse_numbers(m.aspect_ratios, "--aspect-ratios"),
+                           nms_threshold=m.nms_threshold, score_threshold=m.score_threshold,
+                           detections_per_image=m.detections_per_image, min_size=m.min_size, max_size=m.max_size,
+                           trainable_layers=m.trainable_layers)
+
+
+def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
+    """VOC / COCO / YOLO data (linted), a Faster R-CNN for its classes, loaders of (images, targets) lists."""
+    from .data import default_workers, make_loader
+    from .data.boxes import DetectionDataset, collate, detection_transform
+    from .data.detection import resolve_detection_splits
+    from .models.registry import resolve
+
+    name = _model_name(task_name, m)
+    splits = resolve_detection_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
+    task = build_task(task_name, splits.classes)
+    source, arch = resolve(name, "detection")
+    backbone = source.create(arch, len(splits.classes), detector_options(m))
+    args = backbone.model_args["detector"]
+    workers = default_workers() if d.num_workers is None else d.num_workers
+
+    def loader(split, train: bool) -> DataLoader:
+        tf = detection_transform(d.augment if train else "none", args["min_size"], args["max_size"])
+        return make_loader(DetectionDataset(split, tf), t.batch_size * (1 if train else 2), train=train,
+                           workers=workers, seed=t.seed, pin_memory=gpu, collate_fn=collate)
+
+    anchors = args["anchor_sizes"] or "the model's own"
+    ratios = args["aspect_ratios"] or "the model's own"
+    summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
+               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']}; "
+               f"{splits.record['format']} layout)", *splits.summary,
+               f"detector: anchors {anchors}, aspect ratios {ratios}, NMS IoU "
+               f"{args['nms_threshold']:g}, score threshold {args['score_threshold']:g}, "
+               f"{args['detections_per_image']} detections per image"]
+    record = {"classes": splits.classes, **splits.record, "lint": splits.lint,
+              "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]}
+    return Prepared(backbone, task, loader(splits.train, True), loader(splits.val, False),
+                    loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
+                    name, workers, None, None, f"shorter side {args['min_size']}px (longer at most "
+                    f"{args['max_size']}px)", summary,
+                    sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
+                             "tables": [Path(p) for p in splits.annotations]})
+
+
 # task name -> the stage that reads its data and builds its model, task and loaders (a new task with data of
 # its own kind adds its function here; tests/test_registries.py checks the keys against the schema)
 PREPARERS = {
@@ -197,4 +259,5 @@ PREPARERS = {
     "text-classification": prepare_text,
     "text-multilabel": prepare_text,
     "text-regression": prepare_text,
+    "detection": prepare_detection,
 }

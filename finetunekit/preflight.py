@@ -16,6 +16,24 @@ _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
                         "vflip", "tta", "cache_views", "cache_images"),
                "model": ("drop_path", "head")}
+# options only a detector reads, and the image options a detector does not (it resizes by --min-size/--max-size)
+_DETECTION_ONLY = {"model": ("anchor_sizes", "aspect_ratios", "nms_threshold", "score_threshold",
+                             "detections_per_image", "min_size", "max_size", "trainable_layers")}
+_NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic", "vflip", "tta",
+                           "cache_views", "cache_images", "label_column", "label_delimiter"),
+                  "model": ("drop_path", "head", "dropout"),
+                  "train": ("class_weights", "label_smoothing", "focal_gamma", "threshold", "l1_penalty",
+                            "grad_checkpointing", "freeze_layers")}
+
+
+def _set(recipe: Recipe, table: dict[str, tuple[str, ...]]) -> str | None:
+    """The flag of the first option of `table` set to other than its default."""
+    for section, names in table.items():
+        part = getattr(recipe, section)
+        for name in names:
+            if getattr(part, name) != type(part).model_fields[name].default:
+                return f"--{name.replace('_', '-')}"
+    return None
 
 
 def preflight(recipe: Recipe) -> None:
@@ -30,12 +48,12 @@ def preflight(recipe: Recipe) -> None:
                        ("--synonyms", d.synonyms)):
         if path is not None and not path.exists():
             raise UserError(f"{flag} {path}: no such file or folder")
-    wrong = _TEXT_ONLY if modality == "image" else _IMAGE_ONLY
-    for section, names in wrong.items():
-        part = getattr(recipe, section)
-        for name in names:
-            if getattr(part, name) != type(part).model_fields[name].default:
-                raise UserError(f"--{name.replace('_', '-')}: does not apply to --task {recipe.task}")
+    detection = recipe.task == "detection"
+    for wrong in (_TEXT_ONLY if modality == "image" else _IMAGE_ONLY, _NOT_DETECTION if detection else _DETECTION_ONLY):
+        flag = _set(recipe, wrong)
+        if flag is not None:
+            hint = " (a detector resizes by --min-size/--max-size)" if flag == "--image-size" else ""
+            raise UserError(f"{flag}: does not apply to --task {recipe.task}{hint}")
     if recipe.task == "image-classification":
         for name in ("label_column", "label_delimiter"):
             if getattr(d, name) is not None:
@@ -59,10 +77,46 @@ def preflight(recipe: Recipe) -> None:
     check_head(m.head)
     parse_period(t.checkpoint_every)
 
-    check_spec(recipe.model_name, modality)
+    if modality == "image" and not detection:
+        from .data.detection import looks_like_detection
+
+        hint = looks_like_detection(d.path)
+        if hint:
+            raise UserError(hint)
+    if detection:
+        _detection(recipe)
+    check_spec(recipe.model_name, "detection" if detection else modality)
+    _detector_fits(recipe.model_name, detection)
     if model_modality(recipe.model_name, modality) != modality:  # hf: reads what the task needs
         hint = "hf:<hub id or folder> or minilm" if modality == "text" else \
             "timm:<name>, torchvision:<name>, hf:<hub id or folder> or efficientnet_lite0"
         article = "an" if modality == "image" else "a"
         raise UserError(f"--model {recipe.model_name}: reads {model_modality(recipe.model_name, modality)}s, but "
                         f"--task {recipe.task} needs {article} {modality} model ({hint})")
+
+
+def _detection(recipe: Recipe) -> None:
+    """Detection options that need no data: numbers parse, sizes are ordered, a COCO evaluator is installed."""
+    from .inputs import parse_numbers
+    from .tasks.detection import backend
+
+    m = recipe.model
+    parse_numbers(m.anchor_sizes, "--anchor-sizes", int)
+    parse_numbers(m.aspect_ratios, "--aspect-ratios")
+    if m.min_size is not None and m.max_size is not None and m.max_size < m.min_size:
+        raise UserError(f"--max-size {m.max_size}: must be at least --min-size {m.min_size}")
+    if backend() is None:
+        raise UserError("--task detection: needs pycocotools or faster-coco-eval for mean average precision "
+                        "(pip install pycocotools)")
+
+
+def _detector_fits(spec: str, detection: bool) -> None:
+    from .models import resolve
+
+    source = resolve(spec, "detection" if detection else None)[0]
+    if detection and not getattr(source, "detector", False):
+        raise UserError(f"--model {spec}: a classification model; --task detection takes the built-in "
+                        f"fasterrcnn_efficientnet_lite0 or torchvision:fasterrcnn_resnet50_fpn(_v2), "
+                        f"torchvision:fasterrcnn_mobilenet_v3_large(_320)_fpn")
+    if not detection and getattr(source, "detector", False):
+        raise UserError(f"--model {spec}: a detector; use it with --task detection")

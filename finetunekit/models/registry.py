@@ -5,6 +5,8 @@
     timm:<name>              TimmSource                 images
     torchvision:<name>       TorchvisionSource          images
     minilm                   builtin.MiniLM             text (a transformers backbone)
+    fasterrcnn_efficientnet_lite0  detection.BuiltinDetector  images, --task detection (torchvision + timm)
+    torchvision:fasterrcnn_* detection.DetectorSource   images, --task detection (the task's kind "detection")
     hf:<hub id or folder>    HfTextSource (text tasks), HfImageSource (image tasks; without a task: from
                              the folder's config.json architectures, else text)
 
@@ -18,6 +20,7 @@ from ..config import BUILTIN_MODELS, MODEL_PREFIXES
 from ..errors import UserError, did_you_mean
 from .base import Source
 from .builtin import EfficientNetLite0, MiniLM
+from .detection import BuiltinDetector, DetectorSource
 from .hf_image import HfImageSource, architectures
 from .hf_source import HfTextSource, _local
 from .timm_source import TimmSource
@@ -30,9 +33,12 @@ SOURCES: dict[str, type[Source]] = {
     "hf-image": HfImageSource,
     "efficientnet_lite0": EfficientNetLite0,
     "minilm": MiniLM,
+    "torchvision-detection": DetectorSource,
+    "fasterrcnn_efficientnet_lite0": BuiltinDetector,
 }
-# a prefix whose models read either kind of input: the key of each kind's adapter
-BY_MODALITY = {"hf": {"text": "hf", "image": "hf-image"}}
+# a prefix whose models read either kind of input (or are detectors): the key of each kind's adapter
+BY_MODALITY = {"hf": {"text": "hf", "image": "hf-image"},
+               "torchvision": {"image": "torchvision", "detection": "torchvision-detection"}}
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -52,8 +58,10 @@ def resolve(spec: str, modality: str | None = None) -> tuple[type[Source], str]:
     kinds = BY_MODALITY.get(prefix)
     if kinds is None:
         return SOURCES[prefix], name
+    if modality is None and prefix == "torchvision":
+        modality = "image"
     if modality is None:
         local = _local(name)
         image = local is not None and any(a.endswith("ForImageClassification") for a in architectures(local))
         modality = "image" if image else "text"
-    return SOURCES[kinds[modality]], name
+    return SOURCES[kinds.get(modality, kinds["image"])], name

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from ..config import TASKS as TASK_OPTIONS
 from .base import LogitsTask, Step, logits_of
 from .classification import Classification
+from .detection import Detection
 from .multilabel import MultiLabel
 from .regression import Regression
 
-__all__ = ["Classification", "LogitsTask", "MultiLabel", "Regression", "Step", "TASKS", "build_task", "logits_of",
+__all__ = ["Classification", "Detection", "LogitsTask", "MultiLabel", "Regression", "Step", "TASKS", "build_task", "logits_of",
            "LOWER_IS_BETTER"]
 
 TASKS: dict[str, type] = {
@@ -25,6 +26,7 @@ TASKS: dict[str, type] = {
     "text-classification": Classification,
     "text-multilabel": MultiLabel,
     "text-regression": Regression,
+    "detection": Detection,
 }
 LOWER_IS_BETTER = {"loss", "mae", "rmse"}
 
