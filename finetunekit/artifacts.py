@@ -85,11 +85,13 @@ def _model_dir(path: Path) -> Path:
 
 def load(path: str | os.PathLike):
     """Restore a fine-tuned model from a run directory or a model folder: an ImageModel or a TextModel."""
-    from .inference import ImageModel, TextModel
+    from .inference import DetectionModel, ImageModel, TextModel
 
     folder = _model_dir(Path(path))
     backbone, task_name, classes, ours = load_folder(folder)
     task = build_task(task_name, classes, threshold=ours.get("threshold") or 0.5)
+    if task.kind == "detection":
+        return DetectionModel(backbone, task, folder)
     if backbone.adapter.modality == "text":
         return TextModel(backbone, task, folder, ours, task_name)
     return ImageModel(backbone, task, folder, tta=ours.get("tta", "none"), table=ours)

@@ -93,6 +93,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--top-k", type=int, default=1, metavar="K")
     pr.add_argument("--batch-size", type=int, default=64, metavar="N")
     pr.add_argument("--output", metavar="FILE", help="write the predictions to FILE instead of stdout")
+    pr.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR (PNG)")
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
 
@@ -181,6 +182,15 @@ def _rows(preds: list[dict], top_k: int, key: str, kind: str, error_column: bool
     """Predictions as a header and rows of strings. key: path | text; kind: label | labels | value (the task);
     an input that could not be read has empty prediction cells and its reason in the `error` column."""
     source = [p.get(key, "") if isinstance(p.get(key, ""), str) else " ||| ".join(p[key]) for p in preds]
+    if kind == "boxes":  # detection: one row per box (an image without boxes: one row with empty cells)
+        cols = ["label", "score", "x1", "y1", "x2", "y2"]
+        rows = []
+        for s, p in zip(source, preds):
+            boxes = [] if "error" in p else list(zip(p["labels"], p["scores"], p["boxes"]))
+            for label, score, box in boxes or [(None, None, None)]:
+                cells = [label, f"{score:.4f}", *(f"{v:.1f}" for v in box)] if label is not None else [""] * len(cols)
+                rows.append([s, *cells] + ([p.get("error", "")] if error_column else []))
+        return [key, *cols] + (["error"] if error_column else []), rows
     if kind == "value":  # regression
         cols, cells = ["value"], lambda p: [f"{p['value']:.6g}"]
     elif kind == "labels":  # multi-label
@@ -219,13 +229,19 @@ def _format_predictions(preds: list[dict], fmt: str, top_k: int, key: str, kind:
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "micro_f1", "map", "exact_match", "mae", "rmse",
+    keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "micro_f1", "map50", "map", "map75", "mar",
+                        "exact_match", "mae", "rmse",
                         "r2", "spearman", "loss", "samples") if k in metrics]
     print("  ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                     for k in keys))
     per_class = metrics.get("per_class") or metrics.get("per_label") or {}
     if per_class:
         width = max(len(c) for c in per_class)
+        if all(set(v) == {"ap"} for v in per_class.values()):  # detection
+            print(f"{'class':<{width}}  AP@[.5:.95]")
+            for c, v in per_class.items():
+                print(f"{c:<{width}}  {v['ap']:.4f}")
+            return
         print(f"{'class':<{width}}  precision  recall      f1")
         for c, v in per_class.items():
             print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
@@ -309,7 +325,9 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     if args.text and not is_text:
         raise UserError("--text: this is an image model; pass image files or folders")
     kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
-        else "label"
+        else "boxes" if model.task.kind == "detection" else "label"
+    if args.draw and kind != "boxes":
+        raise UserError("--draw: for detection models")
     top_k = args.top_k
     if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
         top_k = len(model.classes)
@@ -331,6 +349,12 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
                               top_k=top_k, errors="raise" if args.strict else "skip")
     failed = [p for p in preds if "error" in p]
+    if args.draw:
+        from .inference import draw
+
+        for p in preds:
+            if "error" not in p and "path" in p:
+                draw(p["path"], p, Path(args.draw))
     for p in failed:
         print(f"warning: {p['path']}: {p['error']}; skipped", file=sys.stderr)
     _write(_format_predictions(preds, args.format, top_k, "text" if is_text else "path", kind), args.output)

@@ -239,3 +239,70 @@ class TextModel(FineTunedModel):
 
 def _is_text_file(s: str) -> bool:
     return len(s) < 4096 and "\n" not in s and Path(s).suffix.lower() in TEXT_FILE_SUFFIXES and Path(s).is_file()
+
+
+class DetectionModel(ImageModel):
+    """A restored detector: `predict` gives per image {"boxes" [[x1, y1, x2, y2] px of the image as given],
+    "labels", "scores"}; the detector resizes and normalizes itself (its min_size, max_size, mean, std)."""
+
+    def __init__(self, backbone: Backbone, task, folder: Path):
+        FineTunedModel.__init__(self, backbone, task, folder)
+        self.table = {}
+
+    def detections(self, images: Sequence[Any], batch_size: int = 8) -> list[dict]:
+        return self._scores(images, batch_size, skip=False)[0]
+
+    @torch.inference_mode()
+    def _scores(self, images: Sequence[Any], batch_size: int, skip: bool) -> tuple[list[dict], dict[int, str]]:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        self.module.eval()
+        out, failed = [], {}
+        for start in range(0, len(images), batch_size):
+            xs = []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    xs.append(pil_to_tensor(self._image(images[i])).float().div(255).to(self.device))
+                except UnreadableImage as e:
+                    if not skip:
+                        raise
+                    failed[i] = e.reason
+            if xs:
+                out += [{k: v.cpu() for k, v in d.items()} for d in self.module(xs)]
+        return out, failed
+
+    def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+        """A VOC / COCO / YOLO set scored with the model's classes (boxes of other classes: skipped, counted)."""
+        check_batch_size(batch_size)
+        from collections import Counter
+
+        from .data import default_workers, make_loader
+        from .data.boxes import DetectionDataset, collate, detection_transform
+        from .data.detection import _to_split, lint, read_annotated
+
+        counts: Counter = Counter()
+        skipped: list = []
+        items = lint(read_annotated(data, "--data")[0], self.classes, counts, skipped)
+        if not items:
+            raise UserError(f"--data {data}: no usable images")
+        args = self.backbone.model_args["detector"]
+        ds = DetectionDataset(_to_split(items, self.classes), detection_transform("none", args["min_size"],
+                                                                                  args["max_size"]))
+        return make_loader(ds, batch_size, train=False, workers=default_workers(), seed=0, collate_fn=collate), \
+            len(skipped)
+
+
+def draw(path: str, prediction: dict, out_dir: Path, min_score: float = 0.0) -> Path:
+    """The image at `path` with its predicted boxes drawn (torchvision's draw_bounding_boxes), as PNG in out_dir."""
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import draw_bounding_boxes
+
+    image = pil_to_tensor(load_rgb(path))
+    keep = [i for i, s in enumerate(prediction["scores"]) if s >= min_score]
+    boxes = torch.tensor([prediction["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
+    labels = [f"{prediction['labels'][i]} {prediction['scores'][i]:.2f}" for i in keep]
+    drawn = draw_bounding_boxes(image, boxes, labels=labels, colors="red", width=max(2, image.shape[-1] // 300))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / (Path(path).stem + ".png")
+    to_pil_image(drawn).save(target)
+    return target
