@@ -103,6 +103,8 @@ def _detection(recipe: Recipe) -> None:
     m = recipe.model
     parse_numbers(m.anchor_sizes, "--anchor-sizes", int)
     parse_numbers(m.aspect_ratios, "--aspect-ratios")
+    if recipe.train.batch_size == "auto":
+        raise UserError("--batch-size auto: not for --task detection yet; give a number (2-8 on a CPU)")
     if m.min_size is not None and m.max_size is not None and m.max_size < m.min_size:
         raise UserError(f"--max-size {m.max_size}: must be at least --min-size {m.min_size}")
     if backend() is None:

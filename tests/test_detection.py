@@ -197,3 +197,35 @@ def test_tiny_detector_fits_saves_and_predicts_the_same_in_a_fresh_process(racco
 
     metrics = finetunekit.evaluate(out, raccoon6)
     assert metrics["samples"] == 6 and "map50" in metrics
+
+
+def test_recipes_parse_and_the_hub_one_validates_its_anchors():
+    from finetunekit.inputs import detector_options
+
+    raccoon = Recipe.load(ROOT / "recipes" / "raccoon-detection.yaml")
+    assert raccoon.task == "detection" and raccoon.model_name == "fasterrcnn_efficientnet_lite0"
+    hub = Recipe.load(ROOT / "recipes" / "defect-detection-hub.yaml")
+    options = detector_options(hub.model)
+    args = options.args("fasterrcnn_resnet50_fpn_v2", 3, 800, 1333)
+    assert args.anchor_sizes == ((8,), (16,), (32,), (64,), (128,)) and args.nms_threshold == 0.3
+    assert args.aspect_ratios == ((0.25, 0.5, 1.0, 2.0, 4.0),) * 5
+
+
+def test_plain_torchvision_rebuilds_a_saved_torchvision_detector(tmp_path):
+    """A torchvision Faster R-CNN (random init: no hub here) with custom anchors: saved as a model folder,
+    rebuilt with torchvision.models.get_model alone (load_native), the same detections as finetunekit.load."""
+    from finetunekit.models.detection import DetectorOptions, DetectorSource
+    from finetunekit.artifacts import load, save_model_folder
+
+    torch.manual_seed(0)
+    options = DetectorOptions(pretrained=False, anchor_sizes=(16, 32, 64), aspect_ratios=(0.5, 1.0),
+                              min_size=64, max_size=96, score_threshold=0.0)
+    backbone = DetectorSource.create("fasterrcnn_mobilenet_v3_large_320_fpn", 2, options)
+    save_model_folder(tmp_path / "model", backbone, ["a", "b"], "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+                      "detection")
+    native = DetectorSource.load_native(tmp_path / "model")
+    ours = load(tmp_path / "model").module
+    x = [torch.rand(3, 70, 90)]
+    with torch.inference_mode():
+        a, b = native(x)[0], ours(x)[0]
+    assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])

@@ -333,18 +333,17 @@ class DetectorSource(Source):
         """Plain torchvision (the torchvision detectors; the built-in needs timm for its body as well)."""
         import torchvision
         from safetensors.torch import load_file
-        from torchvision.models.detection.anchor_utils import AnchorGenerator
-
         config = mf.read_config(folder)
         det = config["detector"]
         kw = dict(min_size=det["min_size"], max_size=det["max_size"], image_mean=det["image_mean"],
                   image_std=det["image_std"], box_nms_thresh=det["nms_threshold"],
                   box_score_thresh=det["score_threshold"], box_detections_per_img=det["detections_per_image"])
-        if det.get("anchor_sizes"):
-            kw["rpn_anchor_generator"] = AnchorGenerator(tuple(map(tuple, det["anchor_sizes"])),
-                                                         tuple(map(tuple, det["aspect_ratios"])))
         module = torchvision.models.get_model(config["architecture"], weights=None, weights_backbone=None,
                                               num_classes=det["num_classes"], **kw)
+        if det.get("frozen_norms"):
+            _freeze_norms(module.backbone)
+        if det.get("anchor_sizes") or det.get("aspect_ratios"):
+            _set_anchors(module, DetectorArgs.from_dict(det))  # AnchorGenerator (+ RPNHead when the count changes)
         module.load_state_dict(load_file(str(folder / mf.WEIGHTS)))
         return module.eval()
 

@@ -20,6 +20,7 @@ from ..config import BUILTIN_MODELS, MODEL_PREFIXES
 from ..errors import UserError, did_you_mean
 from .base import Source
 from .builtin import EfficientNetLite0, MiniLM
+from .detection import TORCHVISION as TORCHVISION_DETECTORS
 from .detection import BuiltinDetector, DetectorSource
 from .hf_image import HfImageSource, architectures
 from .hf_source import HfTextSource, _local
@@ -58,8 +59,8 @@ def resolve(spec: str, modality: str | None = None) -> tuple[type[Source], str]:
     kinds = BY_MODALITY.get(prefix)
     if kinds is None:
         return SOURCES[prefix], name
-    if modality is None and prefix == "torchvision":
-        modality = "image"
+    if modality is None and prefix == "torchvision":  # without a task, the name says which
+        modality = "detection" if name in TORCHVISION_DETECTORS else "image"
     if modality is None:
         local = _local(name)
         image = local is not None and any(a.endswith("ForImageClassification") for a in architectures(local))
