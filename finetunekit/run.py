@@ -139,7 +139,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 optimizer, scheduler, checkpoints, accelerator)
     (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(), encoding="utf-8")
     write_json(out / "split.json", inputs.split_record)
-    _log_setup(recipe, inputs, hyper, module, accelerator, updates_per_epoch)
+    _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)
 
     model_dir = out / "model"
 
@@ -200,11 +200,14 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     return RunResult(out, metrics)
 
 
-def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, accelerator, updates_per_epoch: int) -> None:
+def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, cached: bool, accelerator,
+               updates_per_epoch: int) -> None:
     t, backbone = recipe.train, inputs.backbone
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    frozen = f", first {t.freeze_layers} layers frozen" if t.freeze_layers else ""
+    # on cached features `module` is the head alone: the model's size is the whole backbone's
+    total = sum(p.numel() for p in (backbone.module if cached else module).parameters())
+    frozen = "; the frozen backbone ran once, its features cached" if cached else ""
+    frozen += f", first {t.freeze_layers} layers frozen" if t.freeze_layers else ""
     frozen += f", frozen: {t.freeze}" if t.freeze else ""
     frozen += f", frozen types: {t.freeze_types}" if t.freeze_types else ""
     log.info("model: %s (%s:%s), %.2fM parameters, %.2fM trainable (%s%s); %s; device %s, precision %s",

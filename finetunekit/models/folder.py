@@ -127,6 +127,15 @@ def read_head_type(config: dict, folder: Path) -> str:
                  check=lambda v: v == "linear" or _MLP.fullmatch(v) is not None, expected="linear or mlp:N")
 
 
+def mismatch(missing: list[str], unexpected: list[str], shape: list[str]) -> str:
+    """What is wrong between saved weights and a model, in a few words: the first kind of problem, 2 examples."""
+    if missing:
+        return f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])})"
+    if unexpected:
+        return f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:2])})"
+    return f"{len(shape)} tensors of another shape (e.g. {shape[0]})"
+
+
 # --- the timm-format image folder (timm and torchvision sources) ---
 
 def write_image_folder(folder: Path, backbone, classes: list[str], ours: dict) -> None:
@@ -189,9 +198,6 @@ def load_into(backbone, state: dict[str, torch.Tensor], folder: Path, num_classe
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shape:
-        what = (f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])})" if missing else
-                f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:2])})" if unexpected else
-                f"{len(shape)} tensors of another shape (e.g. {shape[0]})")
         raise UserError(f"{folder / WEIGHTS}: does not fit the architecture {backbone.architecture} of "
-                        f"{CONFIG}: {what}")
+                        f"{CONFIG}: {mismatch(missing, unexpected, shape)}")
     backbone.module.load_state_dict(state)

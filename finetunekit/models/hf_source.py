@@ -161,11 +161,8 @@ def load_pretrained(folder: Path, auto_model, labels_field: str) -> nn.Module:
     missing = sorted(k for k in info.get("missing_keys") or () if k not in tied)
     unexpected = sorted(info.get("unexpected_keys") or ())
     if missing or unexpected or mismatched:
-        what = (f"{len(missing)} tensors missing (e.g. {', '.join(missing[:2])})" if missing else
-                f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:2])})" if unexpected else
-                f"{len(mismatched)} tensors of another shape (e.g. {sorted(mismatched)[0]})")
         raise UserError(f"{folder / mf.WEIGHTS}: does not fit the architecture {type(module).__name__} of "
-                        f"{mf.CONFIG}: {what}")
+                        f"{mf.CONFIG}: {mf.mismatch(missing, unexpected, sorted(mismatched))}")
     return module
 
 
