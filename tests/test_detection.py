@@ -166,11 +166,19 @@ def raccoon6(tmp_path_factory) -> Path:
     return d
 
 
-def test_tiny_detector_fits_saves_and_predicts_the_same_in_a_fresh_process(raccoon6, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (as the fresh process below gets), and torch's setting back for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_detector_fits_saves_and_predicts_the_same_in_a_fresh_process(raccoon6, tmp_path, one_thread):
     pytest.importorskip("pycocotools")
     import finetunekit
 
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     result = finetunekit.fit({"task": "detection", "quiet": True, "out": str(out),
                               "data": {"path": str(raccoon6), "val_fraction": 0.34, "num_workers": 0},

@@ -48,6 +48,16 @@ def step_losses(run_dir: Path) -> list[str]:
         return [row["loss"] for row in csv.DictReader(f)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def pinned_threads():
+    """The pinned values were made with 2 intra-op threads (this machine's cores): the thread count changes
+    the order of float reductions, so it is pinned here whatever an earlier test left behind."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     if not CIFAR.is_dir():
