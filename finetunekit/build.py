@@ -125,7 +125,7 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
                                               "the head, on cached features")])
             return Trained(head, plan, train, val, True, None)
         log.info("features not cached: %s", reason)
-    if recipe.modality != "image" or not getattr(inputs.task, "decoded_cache", True):  # detection: its own samples
+    if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes
         return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None)
     decoded = decoded_loaders(d, t, inputs, split_hashes, pin_memory)
     if decoded is None:

@@ -9,7 +9,8 @@ The loop knows a task only through these methods (it never unpacks a batch and n
     metrics() / update(metrics, outputs, targets) -> (loss sum, count) / summarize(computed)
     predict(outputs, top_k) -> [dict]     one result per sample, as `predict` prints it
 
-and names `headline` (metrics in the log), `default_monitor` and `running_metric`. A task owns how its
+and names `headline` (metrics in the log), `default_monitor`, `running_metric`, `kind`, and `decoded_cache`
+(whether its image batches may come from the decoded-image cache). A task owns how its
 batches look: detection would take lists of images and target dicts and return the detector's loss dict.
 
 `LogitsTask` is that contract for batches `(x, y)` — x an image tensor [B, C, H, W] or a dict of
@@ -45,6 +46,7 @@ class LogitsTask:
     # something else (the decoded-image cache's uint8 pixels: data.decoded.Normalize)
     input_transform: Callable | None = None
     class_weights: torch.Tensor | None = None  # per-class loss weights, where the task takes them
+    decoded_cache = True  # its image batches can come from the decoded-image cache (data.decoded)
 
     def prepare(self, batch) -> tuple:
         x, y = batch
