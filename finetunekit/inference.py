@@ -106,21 +106,28 @@ class ImageModel(FineTunedModel):
         """[N, num_classes] logits for a sequence of images (paths, PIL images or HxWxC uint8 arrays)."""
         return self._scores(images, batch_size, skip=False)[0]
 
-    @torch.inference_mode()
-    def _scores(self, images: Sequence[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
-        self.module.eval()
-        out, failed = [], {}
+    def _read_batches(self, images: Sequence[Any], batch_size: int, skip: bool, read, failed: dict[int, str]):
+        """Lists of read(image) of up to `batch_size` images each; an unreadable image raises, or (`skip`) is
+        left out of its batch and its reason recorded in `failed` by index."""
         for start in range(0, len(images), batch_size):
             xs = []
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    xs.append(self.transform(self._image(images[i])))
+                    xs.append(read(self._image(images[i])))
                 except UnreadableImage as e:
                     if not skip:
                         raise
                     failed[i] = e.reason
-            if xs:  # [B, 3, H, W]: the batch less its unreadable images
-                out.append(logits_of(self.eval_module(), torch.stack(xs).to(self.device)).float().cpu())
+            if xs:
+                yield xs
+
+    @torch.inference_mode()
+    def _scores(self, images: Sequence[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
+        self.module.eval()
+        out, failed = [], {}
+        for xs in self._read_batches(images, batch_size, skip, self.transform, failed):
+            # [B, 3, H, W]: the batch less its unreadable images
+            out.append(logits_of(self.eval_module(), torch.stack(xs).to(self.device)).float().cpu())
         return (torch.cat(out) if out else torch.empty(0, self.task.num_outputs)), failed
 
     def _inputs(self, inputs: Any) -> tuple[list[Any], list[dict]]:
@@ -258,17 +265,9 @@ class DetectionModel(ImageModel):
 
         self.module.eval()
         out, failed = [], {}
-        for start in range(0, len(images), batch_size):
-            xs = []
-            for i in range(start, min(start + batch_size, len(images))):
-                try:
-                    xs.append(pil_to_tensor(self._image(images[i])).float().div(255).to(self.device))
-                except UnreadableImage as e:
-                    if not skip:
-                        raise
-                    failed[i] = e.reason
-            if xs:
-                out += [{k: v.cpu() for k, v in d.items()} for d in self.module(xs)]
+        read = lambda image: pil_to_tensor(image).float().div(255).to(self.device)  # noqa: E731 - [3, H, W]
+        for xs in self._read_batches(images, batch_size, skip, read, failed):
+            out += [{k: v.cpu() for k, v in d.items()} for d in self.module(xs)]
         return out, failed
 
     def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
