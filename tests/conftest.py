@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import socket
@@ -38,6 +39,19 @@ def cifar_subset(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cifar")
     return {"train": write_manifest(d / "train.csv", CIFAR / "train", 40),
             "test": write_manifest(d / "test.csv", CIFAR / "test", 20)}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n`, and put back after (the count changes float reductions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0) -> Path:

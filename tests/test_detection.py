@@ -20,6 +20,8 @@ from finetunekit.data.detection import layout, lint, looks_like_detection, read_
 from finetunekit.errors import UserError
 from finetunekit.preflight import preflight
 
+from conftest import torch_threads
+
 ROOT = Path(__file__).resolve().parent.parent
 RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
 
@@ -169,10 +171,8 @@ def raccoon6(tmp_path_factory) -> Path:
 @pytest.fixture
 def one_thread():
     """One intra-op thread (as the fresh process below gets), and torch's setting back for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_tiny_detector_fits_saves_and_predicts_the_same_in_a_fresh_process(raccoon6, tmp_path, one_thread):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import finetunekit
 
-from conftest import CIFAR, save_tiny_bert, write_manifest
+from conftest import CIFAR, save_tiny_bert, torch_threads, write_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 WRITE = os.environ.get("FINETUNEKIT_WRITE_GOLDEN") == "1"
@@ -52,10 +52,8 @@ def step_losses(run_dir: Path) -> list[str]:
 def pinned_threads():
     """The pinned values were made with 2 intra-op threads (this machine's cores): the thread count changes
     the order of float reductions, so it is pinned here whatever an earlier test left behind."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")

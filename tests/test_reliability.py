@@ -15,7 +15,7 @@ import finetunekit
 from finetunekit import faults
 from finetunekit.errors import TrainingStopped
 
-from conftest import CIFAR, write_manifest
+from conftest import CIFAR, torch_threads, write_manifest
 from test_text import tiny_bert, write_sentiment  # noqa: F401 - a fixture and a data writer
 
 
@@ -23,10 +23,8 @@ from test_text import tiny_bert, write_sentiment  # noqa: F401 - a fixture and a
 def one_thread():
     """The in-process runs here are tiny: one intra-op thread is as fast, and spares them OpenMP's spinning
     when the cores are shared (30x slower at times). The other modules get torch's setting back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
