@@ -18,6 +18,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: the first line of its message' (cut to `limit` characters), or 'Type' when it has none: a
+    library's error inside one of ours, still on one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
 class TrainingStopped(UserError):
     """A run that stopped on purpose mid-way: non-finite values (exit 1), or a signal after its checkpoint
     was written (exit 128 + the signal number, as shells report a signal)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .errors import first_line
 from torch import nn
 
 log = logging.getLogger("finetunekit")
@@ -89,5 +91,4 @@ def _reason(e: BaseException) -> str:
     """'Type: first line' of the innermost cause (dynamo wraps a backend's error in BackendCompilerFailed)."""
     while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
         e = getattr(e, "inner_exception", None) or e.__cause__
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+    return first_line(e)

@@ -3,9 +3,6 @@ to the loss trains the weights but never enters the logged loss; what it saves r
 
 from __future__ import annotations
 
-import csv
-import random
-
 import pytest
 import torch
 
@@ -18,21 +15,14 @@ from finetunekit.strategies import Phase, Plan
 from finetunekit.tasks import Classification
 
 from conftest import save_tiny_bert
+from test_text import write_sentiment
 
 
 @pytest.fixture(scope="module")
 def tiny_bert_for_addons(tmp_path_factory):
     """A 2-layer BERT (dropout on, so recomputation must replay its random draws) and a small labelled table."""
     folder = save_tiny_bert(tmp_path_factory.mktemp("gc-bert"), hidden_dropout=0.1)
-    rng = random.Random(0)
-    table = folder / "texts.csv"
-    with table.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for i in range(64):
-            w.writerow([f"the film was {rng.choice(['good', 'great'] if i % 2 else ['bad', 'dull'])}",
-                        "pos" if i % 2 else "neg"])
-    return folder, table
+    return folder, write_sentiment(folder / "texts.csv", 64, 0)
 
 
 class Recorder(AddOn):

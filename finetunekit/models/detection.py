@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import Preprocessing
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, first_line
 from . import folder as mf
 from .base import Backbone, Source
 from .groups import Group
@@ -170,9 +170,8 @@ def _torchvision(args: DetectorArgs, pretrained: bool) -> nn.Module:
         model = torchvision.models.get_model(args.architecture, weights="DEFAULT",
                                              trainable_backbone_layers=args.trainable_layers, **kw)
     except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors...
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"--model torchvision:{args.architecture}: could not download its COCO weights "
-                        f"({type(e).__name__}: {first}); without internet use the built-in {BUILTIN_DETECTOR}, "
+                        f"({first_line(e)}); without internet use the built-in {BUILTIN_DETECTOR}, "
                         f"--weights FILE or --no-pretrained") from None
     _box_predictor(model, args.num_classes)
     return model

@@ -18,7 +18,8 @@ import torch
 
 from ..checkpoint import save_tensors  # a full disk or a file-size limit: an OSError, not a SafetensorError
 from ..data.transforms import Preprocessing
-from ..errors import UserError
+from ..errors import UserError, first_line
+from .weights import load_safetensors
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -50,15 +51,10 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors as a state dict; a missing, empty or truncated file is one line."""
-    from safetensors.torch import load_file
-
     path = folder / WEIGHTS
     if not path.is_file():
         raise UserError(f"{path}: missing (a model folder holds its weights in {WEIGHTS})")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors reports damage as several exception types
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    return load_safetensors(path, str(path))
 
 
 def check_weights_header(folder: Path) -> None:
@@ -72,12 +68,7 @@ def check_weights_header(folder: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def field(config: dict, dotted: str, folder: Path, kind, *, required: bool = True, default: Any = None,

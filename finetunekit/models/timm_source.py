@@ -10,7 +10,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ..data.transforms import Preprocessing
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, first_line
 from . import hub
 from .base import Backbone
 from .groups import Group, timm_groups
@@ -88,9 +88,8 @@ class TimmSource(ImageSource):
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"--model timm:{name}: could not get its pretrained weights from the Hugging Face "
-                            f"Hub ({type(e).__name__}: {first}); without internet, pass --weights FILE or "
+                            f"Hub ({first_line(e)}); without internet, pass --weights FILE or "
                             f"--no-pretrained") from None
         return wrap(module, name)
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from ..data.transforms import Preprocessing
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, first_line
 from .base import Backbone
 from .image import ImageSource, last_linear
 
@@ -72,9 +72,8 @@ class TorchvisionSource(ImageSource):
                 raise UserError(f"--drop-path: torchvision's {name} has no stochastic depth") from None
             raise
         except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors...
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"--model torchvision:{name}: could not download its pretrained weights "
-                            f"({type(e).__name__}: {first}); without internet, pass --weights FILE or "
+                            f"({first_line(e)}); without internet, pass --weights FILE or "
                             f"--no-pretrained") from None
         return _wrap(module, name)
 

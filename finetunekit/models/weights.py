@@ -10,22 +10,27 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import Backbone
 
 log = logging.getLogger("finetunekit")
+
+
+def load_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; damage (empty, truncated, not safetensors) is one line starting `where`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors reports damage as several exception types
+        raise UserError(f"{where}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def read_state_dict(path: Path, option: str = "--weights") -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{option} {path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any parse failure of the file is the user's input
-            raise UserError(f"{option} {path}: not a readable safetensors file ({_one_line(e)})") from None
+        return load_safetensors(path, f"{option} {path}")
     if path.stat().st_size == 0:
         raise UserError(f"{option} {path}: empty file")
     try:
@@ -35,7 +40,7 @@ def read_state_dict(path: Path, option: str = "--weights") -> dict[str, torch.Te
                         f"weights_only=True: {_unpickler_reason(e)}); convert it to .safetensors") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise UserError(f"{option} {path}: not a readable torch state dict, damaged or truncated "
-                        f"({_one_line(e)})") from None
+                        f"({first_line(e)})") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -44,15 +49,10 @@ def read_state_dict(path: Path, option: str = "--weights") -> dict[str, torch.Te
     return obj
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
 def _unpickler_reason(e: BaseException) -> str:
     """The one informative line of torch's weights_only message ("Unsupported global: GLOBAL x.Y ...")."""
     match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-    return match.group(1).strip()[:200] if match else _one_line(e)
+    return match.group(1).strip()[:200] if match else first_line(e)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
