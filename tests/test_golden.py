@@ -5,10 +5,13 @@ may not. Each case trains a tiny model from a config (no download) on real data 
   - every step's training loss (steps.csv, as the run logs it) exactly, and
   - the SHA-256 of the saved model's tensors (model/model.safetensors, names and bytes in sorted order).
 
-The pinned values live in tests/golden/<case>.json. They are bit-exact for one machine kind (this project's
-CI and developers share one); on another CPU, oneDNN may pick other kernels: regenerate them there with
+The pinned values live in tests/golden/<case>.json, one variant per machine kind (CPU model and torch
+version: oneDNN picks other kernels on another CPU, and float sums round differently). A run must match
+its machine's variant bit for bit; on a machine with no variant, any variant bit for bit, or else the
+first one within a relative 1e-3 per step (float noise, not a change of behaviour: another sample order,
+augmentation draw or learning rate moves losses by far more). Add the variant of a new machine kind with
     FINETUNEKIT_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
-and never regenerate them to make a code change pass.
+at a commit whose variants pass elsewhere, and never regenerate them to make a code change pass.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import platform
 import random
 from pathlib import Path
 
@@ -30,6 +34,17 @@ from conftest import CIFAR, save_tiny_bert, torch_threads, write_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 WRITE = os.environ.get("FINETUNEKIT_WRITE_GOLDEN") == "1"
+def machine() -> str:
+    """The machine kind the pinned values hold for: CPU model, architecture and torch version."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({platform.machine()}), torch {torch.__version__}"
+
+
 FILLER = ["the", "movie", "was", "plot", "actors", "story", "a", "really", "quite", "film", "and", "it", "very"]
 
 
@@ -96,7 +111,8 @@ def _image_recipe(images, out, **train):
     data = {"path": str(images["train"]), "val": str(images["val"]), "image_size": 32, "num_workers": 0,
             **train.pop("data", {})}
     return {"data": data, "model": {"name": "timm:test_efficientnet", "pretrained": False},
-            "train": {"epochs": 2, "batch_size": 8, "seed": 7, **train}, "out": str(out), "quiet": True}
+            "train": {"epochs": 2, "batch_size": 8, "seed": 7, "strategy": "full", **train}, "out": str(out),
+            "quiet": True}
 
 
 def _text_recipe(folder, data, out, task, **train):
@@ -127,10 +143,19 @@ def test_golden_run(case, images, tiny_bert_folder, texts, tmp_path):
     got = {"losses": step_losses(run.run_dir), "weights_sha256": weights_sha256(run.model_dir / "model.safetensors"),
            "best_epoch": run.metrics["best_epoch"]}
     path = GOLDEN / f"{case}.json"
+    here = machine()
+    variants = json.loads(path.read_text(encoding="utf-8"))["variants"] if path.exists() else []
     if WRITE:
         GOLDEN.mkdir(exist_ok=True)
-        path.write_text(json.dumps(got, indent=1) + "\n", encoding="utf-8")
-    want = json.loads(path.read_text(encoding="utf-8"))
-    assert got["losses"] == want["losses"]
+        variants = [v for v in variants if v["machine"] != here] + [{"machine": here, **got}]
+        path.write_text(json.dumps({"variants": variants}, indent=1) + "\n", encoding="utf-8")
+    fields = ("losses", "best_epoch", "weights_sha256")
+    if any(all(v[k] == got[k] for k in fields) for v in variants):
+        return  # bit for bit
+    mine = [v for v in variants if v["machine"] == here]
+    if mine:  # this machine's own variant: bit for bit, nothing less
+        for k in fields:
+            assert got[k] == mine[0][k], k
+    want = variants[0]
     assert got["best_epoch"] == want["best_epoch"]
-    assert got["weights_sha256"] == want["weights_sha256"]
+    assert [float(x) for x in got["losses"]] == pytest.approx([float(x) for x in want["losses"]], rel=1e-3)
