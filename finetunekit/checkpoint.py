@@ -13,6 +13,7 @@ the new one is complete.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -43,8 +44,14 @@ FORMAT = 1
 
 
 def sha256_file(path: Path) -> str:
+    st = os.stat(path)
+    return _sha256_file(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:  # a file hashed once per process while unchanged
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -113,7 +113,7 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
         val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict, torch.nn.Module], None],
         state: TrainState | None = None, checkpoints: Checkpoints | None = None,
-        addons: AddOns | None = None) -> TrainState:
+        addons: AddOns | None = None, features: tuple | None = None) -> TrainState:
     """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
     each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or an
     add-on's candidate, e.g. its EMA, when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
@@ -125,7 +125,11 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     and `cfg.max_nonfinite` skips in a row stop the run up to `log_every` batches later than they occur. A
     skipped update still counts in `state.updates`: the lr schedule moves on by one update (as after fp16's
     GradScaler skips a step) and add-ons' after_update runs (the EMA steps towards the unchanged weights). Other optimizers
-    check each update's gradient norm on the host and neither count nor schedule a skipped update."""
+    check each update's gradient norm on the host and neither count nor schedule a skipped update.
+
+    `features` = (head, train loader, validation loader) over cached backbone features: the phases marked
+    `on_features` (head-only phases before any other) train and validate the head on them; the head's
+    parameters are the model's own, so the optimizer, the checkpoints and `on_best` see the whole model."""
     state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
@@ -135,21 +139,25 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
     addons.start(inner)
     if checkpoints is not None and checkpoints.addon_tensors:
         addons.load_state_dict(checkpoints.addon_tensors)
-    sampler = _epoch_batches(train_loader)
-    order = train_loader if hasattr(train_loader, "set_epoch") else sampler  # accelerate's forwards it to ours
     skips = _Skips(cfg.max_nonfinite)
     on_device = _skips_on_device(accelerator, optimizer)
+    model, images_transform = module, task.input_transform
     phase = None
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch
         if cfg.plan.phase_at(epoch) is not phase:
             phase = cfg.plan.phase_at(epoch)
             apply_phase(phase, inner, optimizer)
+            cached = phase.on_features and features is not None
+            module, batches, validation = features if cached else (model, train_loader, val_loader)
+            task.input_transform = None if cached else images_transform  # feature vectors are not images
+            sampler = _epoch_batches(batches)
+            order = batches if hasattr(batches, "set_epoch") else sampler  # accelerate forwards it to ours
             params = [p for p in module.parameters() if p.requires_grad]
             if epoch > 0 or len(cfg.plan.phases) > 1:
-                log.info("epoch %d: training %s; %d tensors, lr x%g", epoch + 1, phase.description, len(params),
-                         phase.lr_mult)
-        set_train_mode(module, inner)
+                log.info("epoch %d: training %s; %d tensors, lr x%g%s", epoch + 1, phase.description, len(params),
+                         phase.lr_mult, ", on cached features" if cached else "")
+        set_train_mode(module, inner if module is model else None)
         order.set_epoch(epoch)
         if state.batch:
             sampler.skip(state.batch * accelerator.num_processes)  # each process trains every N-th batch
@@ -160,7 +168,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         norms = torch.tensor([state.grad_norm_sum, state.grad_norms], device=device)  # finite norms: sum, count
         losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
         start = time.perf_counter() - state.epoch_seconds
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    initial=state.batch, total=len(sampler) if sampler is not None else None,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
         for batch in bar:
@@ -221,7 +229,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         skips.check(state)
         epoch_seconds = time.perf_counter() - start
         state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
-        val, weights = _validate(accelerator, module, inner, addons, val_loader, task, cfg, epoch)
+        val, weights = _validate(accelerator, module, inner, addons, validation, task, cfg, epoch)
         seen = state.seen
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
                "train_loss": loss_sum.item() / max(seen, 1),
@@ -257,6 +265,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                                     _flush(losses, state.step), best=improved)
             if checkpoints.stop_requested and state.epoch < cfg.epochs:
                 raise checkpoints.stopped(path)
+    task.input_transform = images_transform
     return state
 
 

@@ -46,6 +46,7 @@ class Phase:
     trainable: frozenset[str]
     lr_mult: float
     description: str
+    on_features: bool = False  # a head-only phase before any other: trains on cached features (build.py)
 
 
 @dataclass
