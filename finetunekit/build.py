@@ -2,6 +2,7 @@
 
     accelerator(...)                  devices, precision, accumulation (accelerate)
     inputs(...)                       data, model and task (finetunekit.inputs), --batch-size auto's probe
+    playbook(...)                     --strategy auto and the default --epochs, from the data (finetunekit.playbook)
     hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
     plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
     fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
@@ -15,6 +16,7 @@ models, tasks, add-ons, the loop) gets plain arguments.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -24,15 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import faults, features
+from . import fastpath, faults, features
 from .addons import ADDONS
 from .addons.base import AddOns
-from .config import DataConfig, ModelConfig, Recipe, TrainConfig
+from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig
 from .data import make_loader
 from .errors import UserError
 from .inputs import Prepared, prepare_inputs
+from .playbook import choose, default_epochs
 from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, default_lr, default_warmup
-from .strategies import Phase, Plan, apply_phase, make_plan
+from .strategies import Phase, Plan, apply_phase, make_plan, plural
 
 log = logging.getLogger("finetunekit")
 
@@ -49,7 +52,10 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
     GradientState._reset_state()
     gpu = torch.cuda.is_available() and not cpu
     if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "no"
+        why = None if gpu else fastpath.cpu_bf16()
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "bf16" if why else "no"
+        if why:
+            log.info("--precision auto: bf16 autocast on this CPU (%s)", why)
     if precision == "fp16" and not gpu:
         raise UserError("--precision fp16: needs a GPU; use bf16 or no on the CPU")
     kwargs: dict[str, Any] = {}
@@ -66,6 +72,23 @@ def inputs(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
         return auto_batch(recipe, accelerator)
     return recipe, prepare_inputs(recipe.task, recipe.data, recipe.model, recipe.train,
                                   gpu=accelerator.device.type == "cuda")
+
+
+def playbook(recipe: Recipe, inputs: Prepared) -> tuple[Recipe, list[str]]:
+    """The recipe with what finetunekit.playbook decides from the data filled in: --strategy auto's choice,
+    and the default --epochs of the modality; and the log lines that say what was chosen and why."""
+    t, lines = recipe.train, []
+    if t.strategy != "auto" and t.epochs is not None:
+        return recipe, lines
+    resolved = recipe.model_copy(deep=True)
+    if t.epochs is None:
+        resolved.train.epochs = default_epochs(recipe.modality)
+    if t.strategy == "auto":
+        choice = choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
+                        inputs.sources.get("train"), inputs.image_size)
+        resolved.train.strategy = choice.strategy
+        lines.append(choice.line())
+    return resolved, lines
 
 
 @dataclass
@@ -102,71 +125,135 @@ def plan_and_optimizer(t: TrainConfig, backbone, lr: float, fused: bool = False)
 @dataclass
 class Trained:
     """What trains and what it reads: the whole model on its loaders, or (linear probe on cached
-    features) the head alone on feature loaders."""
+    features) the head alone on feature loaders; for a staged strategy, also the head and feature loaders
+    of its leading head-only phases."""
 
     module: nn.Module
     plan: Plan
     train_loader: Any
     val_loader: Any
-    cached: bool  # the head on cached features
+    cached: bool  # the head on cached features, the whole run
     cache_images: str | None  # the decoded-image cache, resolved: on | off (images), None (text)
+    features: tuple | None = None  # (head, train loader, val loader) for the phases marked on_features
 
 
 def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict[str, str], device,
-                pin_memory: bool) -> Trained:
-    """Cached features for a linear probe when they can be used; else the decoded-image cache for images
-    when it pays; else the model on its loaders as prepared."""
+                pin_memory: bool, processes: int = 1) -> Trained:
+    """Cached features for a linear probe, and for the head-only phases a staged strategy begins with, when
+    they can be used; else (and for the other phases) the decoded-image cache for images when it pays;
+    else the model on its loaders as prepared."""
     d, t = recipe.data, recipe.train
+    reason = features.why_not(d, recipe.modality, inputs.backbone)
     if t.strategy == "linear-probe":
-        reason = features.why_not(d, recipe.modality, inputs.backbone)
         if reason is None:
             head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)
             plan = Plan(plan.strategy, [Phase(0, frozenset(n for n, _ in head.named_parameters()), 1.0,
                                               "the head, on cached features")])
             return Trained(head, plan, train, val, True, None)
         log.info("features not cached: %s", reason)
+    cached_phases = None
+    leading = _leading_head_phases(plan, inputs.backbone)
+    if leading:
+        reason = reason or ("--ema averages the whole model" if t.ema else None) or \
+            ("several processes: the head alone would not synchronize its gradients" if processes > 1 else None)
+        if reason is None:
+            cached_phases = cached_features(d, recipe.model, t, inputs, split_hashes, device)
+            plan = Plan(plan.strategy, [dataclasses.replace(p, on_features=True) if i < leading else p
+                                        for i, p in enumerate(plan.phases)])
+            k = plan.phases[leading].start_epoch
+            log.info("the head-only phase (%s) trains on cached features", plural(k, "epoch"))
+        else:
+            log.info("head-only phase: features not cached: %s", reason)
     if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes
-        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None)
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None,
+                       cached_phases)
     decoded = decoded_loaders(d, t, inputs, split_hashes, pin_memory)
     if decoded is None:
-        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off")
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off",
+                       cached_phases)
     train, val, normalize = decoded
     inputs.task.input_transform = normalize  # uint8 batches -> the model's input, where they train
-    return Trained(inputs.backbone.module, plan, train, val, False, "on")
+    return Trained(inputs.backbone.module, plan, train, val, False, "on", cached_phases)
+
+
+def _leading_head_phases(plan: Plan, backbone) -> int:
+    """How many phases at the start of `plan` train the head alone (the backbone still as loaded)."""
+    head = frozenset(n for n, _ in backbone.module.named_parameters() if backbone.is_head(n))
+    n = 0
+    while n < len(plan.phases) and plan.phases[n].trainable and plan.phases[n].trainable <= head:
+        n += 1
+    return n if n < len(plan.phases) else 0  # a plan of head-only phases is a linear probe: handled above
 
 
 def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepared, split_hashes: dict[str, str],
                     device):
-    """The head to train (with the model's dropout in front, if any) and loaders over cached features."""
+    """The head to train (with the model's dropout in front, if any) and loaders over cached features.
+
+    With augmentation, `--cache-views K` caches K augmented views of each training image; without it the
+    features are computed once, unaugmented (what a linear probe does best with: docs/strategies.md). With
+    an automatic validation split, unaugmented features are cached as one pool over train and val, keyed by
+    content alone, so another --seed (another split) reads them back instead of running the backbone."""
     import timm
 
     from .checkpoint import sha256_file
 
     backbone = inputs.backbone
+    train_ds, val_ds = inputs.train_loader.dataset, inputs.val_loader.dataset
     views = d.cache_views or 1
-    augmented = features.augmented(d)
+    augmented = features.augmented(d) and d.cache_views is not None
+    if features.augmented(d) and not augmented:
+        log.info("features cached without augmentation (the linear-probe default; --cache-views K caches K "
+                 "augmented views per image)")
+        train_ds = copy.copy(train_ds)
+        train_ds.transform = val_ds.transform
     common = {"format": features.FORMAT, "model": inputs.model_name, "pretrained": m.pretrained,
               "weights": sha256_file(m.weights) if m.weights else None, "head": backbone.heads[0],
               "backbone_sha256": _frozen_sha256(backbone),  # the weights as they are: a random init differs by seed
               "preprocessing": backbone.preprocessing.to_dict(), "torch": torch.__version__,
               "timm": timm.__version__}
-    out = {}
-    for split, loader, aug in (("train", inputs.train_loader, augmented), ("val", inputs.val_loader, False)):
-        ds = loader.dataset
-        parts = {**common, "data": split_hashes[split], "transform": repr(ds.transform),
-                 "views": views if aug else 1, "seed": t.seed if aug else None}
+
+    def extract(ds, aug: bool, what: str, parts: dict):
         started = time.perf_counter()
         x, y, hit = features.load_or_extract(parts, lambda: features.extract(
             backbone, ds, views=parts["views"], seed=t.seed, augmented=aug, device=device,
             batch_size=t.batch_size * 2, workers=inputs.num_workers))
-        log.info("features (%s): %d x %d%s, %s in %.1fs", split, x.shape[1], x.shape[2],
+        log.info("features (%s): %d x %d%s, %s in %.1fs", what, x.shape[1], x.shape[2],
                  f" x {x.shape[0]} views" if x.shape[0] > 1 else "", "read from the cache" if hit else "computed",
                  time.perf_counter() - started)
-        out[split] = make_loader(features.Features(x, y), t.batch_size * (1 if split == "train" else 2),
-                                 train=split == "train", workers=0, seed=t.seed)
+        return x, y
+
+    pooled = not augmented and "fraction" in (inputs.split_record.get("val") or {})
+    if pooled:  # one pool over train and val in content order: the same for every seed's split
+        items: dict[tuple[str, str], tuple[str, Any]] = {}
+        for ds in (train_ds, val_ds):
+            for path, label in zip(ds.paths, ds.labels):
+                items.setdefault((repr(label), sha256_file(Path(path))), (path, label))
+        keys = sorted(items)
+        pool = copy.copy(val_ds)
+        pool.paths, pool.labels = [items[k][0] for k in keys], [items[k][1] for k in keys]
+        x, y = extract(pool, False, "train and val, pooled", {
+            **common, "data": _sha256_of(keys), "transform": repr(val_ds.transform), "views": 1, "seed": None})
+        index = {k: i for i, k in enumerate(keys)}
+        rows = {split: torch.tensor([index[(repr(label), sha256_file(Path(path)))]
+                                     for path, label in zip(ds.paths, ds.labels)], dtype=torch.long)
+                for split, ds in (("train", train_ds), ("val", val_ds))}
+        cached = {split: (x[:, r], y[r]) for split, r in rows.items()}
+    else:
+        cached = {split: extract(ds, aug, split, {
+            **common, "data": split_hashes[split], "targets": _sha256_of((repr(y), "") for y in ds.labels),
+            "transform": repr(ds.transform), "views": views if aug else 1, "seed": t.seed if aug else None})
+            for split, ds, aug in (("train", train_ds, augmented), ("val", val_ds, False))}
+    out = {split: make_loader(features.Features(*cached[split]), t.batch_size * (1 if split == "train" else 2),
+                              train=split == "train", workers=0, seed=t.seed) for split in ("train", "val")}
     head = backbone.module.get_submodule(backbone.heads[0])
     trained = features.WithDropout(m.dropout, head) if m.dropout and m.head == "linear" else head
     return trained, out["train"], out["val"]
+
+
+def _sha256_of(keys) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{a}\0{b}" for a, b in keys).encode()).hexdigest()
 
 
 def _frozen_sha256(backbone) -> str:

@@ -61,8 +61,9 @@ class DataConfig(_Section):
     cache_features: Literal["auto", "off"] = _opt(
         "auto", "images, linear-probe: compute the frozen backbone's features once (cached on disk, reused by "
         "later runs on the same data and model) and train the head on them; off = run the backbone every epoch")
-    cache_views: int | None = _opt(None, "with augmentation and cached features: K augmented views per image "
-                                   "(each epoch, each image uses one of them)", ge=1, le=100)
+    cache_views: int | None = _opt(None, "linear probe on cached features with augmentation: K augmented "
+                                   "views per image (each epoch, each image uses one of them); default: one "
+                                   "unaugmented view", ge=1, le=100)
     cache_images: Literal["auto", "on", "off"] = _opt(
         "auto", "images: decode and resize each training and validation image once into a memory-mapped uint8 "
         "cache on disk (reused by later runs; rebuilt when a file changes); auto = when it pays (2+ epochs or "
@@ -128,8 +129,11 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit", "norm-head"] = _opt(
-        "full", "what trains: full = every parameter; linear-probe = the new head only; freeze-unfreeze = the "
+    strategy: Literal["auto", "full", "linear-probe", "freeze-unfreeze", "gradual", "lp-ft", "bitfit",
+                      "norm-head"] = _opt(
+        "auto", "what trains: auto = chosen from the data (linear-probe for up to 200 images a class near the "
+        "model's resolution, lp-ft up to 1,000, else full; full for upscaled images and for text; the log "
+        "says why); full = every parameter; linear-probe = the new head only; freeze-unfreeze = the "
         "head for --head-epochs at 10x lr, then all; lp-ft = a linear probe for --head-epochs (default half "
         "the run), then all; gradual = the head, then one more layer group every --unfreeze-every epochs; "
         "bitfit = biases + head; norm-head = norm layers + head")
@@ -143,20 +147,21 @@ class TrainConfig(_Section):
     layer_decay: float | None = _opt(None, "layer-wise lr decay: group i of n (input to output) learns at "
                                      "lr x decay^(n-1-i); 0.75 is common for ViTs", gt=0, le=1)
     head_lr_mult: float = _opt(1.0, "the head learns at lr x this (discriminative learning rate)", gt=0, le=1000)
-    epochs: int = _opt(10, "training epochs", ge=1, le=100_000)
+    epochs: int | None = _opt(None, "training epochs; default: 10 for images, 3 for text", ge=1, le=100_000)
     batch_size: Annotated[int, Field(ge=1, le=65_536)] | Literal["auto"] = _opt(
         32, "samples per step on one device (before accumulation); auto = the largest of 32 x grad-accum, half "
         "that, ... whose forward and backward pass fit in memory, with --grad-accum raised to keep the "
         "effective batch")
     lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
                             "effective batch: images 1e-3 full, 1e-2 linear-probe, bitfit and norm-head; "
-                            "text 1e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "
+                            "text 2e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "
                             "of the staged strategies run at 10x", gt=0, le=10)
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
                                ge=0, le=10)
     optimizer: Literal["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"] = _opt(
         "adamw", "optimizer: sgd = momentum SGD, nesterov = SGD with Nesterov momentum; the SGD family's "
-        "default lr is 10x the Adam family's")
+        "default lr is 10x the Adam family's, LARS's 100x SGD's (its trust ratio scales each step by 0.001; the "
+        "new head, norms and biases train by plain momentum SGD)")
     momentum: float = _opt(0.9, "momentum of sgd, nesterov, rmsprop and lars", ge=0, lt=1)
     scheduler: Literal["auto", "cosine", "linear", "step", "onecycle", "cosine-restarts", "plateau",
                        "constant"] = _opt(

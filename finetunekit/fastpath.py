@@ -6,6 +6,7 @@
                          not for ViTs and other transformers, whose only convolution is a patch embedding
     compile_with_fallback  --compile: torch.compile, and eager execution with one log line when it fails
     match_param_layout   a resumed optimizer's state in its parameters' layout (fused kernels need it)
+    cpu_bf16             whether `--precision auto` takes bf16 autocast on this CPU (its instruction set)
 
 None of these changes what is saved: state dicts keep their keys, and every writer copies tensors
 contiguous (checkpoint._tensors, artifacts._write_image).
@@ -14,6 +15,7 @@ contiguous (checkpoint._tensors, artifacts._write_image).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -22,6 +24,9 @@ from torch import nn
 
 log = logging.getLogger("finetunekit")
 
+# CPU instructions with which bf16 autocast measured faster than fp32 in training (bench/bench_cpu_precision.py,
+# docs/speed.md); first match wins
+BF16_PAYS: tuple[tuple[str, str], ...] = (("amx_bf16", "AMX-BF16"),)
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in a backend that fails
 
 
@@ -92,3 +97,27 @@ def _reason(e: BaseException) -> str:
     while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
         e = getattr(e, "inner_exception", None) or e.__cause__
     return first_line(e)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def cpu_bf16() -> str | None:
+    """Why `--precision auto` trains in bf16 autocast on this CPU (the instructions that make it pay), or
+    None for fp32. FINETUNEKIT_CPU_BF16=1 or 0 overrides the detection (the tests pin 0: their exact
+    numbers are fp32's)."""
+    forced = os.environ.get("FINETUNEKIT_CPU_BF16")
+    if forced in ("0", "1"):
+        return "FINETUNEKIT_CPU_BF16=1" if forced == "1" else None
+    flags = cpu_flags()
+    for flag, name in BF16_PAYS:
+        if flag in flags:
+            return name
+    return None

@@ -43,6 +43,7 @@ class Prepared:
     extra_config: dict[str, Any] = field(default_factory=dict)  # saved with the model (text columns...)
     sources: dict[str, list[Path]] = field(default_factory=dict)  # split -> the files training reads (hashed:
     # resume's drift guard; byte-identical images across train and val are reported as leakage)
+    train_targets: list = field(default_factory=list)  # per training sample: what --strategy auto counts
 
 
 def _counts(splits, noun: str) -> str:
@@ -130,7 +131,8 @@ def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig
                             if k in splits.record}),
                         **({"threshold": t.threshold} if task_name == "image-multilabel" else {})},
                     sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
-                             "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]})
+                             "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]},
+                    train_targets=list(splits.train.labels))
 
 
 def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
@@ -185,7 +187,8 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
     return Prepared(backbone, task, train_loader, loader(splits.val, False),
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
                     name, 0, None, max_length, f"max {max_length} tokens", summary, extra_config=text,
-                    sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]})
+                    sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]},
+                    train_targets=list(splits.train.targets))
 
 
 def parse_numbers(spec: str | None, flag: str, kind=float) -> tuple | None:

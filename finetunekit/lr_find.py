@@ -25,7 +25,7 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     from accelerate.utils import set_seed
 
     from .build import accelerator as make_accelerator
-    from .build import plan_and_optimizer
+    from .build import plan_and_optimizer, playbook
     from .inputs import prepare_inputs
     from .preflight import preflight
     from .strategies import apply_phase, set_train_mode
@@ -41,7 +41,10 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     set_seed(t.seed)
     accelerator = make_accelerator(t.precision, 1, t.cpu, None)
     inputs = prepare_inputs(recipe.task, recipe.data, recipe.model, t, gpu=accelerator.device.type == "cuda")
-    backbone, task = inputs.backbone, inputs.task
+    recipe, decided = playbook(recipe, inputs)
+    for line in decided:
+        log.info("%s", line)
+    t, backbone, task = recipe.train, inputs.backbone, inputs.task
     plan, optimizer = plan_and_optimizer(t, backbone, start)
     apply_phase(plan.phases[0], backbone.module, optimizer)  # the phase's lr multiple, as the loop applies it
     module, optimizer, loader = accelerator.prepare(backbone.module, optimizer, inputs.train_loader)

@@ -95,12 +95,15 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
     gpu = accelerator.device.type == "cuda"
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
+    recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
     if run_dir is not None:  # data and model are good: the run takes its folder
         run_dir.claim()
         run_log.attach(out / "log.txt")
     log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, inputs.model_name, recipe.data.path, out)
     for line in inputs.summary:
+        log.info("%s", line)
+    for line in decided:
         log.info("%s", line)
     if t.class_weights and task.class_weights is not None:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, task.class_weights)))
@@ -112,13 +115,18 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                     "scores will be optimistic)", leaked)
     # fused AdamW: one kernel per update on GPUs; on the CPU too (4.8 vs 21.1 ms per EfficientNet-Lite0 step)
     plan, optimizer = build.plan_and_optimizer(t, backbone, hyper.lr, fused=accelerator.device.type in ("cuda", "cpu"))
-    trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu)
+    trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu,
+                                processes=accelerator.num_processes)
     addons = build.addons(recipe.data, t, recipe.modality, backbone, task)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
         log.info("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, trained.train_loader,
                                                                       trained.val_loader)
+    features = None
+    if trained.features is not None:  # the staged strategy's head-only phase: the head on cached features
+        head, features_train, features_val = trained.features
+        features = (head, *accelerator.prepare(features_train, features_val))
     if t.compile:
         module = fastpath.compile_with_fallback(module)
         log.info("--compile: torch.compile compiles the model during the first batches")
@@ -166,7 +174,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     with checkpoints:
         try:
             result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg,
-                              on_best, state=state, checkpoints=checkpoints, addons=addons)
+                              on_best, state=state, checkpoints=checkpoints, addons=addons, features=features)
         except torch.OutOfMemoryError:
             last = checkpoint.latest(out)
             raise TrainingStopped(

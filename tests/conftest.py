@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # the feature cache of test runs (CLI subprocesses inherit it) stays out of the user's ~/.cache
 os.environ["FINETUNEKIT_CACHE"] = tempfile.mkdtemp(prefix="finetunekit-test-cache-")
+# fp32 on every CPU: the pinned numbers are fp32's, whatever `--precision auto` would pick on the machine
+# (tests/test_fastpath.py tests the detection itself)
+os.environ["FINETUNEKIT_CPU_BF16"] = "0"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR = SHARED_DATA / "cifar10-mini"
 

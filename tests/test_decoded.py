@@ -133,7 +133,7 @@ def test_workers_see_the_same_samples(cifar_subset, tmp_path):
 def test_fit_trains_on_the_cache_and_records_the_choice(cifar_subset, tmp_path):
     common = {"data": {"path": str(cifar_subset["train"]), "image_size": 32, "num_workers": 0},
               "model": {"name": "timm:test_efficientnet", "pretrained": False},
-              "train": {"epochs": 2, "batch_size": 32, "seed": 0}, "quiet": True}
+              "train": {"epochs": 2, "batch_size": 32, "seed": 0, "strategy": "full"}, "quiet": True}
     run = finetunekit.fit({**common, "out": str(tmp_path / "on")})
     log = (run.run_dir / "log.txt").read_text()
     assert "decoded images (train): 360 decoded into the cache" in log

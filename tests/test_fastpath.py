@@ -4,6 +4,7 @@ update), channels_last for CNNs, --compile with its eager fallback, SDPA attenti
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def _image_recipe(tiny, out, **train):
     return {"data": {"path": str(tiny["train"]), "val": str(tiny["val"]), "image_size": 32, "augment": "none",
                      "num_workers": 0},
             "model": {"name": "timm:test_efficientnet", "pretrained": False},
-            "train": {"epochs": 1, "batch_size": 16, **train}, "out": str(out), "quiet": True}
+            "train": {"epochs": 1, "batch_size": 16, "strategy": "full", **train}, "out": str(out), "quiet": True}
 
 
 def _broken_backend(graph, example_inputs):
@@ -263,3 +264,26 @@ def test_minilm_loads_with_sdpa_attention():
 
     backbone = create_text_backbone("minilm", ["neg", "pos"], "classification", pretrained=False)
     assert backbone.module.config._attn_implementation == "sdpa"
+
+
+def test_cpu_bf16_follows_the_instruction_set_unless_forced(monkeypatch):
+    real = fastpath.cpu_flags()
+    assert ("fpu" in real) if os.path.exists("/proc/cpuinfo") else real == set()
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.delenv("FINETUNEKIT_CPU_BF16", raising=False)
+    assert fastpath.cpu_bf16() == "AMX-BF16"
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx2", "fma"})
+    assert fastpath.cpu_bf16() is None
+    monkeypatch.setenv("FINETUNEKIT_CPU_BF16", "1")
+    assert fastpath.cpu_bf16() == "FINETUNEKIT_CPU_BF16=1"
+    monkeypatch.setenv("FINETUNEKIT_CPU_BF16", "0")
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"amx_bf16"})
+    assert fastpath.cpu_bf16() is None
+
+
+def test_precision_auto_on_a_bf16_cpu_trains_in_bf16(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNEKIT_CPU_BF16", "1")
+    run = finetunekit.fit(_image_recipe(tiny, tmp_path / "run"))
+    log = (run.run_dir / "log.txt").read_text()
+    assert "--precision auto: bf16 autocast on this CPU (FINETUNEKIT_CPU_BF16=1)" in log
+    assert "device cpu, precision bf16" in log

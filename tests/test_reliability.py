@@ -39,7 +39,7 @@ def _recipe(data, out, **train):
     return {"data": {"path": str(data), "image_size": 32, "num_workers": 0, "val_fraction": 0.25,
                      "cache_images": "off"},
             "model": {"name": "timm:test_efficientnet", "pretrained": False},
-            "train": {"epochs": 2, "batch_size": 4, "checkpoint_every": "epoch", **train},
+            "train": {"epochs": 2, "batch_size": 4, "checkpoint_every": "epoch", "strategy": "full", **train},
             "out": str(out), "quiet": True}
 
 
@@ -456,7 +456,7 @@ def test_loader_workers_die_with_a_killed_trainer(tiny_images, tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "finetunekit.cli", "fit", "--data", str(tiny_images),
                              "--model", "timm:test_efficientnet", "--no-pretrained", "--image-size", "32",
-                             "--epochs", "1000", "--batch-size", "4", "--num-workers", "2", "--cache-images", "off",
+                             "--epochs", "1000", "--strategy", "full", "--batch-size", "4", "--num-workers", "2", "--cache-images", "off",
                              "--out", str(tmp_path / "run"), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,3 +273,38 @@ def test_default_lr_follows_strategy_batch_and_optimizer():
         assert default_lr("image", strategy, 64) == pytest.approx(1e-2)
     assert default_lr("text", "bitfit", 32) == pytest.approx(5e-4)
     assert default_lr("image", "full", 64, "nesterov") == pytest.approx(1e-2)
+
+
+def _relative_change(name: str, steps: int = 10) -> tuple[float, float]:
+    """(backbone, head) relative weight change after `steps` updates at the optimizer's default lr."""
+    from finetunekit.optim import default_lr
+
+    torch.manual_seed(0)
+    backbone = create_backbone("timm:test_efficientnet", 3, pretrained=False)
+    before = {n: p.detach().clone() for n, p in backbone.module.named_parameters()}
+    optimizer = build_optimizer(backbone, default_lr("image", "full", 32, name), 0.05, name=name)
+    for g in optimizer.param_groups:
+        g["lr"] *= g["lr_scale"]  # as the scheduler applies it
+    x, y = _batches(1)[0]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(backbone.module(x), y).backward()
+        optimizer.step()
+
+    def change(head: bool) -> float:
+        names = [n for n in before if backbone.is_head(n) == head]
+        params = dict(backbone.module.named_parameters())
+        return math.sqrt(sum((params[n] - before[n]).pow(2).sum().item() for n in names)
+                         / sum(before[n].pow(2).sum().item() for n in names))
+    return change(False), change(True)
+
+
+def test_lars_at_its_default_lr_moves_the_weights():
+    """The audit's finding: LARS moved the weights 7.7e-5 against AdamW's 0.10. Its lr now accounts for the
+    trust coefficient, and the new head (tiny norm: LARS would freeze it) trains by plain momentum SGD."""
+    adamw_body, adamw_head = _relative_change("adamw")
+    lars_body, lars_head = _relative_change("lars")
+    assert 0.1 < lars_body / adamw_body < 2  # the audit measured 7.7e-5 against 0.10: a ratio of 0.0008
+    assert lars_head > adamw_head / 2
+    from finetunekit.optim import default_lr
+    assert default_lr("image", "full", 64, "lars") == pytest.approx(0.1)  # 1e-3 x 10 (SGD) x 10
