@@ -6,8 +6,8 @@ data, fine-tune everything when it is large or far from it, and unfreeze in stag
 the model's input size (a 32 px thumbnail blown up to 224 px is not an ImageNet photo). The thresholds
 come from the measurements in docs/strategies.md (`bench/bench_defaults.py` reruns them):
 
-    images upscaled 2x or more                  full          (cifar10-mini, digits: full wins by 5-40 points)
-    at most SMALL samples per class             linear-probe  (flowers-mini, raccoon crops: the probe wins)
+    images upscaled 2x or more                  full          (cifar10, digits: full beats the probe by 14, 3 points)
+    at most SMALL samples per class             linear-probe  (flowers, raccoon crops: ties full, 10x faster)
     at most MEDIUM samples per class            lp-ft         (the playbook's middle; no dataset here is in it)
     more                                        full
     text                                        full          (minilm's probe: 0.57 against 0.86 on SST-2)
