@@ -160,7 +160,7 @@ class TrainConfig(_Section):
                                ge=0, le=10)
     optimizer: Literal["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"] = _opt(
         "adamw", "optimizer: sgd = momentum SGD, nesterov = SGD with Nesterov momentum; the SGD family's "
-        "default lr is 10x the Adam family's, LARS's 100x SGD's (its trust ratio scales each step by 0.001; the "
+        "default lr is 10x the Adam family's, LARS's 10x SGD's (its trust ratio scales each step by 0.001; the "
         "new head, norms and biases train by plain momentum SGD)")
     momentum: float = _opt(0.9, "momentum of sgd, nesterov, rmsprop and lars", ge=0, lt=1)
     scheduler: Literal["auto", "cosine", "linear", "step", "onecycle", "cosine-restarts", "plateau",

@@ -31,8 +31,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars")
 _TIMM_NAMES = {"adam": "adam", "sgd": "momentum", "nesterov": "nesterov", "rmsprop": "rmsprop", "lamb": "lamb",
                "lars": "lars"}
 _SGD_LIKE = {"sgd", "nesterov", "lars"}  # these want about 10x the learning rate of the Adam family
-LARS_LR_MULT = 10.0  # a LARS step moves each tensor by lr x trust_coeff (0.001) of its norm; at 10x SGD's lr a
-# pretrained EfficientNet-Lite0 moves about as far as under AdamW (docs/strategies.md; 100x: 4x as far, 0.26 on digits)
+LARS_LR_MULT = 10.0  # a LARS step moves each tensor by lr x trust_coeff (0.001) of its norm. Measured on digits,
+# EfficientNet-Lite0, 2 epochs: at 10x SGD's lr the backbone moved 0.017 relative (AdamW 0.042, the old LARS 7.7e-5);
+# at 100x it moved 0.157 and reached 0.26 accuracy
 
 
 def default_lr(modality: str, strategy: str, effective_batch: int, optimizer: str = "adamw") -> float:
