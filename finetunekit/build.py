@@ -224,23 +224,24 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
 
     pooled = not augmented and "fraction" in (inputs.split_record.get("val") or {})
     if pooled:  # one pool over train and val in content order: the same for every seed's split
-        items: dict[tuple[str, str], tuple[str, Any]] = {}
-        for ds in (train_ds, val_ds):
-            for path, label in zip(ds.paths, ds.labels):
-                items.setdefault((repr(label), sha256_file(Path(path))), (path, label))
+        splits = {"train": train_ds, "val": val_ds}
+        file_keys = {split: [f"{label!r}\0{sha256_file(Path(path))}" for path, label in zip(ds.paths, ds.labels)]
+                     for split, ds in splits.items()}  # label and content: what a pooled row stands for
+        items = {k: (path, label) for split, ds in splits.items()
+                 for k, path, label in zip(file_keys[split], ds.paths, ds.labels)}
         keys = sorted(items)
         pool = copy.copy(val_ds)
         pool.paths, pool.labels = [items[k][0] for k in keys], [items[k][1] for k in keys]
         x, y = extract(pool, False, "train and val, pooled", {
             **common, "data": _sha256_of(keys), "transform": repr(val_ds.transform), "views": 1, "seed": None})
         index = {k: i for i, k in enumerate(keys)}
-        rows = {split: torch.tensor([index[(repr(label), sha256_file(Path(path)))]
-                                     for path, label in zip(ds.paths, ds.labels)], dtype=torch.long)
-                for split, ds in (("train", train_ds), ("val", val_ds))}
-        cached = {split: (x[:, r], y[r]) for split, r in rows.items()}
+        cached = {}
+        for split in splits:
+            rows = torch.tensor([index[k] for k in file_keys[split]], dtype=torch.long)
+            cached[split] = (x[:, rows], y[rows])
     else:
         cached = {split: extract(ds, aug, split, {
-            **common, "data": split_hashes[split], "targets": _sha256_of((repr(y), "") for y in ds.labels),
+            **common, "data": split_hashes[split], "targets": _sha256_of(repr(y) for y in ds.labels),
             "transform": repr(ds.transform), "views": views if aug else 1, "seed": t.seed if aug else None})
             for split, ds, aug in (("train", train_ds, augmented), ("val", val_ds, False))}
     out = {split: make_loader(features.Features(*cached[split]), t.batch_size * (1 if split == "train" else 2),
@@ -250,10 +251,10 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
     return trained, out["train"], out["val"]
 
 
-def _sha256_of(keys) -> str:
+def _sha256_of(lines) -> str:
     import hashlib
 
-    return hashlib.sha256("\n".join(f"{a}\0{b}" for a, b in keys).encode()).hexdigest()
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _frozen_sha256(backbone) -> str:
