@@ -115,6 +115,13 @@ class ModelConfig(_Section):
                                     "every level uses; default: the model's own (32,64,128,256 for the built-in)")
     aspect_ratios: str | None = _opt(None, "detection: anchor aspect ratios (height/width), comma-separated, at "
                                      "every level; default 0.5,1,2")
+    anchors: Literal["model", "auto"] = _opt(
+        "model", "detection: model = the model's anchors (or --anchor-sizes/--aspect-ratios); auto = sizes "
+        "(one per feature level) and 3 aspect ratios by k-means over the training boxes at the detector's scale, "
+        "kept only when they cover more boxes at IoU 0.7 than the model's own (printed and recorded)")
+    hard_examples: int = _opt(0, "detection: online hard-example mining: of the RoIs sampled per image (512), "
+                              "only the K with the highest loss train the box head (0 = off: all of them)",
+                              ge=0, lt=512)
     nms_threshold: float = _opt(0.5, "detection: IoU above which non-maximum suppression drops the lower-scoring "
                                 "of two boxes of a class (0.3 for crowded small objects)", gt=0, le=1)
     score_threshold: float = _opt(0.05, "detection: detections scoring below this are dropped (at validation "

@@ -212,7 +212,29 @@ def detector_options(m: ModelConfig):
                            aspect_ratios=parse_numbers(m.aspect_ratios, "--aspect-ratios"),
                            nms_threshold=m.nms_threshold, score_threshold=m.score_threshold,
                            detections_per_image=m.detections_per_image, min_size=m.min_size, max_size=m.max_size,
-                           trainable_layers=m.trainable_layers)
+                           trainable_layers=m.trainable_layers, hard_examples=m.hard_examples)
+
+
+def fitted_anchors(options, splits, source, architecture: str) -> tuple[Any, list[str], dict | None]:
+    """--anchors auto: the options with anchors fitted to the training boxes (when they fit better than
+    the model's own), the log line, the record."""
+    from dataclasses import replace
+
+    from .models import anchors
+    from .models.detection import model_anchors
+
+    min_size, max_size = source.defaults(architecture)
+    min_size = options.min_size or min_size
+    max_size = max(options.max_size or max_size, min_size)
+    own_sizes, own_ratios = model_anchors(architecture)
+    try:
+        fit, line, record = anchors.choose(splits.train.boxes, splits.train.sizes, min_size, max_size, own_sizes,
+                                           own_ratios)
+    except ValueError as e:
+        raise UserError(f"--anchors auto: {e}") from None
+    if fit is not None:
+        options = replace(options, anchor_sizes=fit.sizes, aspect_ratios=fit.ratios)
+    return options, [line], record
 
 
 def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
@@ -226,7 +248,10 @@ def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainCon
     splits = resolve_detection_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
     task = build_task(task_name, splits.classes)
     source, arch = resolve(name, "detection")
-    backbone = source.create(arch, len(splits.classes), detector_options(m))
+    options, anchor_lines, anchor_record = detector_options(m), [], None
+    if m.anchors == "auto":
+        options, anchor_lines, anchor_record = fitted_anchors(options, splits, source, arch)
+    backbone = source.create(arch, len(splits.classes), options)
     args = backbone.model_args["detector"]
     workers = default_workers() if d.num_workers is None else d.num_workers
 
@@ -235,6 +260,7 @@ def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainCon
         return make_loader(DetectionDataset(split, tf), t.batch_size * (1 if train else 2), train=train,
                            workers=workers, seed=t.seed, pin_memory=gpu, collate_fn=collate)
 
+    mining = f", hard-example mining: the top {args['hard_examples']} RoIs per image" if args["hard_examples"] else ""
     anchors = args["anchor_sizes"] or "the model's own"
     ratios = args["aspect_ratios"] or "the model's own"
     summary = [f"classes: {len(splits.classes)}; images: {len(splits.train)} train, {len(splits.val)} val"
@@ -242,8 +268,9 @@ def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainCon
                f"{splits.record['format']} layout)", *splits.summary,
                f"detector: anchors {anchors}, aspect ratios {ratios}, NMS IoU "
                f"{args['nms_threshold']:g}, score threshold {args['score_threshold']:g}, "
-               f"{args['detections_per_image']} detections per image"]
+               f"{args['detections_per_image']} detections per image{mining}", *anchor_lines]
     record = {"classes": splits.classes, **splits.record, "lint": splits.lint,
+              **({"anchors_auto": anchor_record} if anchor_record else {}),
               "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]}
     return Prepared(backbone, task, loader(splits.train, True), loader(splits.val, False),
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),

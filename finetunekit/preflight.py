@@ -17,7 +17,7 @@ _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_e
                         "vflip", "tta", "cache_views", "cache_images"),
                "model": ("drop_path", "head")}
 # options only a detector reads, and the image options a detector does not (it resizes by --min-size/--max-size)
-_DETECTION_ONLY = {"model": ("anchor_sizes", "aspect_ratios", "nms_threshold", "score_threshold",
+_DETECTION_ONLY = {"model": ("anchor_sizes", "aspect_ratios", "anchors", "hard_examples", "nms_threshold", "score_threshold",
                              "detections_per_image", "min_size", "max_size", "trainable_layers")}
 _NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic", "vflip", "tta",
                            "cache_views", "cache_images", "label_column", "label_delimiter"),
@@ -103,6 +103,9 @@ def _detection(recipe: Recipe) -> None:
     m = recipe.model
     parse_numbers(m.anchor_sizes, "--anchor-sizes", int)
     parse_numbers(m.aspect_ratios, "--aspect-ratios")
+    if m.anchors == "auto" and (m.anchor_sizes or m.aspect_ratios):
+        raise UserError(f"--anchors auto: fits the anchor sizes and aspect ratios itself; drop "
+                        f"{'--anchor-sizes' if m.anchor_sizes else '--aspect-ratios'} (or --anchors model)")
     if recipe.train.batch_size == "auto":
         raise UserError("--batch-size auto: not for --task detection yet; give a number (2-8 on a CPU)")
     if m.min_size is not None and m.max_size is not None and m.max_size < m.min_size:

@@ -40,6 +40,7 @@ class Annotated:
     names: list[str]
     difficult: list[bool]
     where: str  # the annotation file, for messages
+    size: tuple[int, int] | None = None  # (width, height) of the stored image, set by the lint
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DetectionSplit:
     boxes: list[list[list[float]]]
     labels: list[list[int]]  # indices into DetectionSplits.classes
     difficult: list[list[bool]]
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each image as stored
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -244,14 +246,15 @@ def lint(items: list[Annotated], classes: list[str] | None, counts: Counter,
             difficult.append(diff)
         if not boxes:
             counts["images without boxes (kept as negatives)"] += 1
-        out.append(Annotated(item.path, boxes, names, difficult, item.where))
+        out.append(Annotated(item.path, boxes, names, difficult, item.where, (w, h)))
     return out
 
 
 def _to_split(items: list[Annotated], classes: list[str]) -> DetectionSplit:
     index = {c: i for i, c in enumerate(classes)}
     return DetectionSplit([a.path for a in items], [a.boxes for a in items],
-                          [[index[n] for n in a.names] for a in items], [a.difficult for a in items])
+                          [[index[n] for n in a.names] for a in items], [a.difficult for a in items],
+                          [a.size for a in items])
 
 
 def describe(split: DetectionSplit, classes: list[str]) -> list[str]:

@@ -61,6 +61,7 @@ class DetectorArgs:
     image_std: tuple[float, ...] = IMAGENET[1]
     fpn_channels: int = 128  # the built-in's FPN width
     frozen_norms: bool = False  # torchvision's backbone batch norms are FrozenBatchNorm2d (as when pretrained)
+    hard_examples: int = 0  # training only: the RoI loss over the top-k sampled RoIs per image (0: all)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -203,6 +204,10 @@ def build(args: DetectorArgs, pretrained: bool) -> nn.Module:
         _set_anchors(model, args)
     if args.architecture == BUILTIN_DETECTOR:
         _freeze_stages(model, args.trainable_layers)
+    if args.hard_examples:
+        from .hard_examples import enable
+
+        enable(model.roi_heads, args.hard_examples)
     return model
 
 
@@ -384,10 +389,11 @@ class DetectorOptions:
     min_size: int | None = None
     max_size: int | None = None
     trainable_layers: int | None = None
+    hard_examples: int = 0
 
     def args(self, architecture: str, num_classes: int, min_size: int, max_size: int) -> DetectorArgs:
         builtin = architecture == BUILTIN_DETECTOR
-        levels = 4 if builtin else (5 if "resnet" in architecture else 3)
+        levels = feature_levels(architecture)
         mean, std = ((0.5,) * 3, (0.5,) * 3) if builtin else IMAGENET  # EfficientNet-Lite0's inputs: mean = std = 0.5
         ratios = self.aspect_ratios
         sizes = self.anchor_sizes
@@ -398,4 +404,17 @@ class DetectorOptions:
             nms_threshold=self.nms_threshold, score_threshold=self.score_threshold,
             detections_per_image=self.detections_per_image,
             trainable_layers=self.trainable_layers if self.trainable_layers is not None else 3,
-            image_mean=mean, image_std=std)
+            image_mean=mean, image_std=std, hard_examples=self.hard_examples)
+
+
+def feature_levels(architecture: str) -> int:
+    """Anchor levels: the built-in's FPN 4 (strides 8-64), ResNet-50 FPN 5, MobileNet FPN 3."""
+    return 4 if architecture == BUILTIN_DETECTOR else (5 if "resnet" in architecture else 3)
+
+
+def model_anchors(architecture: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A detector's default anchor sizes and aspect ratios (torchvision's and the built-in's): one size per
+    level for the FPNs of the built-in and ResNet-50; MobileNet's FPN has all five sizes at each of its levels."""
+    if architecture == BUILTIN_DETECTOR:
+        return (32, 64, 128, 256), (0.5, 1.0, 2.0)
+    return (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
