@@ -39,7 +39,8 @@ from .strategies import Phase, Plan, apply_phase, make_plan, plural
 
 log = logging.getLogger("finetunekit")
 
-AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad-accum
+AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad-accum (a task's own
+# `auto_batch` where it has one: detection's 8)
 
 
 def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None):
@@ -336,7 +337,11 @@ def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
     """--batch-size auto: the largest of AUTO_BATCH x grad_accum, half that, ... whose forward and backward
     pass on real training samples fits in memory, with grad_accum raised to keep the effective batch.
     Returns the recipe with the numbers filled in and its prepared inputs."""
-    target = AUTO_BATCH * recipe.train.grad_accum
+    from accelerate.utils import send_to_device
+
+    from .tasks import TASKS
+
+    target = getattr(TASKS[recipe.task], "auto_batch", AUTO_BATCH) * recipe.train.grad_accum
     size = target
     gpu = accelerator.device.type == "cuda"
     while True:
@@ -346,13 +351,12 @@ def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
         module = inputs.backbone.module.to(accelerator.device)
         loader = inputs.train_loader
         samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
-        x, y = loader.collate_fn(samples)
-        x = {k: v.to(accelerator.device) for k, v in x.items()} if isinstance(x, dict) else x.to(accelerator.device)
+        batch = send_to_device(loader.collate_fn(samples), accelerator.device)  # tensors, dicts, lists of either
         buffers = {k: b.clone() for k, b in module.named_buffers()}  # BatchNorm statistics: put back after
         try:
             faults.point("probe")
             with torch.random.fork_rng(devices=range(torch.cuda.device_count())), accelerator.autocast():
-                inputs.task.step(module, (x, y.to(accelerator.device))).loss.backward()
+                inputs.task.step(module, inputs.task.prepare(batch)).loss.backward()
             fits = True
         except torch.OutOfMemoryError:
             fits = False
@@ -362,7 +366,7 @@ def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
                 b.copy_(buffers[k])
         if fits:
             break
-        del module, inputs, x, y, buffers
+        del module, inputs, batch, buffers
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if size == 1:

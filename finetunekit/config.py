@@ -156,9 +156,9 @@ class TrainConfig(_Section):
     head_lr_mult: float = _opt(1.0, "the head learns at lr x this (discriminative learning rate)", gt=0, le=1000)
     epochs: int | None = _opt(None, "training epochs; default: 10 for images, 3 for text", ge=1, le=100_000)
     batch_size: Annotated[int, Field(ge=1, le=65_536)] | Literal["auto"] = _opt(
-        32, "samples per step on one device (before accumulation); auto = the largest of 32 x grad-accum, half "
-        "that, ... whose forward and backward pass fit in memory, with --grad-accum raised to keep the "
-        "effective batch")
+        32, "samples per step on one device (before accumulation); auto = the largest of 32 (detection: 8) x "
+        "grad-accum, half that, ... whose forward and backward pass fit in memory, with --grad-accum raised to "
+        "keep the effective batch")
     lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
                             "effective batch: images 1e-3 full, 1e-2 linear-probe, bitfit and norm-head; "
                             "text 2e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "

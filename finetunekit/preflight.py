@@ -106,8 +106,6 @@ def _detection(recipe: Recipe) -> None:
     if m.anchors == "auto" and (m.anchor_sizes or m.aspect_ratios):
         raise UserError(f"--anchors auto: fits the anchor sizes and aspect ratios itself; drop "
                         f"{'--anchor-sizes' if m.anchor_sizes else '--aspect-ratios'} (or --anchors model)")
-    if recipe.train.batch_size == "auto":
-        raise UserError("--batch-size auto: not for --task detection yet; give a number (2-8 on a CPU)")
     if m.min_size is not None and m.max_size is not None and m.max_size < m.min_size:
         raise UserError(f"--max-size {m.max_size}: must be at least --min-size {m.min_size}")
     if backend() is None:

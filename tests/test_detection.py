@@ -350,3 +350,19 @@ def test_a_killed_detection_run_resumes_exactly(raccoon6, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
     assert steps_a == steps_b and len(steps_a.splitlines()) == 9  # a header and 2 epochs x 4 batches
     assert hist_a == hist_b and "val_map50" in hist_a[0]
+
+
+def test_batch_size_auto_for_detection_aims_at_8_and_halves_when_out_of_memory(raccoon6, tmp_path):
+    pytest.importorskip("pycocotools")
+    import yaml
+
+    from conftest import run_cli
+
+    out = tmp_path / "auto"
+    r = run_cli("fit", "--task", "detection", "--data", str(raccoon6), "--val-fraction", "0.34", "--no-pretrained",
+                "--min-size", "64", "--max-size", "96", "--epochs", "1", "--batch-size", "auto", "--num-workers", "0",
+                "--out", str(out), "--quiet", env={"FINETUNEKIT_FAULT": "probe@1:oom"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--batch-size auto: 8 does not fit" in r.stderr and "4 x --grad-accum 2 (effective batch 8)" in r.stderr
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())["train"]
+    assert (saved["batch_size"], saved["grad_accum"]) == (4, 2)

@@ -73,6 +73,7 @@ class Detection:
     input_transform = None
     class_weights = None
     decoded_cache = False  # samples are (image, boxes): build.fast_inputs keeps the task's own loaders
+    auto_batch = 8  # --batch-size auto's target: detection batches are a few large images
 
     @classmethod
     def from_options(cls, classes, **_):
