@@ -8,8 +8,11 @@ AdamW step, exactly as `finetunekit fit` runs them. The ratio is the median of t
     .venv/bin/python bench/bench_cpu_precision.py                 # ~4 minutes on 2 CPU cores
     .venv/bin/python bench/bench_cpu_precision.py --models lite0-224 --rounds 5
 
-Accuracy is measured by whole runs (`finetunekit fit --precision bf16` against `--precision no`); the
-commands and figures are in docs/speed.md.
+`--fits DATASETS` measures accuracy and wall time by whole runs instead: `finetunekit fit` with nothing but
+the data (bench_defaults.py's datasets and settings) and `--precision no`, then `--precision bf16`, each in
+its own process with a cold cache; rows are appended to bench/cpu_precision.jsonl.
+
+    .venv/bin/python bench/bench_cpu_precision.py --fits sst2-800,sst2      # ~10 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -49,10 +52,20 @@ def text_model(length: int, batch: int):
     return model, lambda m: F.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, y)
 
 
+def vit_model(size: int, batch: int):
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=size)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
 MODELS = {
     "lite0-224": lambda a: image_model(224, a.batch_size),
     "lite0-64": lambda a: image_model(64, a.batch_size),
     "minilm-64": lambda a: text_model(64, a.batch_size),  # SST-2's sentences: mean 25, max 66 tokens
+    "vit-s-224": lambda a: vit_model(224, a.batch_size),  # timm's ViT-S/16 (random weights: speed only)
 }
 
 
@@ -74,7 +87,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--fits", help="comma-separated bench_defaults.py datasets: whole runs, fp32 then bf16")
     args = parser.parse_args()
+    if args.fits:
+        return fits(args.fits.split(","))
     torch.manual_seed(0)
     for name in args.models.split(","):
         model, loss_fn = MODELS[name](args)
@@ -92,6 +108,31 @@ def main() -> None:
         print(f"SUMMARY cpu-precision {name}: batch {args.batch_size} threads {torch.get_num_threads()} "
               f"bf16/fp32 median {statistics.median(ratios):.3f} (rounds: "
               f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+
+
+def fits(names: list[str]) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_defaults import datasets, run_fit
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = datasets(Path(tmp))
+        for name in names:
+            rows = {}
+            for precision in ("no", "bf16"):
+                rows[precision] = run_fit(name, sets[name], "auto", Path(tmp), ("--precision", precision))
+                row = {"dataset": name, "precision": precision, "commit": commit, **rows[precision]}
+                print(json.dumps(row), flush=True)
+                with (ROOT / "bench" / "cpu_precision.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(f"SUMMARY cpu-precision fit {name}: accuracy fp32 {rows['no']['accuracy']:.4f} bf16 "
+                  f"{rows['bf16']['accuracy']:.4f}; wall fp32 {rows['no']['wall_s']} s bf16 {rows['bf16']['wall_s']} s, "
+                  f"ratio {rows['no']['wall_s'] / rows['bf16']['wall_s']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -129,10 +129,10 @@ def datasets(tmp: Path) -> dict[str, dict]:
     return out
 
 
-def run_fit(name: str, ds: dict, setting: str, tmp: Path) -> dict:
-    """`finetunekit fit` with the data only (plus the strategy), in a child with a cold cache."""
+def run_fit(name: str, ds: dict, setting: str, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
+    """`finetunekit fit` with the data only (plus the strategy and `extra`), in a child with a cold cache."""
     cmd = [str(ROOT / ".venv" / "bin" / "finetunekit"), "fit", "--data", str(ds["train"]), "--val", str(ds["val"]),
-           "--out", str(tmp / f"run-{name}-{setting}"), "--quiet"]
+           "--out", str(tmp / f"run-{name}-{setting}{''.join(extra)}"), "--quiet"]
     if ds["kind"] == "text":
         cmd += ["--task", "text-classification", "--model", "minilm"]
     if ds.get("image_size"):
@@ -141,11 +141,12 @@ def run_fit(name: str, ds: dict, setting: str, tmp: Path) -> dict:
         cmd += ["--epochs", str(ds["epochs"])]
     if setting != "auto":
         cmd += ["--strategy", setting]
+    cmd += list(extra)
     env = {**os.environ, "FINETUNEKIT_CACHE": tempfile.mkdtemp(dir=tmp, prefix="cache-")}
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    run = tmp / f"run-{name}-{setting}"
+    run = tmp / f"run-{name}-{setting}{''.join(extra)}"
     metrics = json.loads((run / "metrics.json").read_text())
     log = (run / "log.txt").read_text()
     chosen = next((line.split("strategy auto -> ")[1].split(":")[0] for line in log.splitlines()

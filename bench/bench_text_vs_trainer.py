@@ -2,7 +2,9 @@
 
 Both fine-tune the same model (the built-in all-MiniLM-L6-v2) on SST-2 train (6,920 sentences) and score
 SST-2 dev (872), with the same batch size, epochs, max length (128), learning rate, weight decay, warmup
-(10 %, then linear decay), plain cross-entropy, seed and threads. The Trainer gets what its docs
+(10 %, then linear decay), plain cross-entropy, seed, threads and precision (`--precision no`, the
+default: fp32 on both sides, although finetunekit's own default on a CPU with bf16 instructions is bf16
+for this model; `--precision bf16`: bf16 autocast on both, the Trainer's `bf16=True`). The Trainer gets what its docs
 recommend: a pre-tokenized dataset and `DataCollatorWithPadding` (dynamic padding to the batch's longest
 sample, in random batches). finetunekit uses its defaults: tokenize once, length-grouped batches.
 
@@ -56,7 +58,7 @@ def run_trainer(args) -> dict:
             num_train_epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=0.1,
             lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=50, save_strategy="no",
             eval_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, use_cpu=True,
-            disable_tqdm=True)
+            disable_tqdm=True, bf16=args.precision == "bf16")
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
                           compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
         stats = trainer.train().metrics
@@ -75,6 +77,7 @@ def run_finetunekit(args) -> dict:
             "data.path": SST2 / "train.tsv", "data.val": SST2 / "dev.tsv", "data.max_length": args.max_length,
             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.lr": args.lr,
             "train.weight_decay": args.weight_decay, "train.label_smoothing": 0.0, "train.seed": 0,
+            "train.precision": args.precision,
             "out": Path(out) / "run", "quiet": True})
         history = run.metrics
     samples = sum(1 for _ in (SST2 / "train.tsv").open(encoding="utf-8")) - 1
@@ -91,6 +94,7 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--precision", choices=("no", "bf16"), default="no", help="both sides")
     p.add_argument("--side", choices=("trainer", "finetunekit"), help=argparse.SUPPRESS)  # one side, in a child
     args = p.parse_args()
     if args.side:
@@ -109,6 +113,7 @@ def main() -> None:
     mean = {s: {k: sum(x[k] for x in v) / len(v) for k in ("samples_per_s", "accuracy")} for s, v in results.items()}
     ratio = mean["finetunekit"]["samples_per_s"] / mean["trainer"]["samples_per_s"]
     print(f"SUMMARY text fine-tune (minilm, SST-2, batch {args.batch_size}, max length {args.max_length}, "
+          f"precision {args.precision}, "
           f"{args.epochs} epoch(s)): finetunekit {mean['finetunekit']['samples_per_s']:.1f} vs HF Trainer "
           f"{mean['trainer']['samples_per_s']:.1f} samples/s, ratio {ratio:.2f}x; dev accuracy "
           f"{mean['finetunekit']['accuracy']:.4f} vs {mean['trainer']['accuracy']:.4f}")

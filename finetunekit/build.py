@@ -43,7 +43,10 @@ AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad
 # `auto_batch` where it has one: detection's 8)
 
 
-def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None):
+def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None, module: nn.Module | None = None):
+    """accelerate's Accelerator. `--precision auto`: bf16 on GPUs that support it, else fp16; on the CPU bf16
+    where `fastpath.cpu_bf16(module)` says it pays for this model, else fp32 (also while the model is not
+    built yet: `with_model_precision` decides once it is)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
@@ -53,7 +56,7 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
     GradientState._reset_state()
     gpu = torch.cuda.is_available() and not cpu
     if precision == "auto":
-        why = None if gpu else fastpath.cpu_bf16()
+        why = None if gpu or module is None else fastpath.cpu_bf16(module)
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "bf16" if why else "no"
         if why:
             log.info("--precision auto: bf16 autocast on this CPU (%s)", why)
@@ -65,6 +68,15 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
     # on a GPU, batches go to the device without blocking the host (the image loaders pin their memory)
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
                        dataloader_config=DataLoaderConfiguration(non_blocking=gpu), **kwargs)
+
+
+def with_model_precision(accel, t: TrainConfig, module: nn.Module, run_dir: Path | None):
+    """The run's Accelerator once its model is built: `--precision auto` on the CPU decides per model (bf16
+    for transformers on CPUs with bf16 instructions, fp32 for CNNs), so the one built before the model
+    (fp32) is replaced where the model takes bf16. (`--batch-size auto` probed in fp32: bf16 needs less.)"""
+    if t.precision != "auto" or accel.device.type != "cpu" or not fastpath.cpu_bf16(module):
+        return accel
+    return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module)
 
 
 def inputs(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:

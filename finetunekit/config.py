@@ -198,8 +198,9 @@ class TrainConfig(_Section):
                            ge=1, le=4096)
     clip_grad: float | None = _opt(1.0, "clip the gradient norm to this value ('none' to disable)", gt=0)
     precision: Literal["auto", "no", "bf16", "fp16"] = _opt(
-        "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs, off on the CPU "
-        "(FINETUNEKIT_CPU_BF16=1: bf16 there too; measured in docs/speed.md)")
+        "auto", "mixed precision: auto = bf16 on GPUs that support it, else fp16 on GPUs; on the CPU bf16 for "
+        "transformers (not CNNs) where it has AVX512-BF16 or AMX, else off (FINETUNEKIT_CPU_BF16=1 or 0 forces "
+        "it; measured in docs/speed.md)")
     early_stopping: int | None = _opt(None, "stop after this many epochs without improvement of the "
                                       "validation metric", ge=1)
     ema: float | None = _opt(None, "keep an exponential moving average of the weights with this decay "

@@ -24,7 +24,7 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     import torch
     from accelerate.utils import set_seed
 
-    from .build import accelerator as make_accelerator
+    from .build import accelerator as make_accelerator, with_model_precision
     from .build import plan_and_optimizer, playbook
     from .inputs import prepare_inputs
     from .preflight import preflight
@@ -41,6 +41,7 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     set_seed(t.seed)
     accelerator = make_accelerator(t.precision, 1, t.cpu, None)
     inputs = prepare_inputs(recipe.task, recipe.data, recipe.model, t, gpu=accelerator.device.type == "cuda")
+    accelerator = with_model_precision(accelerator, t, inputs.backbone.module, None)
     recipe, decided = playbook(recipe, inputs)
     for line in decided:
         log.info("%s", line)

@@ -95,6 +95,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
     gpu = accelerator.device.type == "cuda"
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
+    accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
     if run_dir is not None:  # data and model are good: the run takes its folder
@@ -260,7 +261,7 @@ def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: boo
     a table with the same columns for text). Labels must be the model's."""
     model = load(run)
     loader, skipped = model.labelled_loader(Path(data), batch_size)
-    accelerator = build.accelerator("auto", 1, cpu, None)
+    accelerator = build.accelerator("auto", 1, cpu, None, model.module)  # fit's precision for this model
     module, loader = accelerator.prepare(model.module, loader)
     metrics = evaluate_loader(accelerator, model.eval_module(module), loader, model.task, quiet=quiet)
     metrics["skipped"] = skipped

@@ -266,21 +266,47 @@ def test_minilm_loads_with_sdpa_attention():
     assert backbone.module.config._attn_implementation == "sdpa"
 
 
-def test_cpu_bf16_follows_the_instruction_set_unless_forced(monkeypatch):
+def test_cpu_bf16_follows_the_instruction_set_and_the_model_unless_forced(monkeypatch):
     real = fastpath.cpu_flags()
     assert ("fpu" in real) if os.path.exists("/proc/cpuinfo") else real == set()
-    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    transformer = torch.nn.TransformerEncoderLayer(16, 2)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     monkeypatch.delenv("FINETUNEKIT_CPU_BF16", raising=False)
-    assert fastpath.cpu_bf16() is None  # no instruction set has measured as paying yet (docs/speed.md)
-    monkeypatch.setattr(fastpath, "BF16_PAYS", (("amx_bf16", "AMX-BF16"),))
-    assert fastpath.cpu_bf16() == "AMX-BF16"
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert fastpath.cpu_bf16(transformer) == "AMX-BF16, not a CNN"  # first match wins
+    assert fastpath.cpu_bf16(cnn) is None  # measured slower for depthwise CNNs (docs/speed.md)
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert fastpath.cpu_bf16(transformer) == "AVX512-BF16, not a CNN"
     monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx2", "fma"})
-    assert fastpath.cpu_bf16() is None
+    assert fastpath.cpu_bf16(transformer) is None
     monkeypatch.setenv("FINETUNEKIT_CPU_BF16", "1")
-    assert fastpath.cpu_bf16() == "FINETUNEKIT_CPU_BF16=1"
+    assert fastpath.cpu_bf16(cnn) == "FINETUNEKIT_CPU_BF16=1"
     monkeypatch.setenv("FINETUNEKIT_CPU_BF16", "0")
     monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"amx_bf16"})
-    assert fastpath.cpu_bf16() is None
+    assert fastpath.cpu_bf16(transformer) is None
+
+
+def test_precision_auto_decides_per_model_on_a_bf16_cpu(tiny, tmp_path, monkeypatch):
+    """A transformer trains in bf16, a CNN in fp32, on the same (patched) AMX CPU; evaluate follows fit."""
+    from conftest import save_tiny_bert
+    from test_text import write_sentiment
+
+    monkeypatch.delenv("FINETUNEKIT_CPU_BF16", raising=False)
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    bert = save_tiny_bert(tmp_path / "bert")
+    data = write_sentiment(tmp_path / "s.csv", 48, 0)
+    text = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(tmp_path / "text"),
+                            "data": {"path": str(data)}, "model": {"name": f"hf:{bert}"},
+                            "train": {"epochs": 1, "batch_size": 16, "strategy": "full"}})
+    log = (text.run_dir / "log.txt").read_text()
+    assert "--precision auto: bf16 autocast on this CPU (AMX-BF16, not a CNN)" in log
+    assert "device cpu, precision bf16" in log and text.metrics["precision"] == "bf16"
+    image = finetunekit.fit(_image_recipe(tiny, tmp_path / "image"))
+    log = (image.run_dir / "log.txt").read_text()
+    assert "bf16" not in log and "device cpu, precision no" in log
+    loaded = finetunekit.load(text.run_dir)  # what evaluate builds its accelerator for
+    assert build.accelerator("auto", 1, False, None, loaded.module).mixed_precision == "bf16"
+    assert build.accelerator("auto", 1, False, None).mixed_precision == "no"  # no model yet: fp32
 
 
 def test_precision_auto_on_a_bf16_cpu_trains_in_bf16(tiny, tmp_path, monkeypatch):
