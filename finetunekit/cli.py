@@ -333,7 +333,7 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     if export_format(args.run) == "torchscript":
         raise UserError(f"{args.run}: a TorchScript export; load it in PyTorch with torch.jit.load (predict reads "
                         f"runs, model folders and ONNX exports)")
-    if export_format(args.run) == "onnx":  # an ONNX export: onnxruntime, numpy, Pillow, tokenizers; torch is not imported
+    if export_format(args.run) == "onnx":  # onnxruntime, numpy, Pillow, tokenizers: torch is not imported
         from .runtime import load as load_export
 
         model = load_export(args.run)
@@ -409,6 +409,15 @@ def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
           f"{describe(config['parity'])})")
     for line in config.get("rejected_exporters") or []:
         print(f"  rejected {line}", file=sys.stderr)
+    q = config.get("int8")
+    if q:
+        acc = q.get("accuracy")
+        figures = (f"validation accuracy fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f}" if acc else
+                   f"top-1 agreement with fp32 {100 * q.get('top1_agreement', float('nan')):.1f}%")
+        print(f"int8 ({q['mode']}): {Path(config['path']) / q['file']}  ({figures}; {q['validation_samples']} "
+              f"validation samples)")
+        if q.get("warning"):
+            print(f"warning: {q['warning']}", file=sys.stderr)
     return 0
 
 

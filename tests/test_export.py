@@ -221,10 +221,7 @@ def test_gate_falls_back_then_refuses(image_run, tmp_path, monkeypatch):
     assert err.startswith("finetunekit: error: ONNX export: no exporter path reproduces eager PyTorch")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
-    with pytest.raises(ParityFailed):
-        from finetunekit.export.bundle import export_run
-
-        export_run(image_run["run"], out=tmp_path / "c")
+    assert ParityFailed.exit_code == 1
 
 
 def test_runtime_task_formats_match_the_tasks():
@@ -281,3 +278,28 @@ def test_detection_export_is_not_supported_yet(tmp_path):
     (folder / "config.json").write_text(json.dumps({"finetunekit": {"task": "detection"}}))
     code, _, err = cli("export", str(tmp_path / "det"))
     assert code == 2 and "export of detection models is not supported yet" in err
+
+
+# 5. int8 (ONNX Runtime): static QDQ for images, judged by validation accuracy next to fp32's
+
+def test_int8_static_beside_fp32(image_run, tmp_path):
+    from finetunekit.runtime import load as load_export
+
+    out = tmp_path / "q"
+    code, stdout, err = cli("export", str(image_run["run"]), "--quantize", "static", "--out", str(out),
+                            "--max-accuracy-drop", "100")
+    assert code == 0, err
+    q = _config(out)["int8"]
+    assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
+    assert q["mode"] == "static" and q["format"] == "QDQ" and q["per_channel"]
+    assert q["calibration_samples"] == 18 and q["validation_samples"] == 2  # 20 images: 18 train, 2 val
+    assert set(q["accuracy"]) >= {"fp32", "int8", "drop_points"} and "warning" not in q
+    assert "validation accuracy fp32" in stdout
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    preds = load_export(out / "model.int8.onnx").predict(image_run["images"])
+    assert len(preds) == 6 and all(p["label"] in CLASSES for p in preds)
+    code, _, err = cli("export", str(image_run["run"]), "--quantize", "dynamic", "--out", str(tmp_path / "d"))
+    assert code == 2 and "--quantize dynamic: for transformer text encoders" in err

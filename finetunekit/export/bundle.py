@@ -12,6 +12,7 @@ the validation split made again from recipe.yaml), or `samples` (image files or 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..errors import UserError
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("static", "dynamic")
 EXPORT_DIR = "export"
+log = logging.getLogger("finetunekit")
 
 
 def check(run: str | os.PathLike, fmt: str, *, out: str | os.PathLike | None = None, overwrite: bool = False,
@@ -49,6 +51,12 @@ def check(run: str | os.PathLike, fmt: str, *, out: str | os.PathLike | None = N
     task = _task_of(folder)
     if task == "detection" or task.endswith("-detection"):
         raise UserError(f"{path}: export of detection models is not supported yet")
+    text = task.startswith("text-")
+    if quantize == "static" and text:
+        raise UserError("--quantize static: calibrated int8 is for image models; text encoders take "
+                        "--quantize dynamic")
+    if quantize == "dynamic" and not text:
+        raise UserError("--quantize dynamic: for transformer text encoders; image models take --quantize static")
     if samples is not None and not Path(samples).exists():
         raise UserError(f"--samples {samples}: no such file or folder")
     target = Path(out) if out else home / EXPORT_DIR
@@ -90,6 +98,8 @@ def export_run(run: str | os.PathLike, fmt: str = "onnx", *, out: str | os.PathL
             if not (staging / "tokenizer.json").is_file():
                 raise UserError(f"{folder}: the tokenizer has no fast version (tokenizer.json), which the "
                                 f"onnxruntime path reads; export it with a fast tokenizer")
+        if quantize:
+            config["int8"] = _int8(model, folder, staging, quantize, inputs, max_accuracy_drop)
         write_json(staging / "config.json", config)
         if target.exists():
             old = target.with_name(target.name + ".old")
@@ -151,23 +161,55 @@ def gate_samples(model: Any, folder: Path, samples: str | os.PathLike | None, ba
 
             found = expand_inputs(samples)
     else:
-        found = _validation_samples(folder.parent, text, model)
+        found = _validation_samples(folder.parent, text, model)[0]
     if not found:
         raise UserError(f"{folder}: no validation samples recorded with the model for the parity gate; "
                         f"pass --samples (image files or a folder; for text a .txt file)")
     return list(found[:batch]) if len(found) >= 2 else list(found) * 2
 
 
-def _validation_samples(run: Path, text: bool, model: Any) -> list:
+def _int8(model: Any, folder: Path, staging: Path, mode: str, gate: list, max_accuracy_drop: float) -> dict:
+    """int8 beside the fp32 model (export.int8): calibrated on training images (static), judged on the
+    validation split (its labels, where known) or on the gate's inputs."""
+    from . import int8
+
+    text = model.backbone.adapter.modality == "text"
+    samples, labels = _validation_samples(folder.parent, text, model)
+    from_run = bool(samples)
+    if not from_run:
+        samples, labels = gate, None
+    samples = samples[:500]
+    labels = labels[:500] if labels is not None else None
+    if not text and from_run:
+        labels = int8.validation_labels(folder.parent, samples, list(model.task.classes))
+    calibration = int8.training_images(folder.parent, samples) if mode == "static" else []
+    if mode == "static" and not calibration:
+        calibration = list(samples)
+        log.warning("int8: the run's training images are not readable; calibrating on the validation inputs")
+    entry = int8.quantize(staging, model, mode, calibration=calibration, validation=samples, labels=labels,
+                          max_accuracy_drop=max_accuracy_drop)
+    return entry
+
+
+def _validation_samples(run: Path, text: bool, model: Any) -> tuple[list, list | None]:
+    """(the run's validation samples, their class indices for text classification, else None)."""
     split_file, recipe_file = run / "split.json", run / "recipe.yaml"
     if not split_file.is_file():
-        return []
+        return [], None
     split = json.loads(split_file.read_text(encoding="utf-8"))
     val = split.get("val") or {}
     if not text:
-        return [f for f in val.get("files") or [] if Path(f).is_file()]
+        files = val.get("files")
+        if files is None and val.get("from") and Path(val["from"]).exists():  # a separate --val set
+            from ..data.sources import read_labeled_files
+
+            try:
+                files = read_labeled_files(Path(val["from"]), "--val").paths
+            except UserError:
+                files = []
+        return [f for f in files or [] if Path(f).is_file()], None
     if not recipe_file.is_file():
-        return []
+        return [], None
     from ..config import read_yaml
     from ..data.tables import resolve_text_splits
 
@@ -181,5 +223,6 @@ def _validation_samples(run: Path, text: bool, model: Any) -> list:
                                      val_fraction=d.get("val_fraction", 0.1), seed=seed,
                                      max_bad_fraction=d.get("max_bad_fraction", 0.05))
     except (UserError, OSError, KeyError):
-        return []  # the training data moved: --samples
-    return list(splits.val.texts)
+        return [], None  # the training data moved: --samples
+    labels = list(splits.val.targets) if model.task.kind == "classification" else None
+    return list(splits.val.texts), labels
