@@ -1,4 +1,4 @@
-"""`finetunekit fit|lr-find|evaluate|predict|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+"""`finetunekit fit|lr-find|evaluate|predict|export|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
 generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
@@ -18,6 +18,7 @@ from .config import build_recipe, leaf_fields, read_yaml
 from .errors import UserError, did_you_mean
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model folder (tests/test_registries.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +84,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
 
     pr = sub.add_parser("predict", help="predictions for images (files, folders) or texts (--text, files)")
-    pr.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    pr.add_argument("run", metavar="RUN", help="run directory (or model folder), or an ONNX export (its folder "
+                    "or model.onnx: onnxruntime only, no torch)")
     pr.add_argument("inputs", nargs="*", metavar="INPUT",
                     help="images: files or folders; text: .txt files (one text per line) or tables")
     pr.add_argument("--text", action="append", metavar="TEXT", default=[],
@@ -96,6 +98,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR (PNG)")
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
+
+    ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch")
+    ex.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    ex.add_argument("--format", default="onnx", metavar="{" + ",".join(EXPORT_FORMATS) + "}",
+                    help="(default: onnx)")
+    ex.add_argument("--quantize", metavar="{static,dynamic}",
+                    help="ONNX only: also write an int8 model.int8.onnx (static: CNNs, calibrated on training "
+                         "images; dynamic: transformer encoders)")
+    ex.add_argument("--out", metavar="DIR", help="the export folder (default: RUN/export)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.add_argument("--samples", metavar="PATH",
+                    help="inputs for the parity gate (images: files or a folder; text: a .txt file); default: "
+                         "the run's validation samples")
+    ex.add_argument("--batch-size", type=int, default=8, metavar="N",
+                    help="the parity gate's batch N, besides batch 1 (default: 8)")
+    ex.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                    help="int8: warn when validation accuracy drops more than this many points (default: 1)")
 
     demo = sub.add_parser("demo", help="fine-tune the offline EfficientNet-Lite0 on scikit-learn's digits")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
@@ -309,23 +328,32 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     _at_least_1(args.batch_size, "--batch-size")
     if not args.inputs and not args.text:
         raise UserError("predict: give input files or folders, or --text TEXT")
-    from .artifacts import load
-    from .inference import TextModel
-    from .tasks import MultiLabel, Regression
+    from .runtime import export_format
 
-    model = load(args.run)
+    if export_format(args.run) == "torchscript":
+        raise UserError(f"{args.run}: a TorchScript export; load it in PyTorch with torch.jit.load (predict reads "
+                        f"runs, model folders and ONNX exports)")
+    if export_format(args.run) == "onnx":  # onnxruntime, numpy, Pillow, tokenizers: torch is not imported
+        from .runtime import load as load_export
+
+        model = load_export(args.run)
+        is_text = model.modality == "text"
+    else:
+        from .artifacts import load
+        from .inference import TextModel
+
+        model = load(args.run)
+        is_text = isinstance(model, TextModel)
     for item in args.inputs:
         if not Path(item).exists():
             raise UserError(f"{item}: no such file or folder")
     if args.threshold is not None:
-        if not 0 < args.threshold < 1 or not isinstance(model.task, MultiLabel):
+        if not 0 < args.threshold < 1 or model.task.kind != "multilabel":
             raise UserError(f"--threshold {args.threshold}: expected a value in (0, 1), for multi-label models")
         model.task.threshold = args.threshold
-    is_text = isinstance(model, TextModel)
     if args.text and not is_text:
         raise UserError("--text: this is an image model; pass image files or folders")
-    kind = "value" if isinstance(model.task, Regression) else "labels" if isinstance(model.task, MultiLabel) \
-        else "boxes" if model.task.kind == "detection" else "label"
+    kind = {"regression": "value", "multilabel": "labels", "detection": "boxes"}.get(model.task.kind, "label")
     if args.draw and kind != "boxes":
         raise UserError("--draw: for detection models")
     top_k = args.top_k
@@ -338,7 +366,7 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         for item in args.inputs:
             preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
     else:
-        from .inference import expand_inputs, no_images
+        from .imagefiles import expand_inputs, no_images
 
         found = {item: expand_inputs(item) for item in args.inputs}
         empty = [item for item, files in found.items() if not files]  # folders without image files
@@ -364,6 +392,32 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     if failed:
         print(f"warning: {len(failed)} of {len(preds)} images could not be read and were skipped (their rows "
               f"carry the error; --strict fails instead)", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit export RUN --format onnx|torchscript`: the best model, through the parity gate."""
+    from .export.bundle import check, export_run
+
+    options = dict(out=args.out, overwrite=args.overwrite, quantize=args.quantize, samples=args.samples,
+                   batch=args.batch_size)
+    check(args.run, args.format, **options)  # one-line errors before torch loads
+    config = export_run(args.run, args.format, max_accuracy_drop=args.max_accuracy_drop, **options)
+    from .export.parity import describe
+
+    print(f"{config['format']}: {Path(config['path']) / config['file']}  ({config['exporter']}; parity "
+          f"{describe(config['parity'])})")
+    for line in config.get("rejected_exporters") or []:
+        print(f"  rejected {line}", file=sys.stderr)
+    q = config.get("int8")
+    if q:
+        acc = q.get("accuracy")
+        figures = (f"validation accuracy fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f}" if acc else
+                   f"top-1 agreement with fp32 {100 * q.get('top1_agreement', float('nan')):.1f}%")
+        print(f"int8 ({q['mode']}): {Path(config['path']) / q['file']}  ({figures}; {q['validation_samples']} "
+              f"validation samples)")
+        if q.get("warning"):
+            print(f"warning: {q['warning']}", file=sys.stderr)
     return 0
 
 
@@ -397,7 +451,7 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 # command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
 COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "evaluate": _evaluate, "predict": _predict,
-            "inspect": _inspect, "demo": _demo}
+            "export": _export, "inspect": _inspect, "demo": _demo}
 
 
 def run(argv: list[str]) -> int:

@@ -17,12 +17,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .data import build_transform, load_rgb, to_rgb
+from .imagefiles import IMAGE_SUFFIXES, expand_inputs, no_images  # noqa: F401 - re-exported
 from .errors import UserError
 from .addons.tta import with_tta
 from .tasks import logits_of
 from .models import Backbone
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".parquet"}
 
 
@@ -157,29 +157,6 @@ class ImageModel(FineTunedModel):
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
-
-
-def no_images(where: str) -> str:
-    return f"{where}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
-
-
-def expand_inputs(images: Any) -> list[Any]:
-    """A path, a folder (its image files, sorted, recursively), or a sequence of those and of images."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
-    out: list[Any] = []
-    for item in images:
-        if isinstance(item, (str, os.PathLike)):
-            p = Path(item)
-            if p.is_dir():
-                out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            elif p.is_file():
-                out.append(str(p))
-            else:
-                raise UserError(f"{p}: no such file or folder")
-        else:
-            out.append(item)
-    return out
 
 
 class TextModel(FineTunedModel):

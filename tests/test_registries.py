@@ -54,7 +54,10 @@ def test_every_addon_is_switched_on_by_a_recipe_option():
 
 
 def test_exporters_registry():
-    assert set(EXPORTERS) == {"model-folder"}
+    from finetunekit.cli import EXPORT_FORMATS
+
+    # the run writes the model folder; `finetunekit export --format` offers the others
+    assert set(EXPORTERS) == {"model-folder", *EXPORT_FORMATS}
     assert all(callable(f) for f in EXPORTERS.values())
 
 

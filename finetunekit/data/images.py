@@ -10,39 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ..imagefiles import load_rgb, to_rgb  # noqa: F401 - re-exported
 
 log = logging.getLogger("finetunekit")
 
-# Pillow refuses images over 2x this many pixels (decompression bombs); the scan skips those over 1x.
-Image.MAX_IMAGE_PIXELS = 89_478_485
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: 16/32-bit grayscale rescaled, transparency composited on white."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        peak = float(a.max()) if a.size else 0.0
-        # 16-bit data -> /257; values already in 0..255 stay; float images in 0..1 are scaled up
-        if im.mode.startswith("I;16") or peak > 255:
-            top = 65535.0
-        elif im.mode == "F" and peak <= 1.0:
-            top = 1.0
-        else:
-            top = 255.0
-        im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV -> RGB
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as upright 8-bit RGB."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
+# to_rgb and load_rgb live in the torch-free finetunekit.imagefiles (the ONNX runtime path reads images too)
 
 
 @dataclass

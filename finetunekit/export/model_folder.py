@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import save_model_folder
-
 
 def export(backbone, task, out: Path, *, spec: str, task_name: str, extra: dict | None = None) -> Path:
     """Write `backbone` (its module holding the weights to save) for `task` to the folder `out`."""
+    from ..artifacts import save_model_folder  # torch: imported on use, so `finetunekit export`'s checks stay fast
+
     save_model_folder(out, backbone, task.classes, spec, task_name, extra)
     return out
