@@ -43,11 +43,15 @@ def is_cnn(module: nn.Module) -> bool:
 def channels_last(module: nn.Module) -> bool:
     """Put `module`'s 4-D weights in channels_last and convert its 4-D tensor input to it as it comes in (a
     forward pre-hook, kept by copies such as the EMA's), when it is a CNN (`is_cnn`). The parameters stay
-    the same objects (an optimizer built over them keeps working). Returns whether it converted anything."""
+    the same objects (an optimizer built over them keeps working). Returns whether `module` is in channels_last
+    (a second call converts nothing again)."""
+    if getattr(module, "_channels_last", False):  # already converted (the feature extraction does it first)
+        return True
     if not is_cnn(module):
         return False
     module.to(memory_format=torch.channels_last)
     module.register_forward_pre_hook(_input_channels_last)
+    module._channels_last = True
     return True
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import fastpath
 from .checkpoint import save_tensors
 from .data import cache_key, cache_root, cache_unwritable, die_with_parent
 from .data.order import sample_seed, split_key
@@ -97,14 +98,22 @@ def _head(backbone) -> nn.Module:
     return backbone.module.get_submodule(backbone.heads[0])
 
 
-@torch.inference_mode()
 def extract(backbone, dataset, *, views: int, seed: int, augmented: bool, device: torch.device,
             batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every sample of `dataset` (an ImageDataset), once per view: [views, N, C] float32,
     and the targets. Augmented views are drawn from per-sample seeds, so they are the same every time."""
+    # outside inference mode: weights converted inside it would become inference tensors, which a later
+    # phase (lp-ft's full fine-tune, the test scorer) cannot train or hook
     module = backbone.module.to(device).eval()
+    fastpath.channels_last(module)  # a CNN in NHWC: 1.2-1.5x faster inference here (EfficientNet-Lite0, 96 px)
+    with torch.inference_mode():
+        return _extract(module, _head(backbone), dataset, views=views, seed=seed, augmented=augmented,
+                        device=device, batch_size=batch_size, workers=workers)
+
+
+def _extract(module, head, dataset, *, views, seed, augmented, device, batch_size, workers):
     captured: list[torch.Tensor] = []
-    hook = _head(backbone).register_forward_hook(lambda m, args, out: captured.append(args[0].float().cpu()))
+    hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].float().cpu()))
     feats, targets = [], torch.empty(0)
     try:
         for view in range(views):
