@@ -110,3 +110,29 @@ def test_benchmark_refuses_before_loading(tmp_path, measured, monkeypatch):
     code, _, err = cli("benchmark", str(measured["run"]), "--variants", "eager-bf16")
     assert code == 2 and "bf16 would be emulated" in err
     assert [v for v in B.check(measured["run"]).variants] == ["eager-fp32", "onnx-fp32", "onnx-int8"]
+
+
+def test_benchmark_text_run(tmp_path):
+    """A tiny BERT run: tokenization as the preprocessing, dynamic int8 written through `export`, the
+    validation texts made again from recipe.yaml."""
+    import csv
+
+    from conftest import save_tiny_bert
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    rows = [("the movie was good and great", "positive"), ("a bad and boring plot", "negative"),
+            ("really wonderful story", "positive"), ("awful film", "negative")] * 10
+    with (tmp_path / "train.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    run = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(tmp_path / "run"),
+                           "data": {"path": str(tmp_path / "train.csv")}, "model": {"name": f"hf:{bert}"},
+                           "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 0}})
+    code, out, err = cli("benchmark", str(run.run_dir), "--variants", "eager-fp32,onnx-fp32,onnx-int8", *FAST)
+    assert code == 0, err
+    assert "exporting onnx with int8 (dynamic)" in err
+    result = json.loads((run.run_dir / "benchmark.json").read_text())
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert result["settings"]["samples"] >= 2 and result["settings"]["labelled"]
+    assert variants["onnx-fp32"]["agreement"] == 1.0
+    assert variants["onnx-fp32"]["accuracy"] == variants["eager-fp32"]["accuracy"]
+    assert not variants["onnx-int8"]["torch_imported"] and variants["onnx-int8"]["preprocess_ms"]["mean"] > 0
