@@ -1,4 +1,4 @@
-"""`finetunekit fit|lr-find|evaluate|predict|export|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+"""`finetunekit fit|lr-find|evaluate|predict|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
 generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
@@ -115,6 +115,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                     help="the parity gate's batch N, besides batch 1 (default: 8)")
     ex.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                     help="int8: warn when validation accuracy drops more than this many points (default: 1)")
+
+    be = sub.add_parser("benchmark", help="latency, throughput, memory, size and accuracy of the run's model: "
+                        "eager PyTorch, ONNX Runtime fp32 and int8 (docs/export.md)")
+    be.add_argument("run", metavar="RUN", help="run directory")
+    be.add_argument("--variants", metavar="LIST",
+                    help="comma-separated, of eager-fp32, eager-bf16, onnx-fp32, onnx-int8, torchscript (default: "
+                         "all but torchscript; eager-bf16 only on CPUs with AVX512-BF16 or AMX-BF16)")
+    be.add_argument("--threads", type=int, metavar="N",
+                    help="torch and onnxruntime intra-op threads, each variant pinned to N CPUs (default: all usable)")
+    be.add_argument("--batch", type=int, default=32, metavar="N", help="the throughput batch (default: 32)")
+    be.add_argument("--runs", type=int, default=100, metavar="N", help="timed calls at batch 1 (default: 100)")
+    be.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls first (default: 10)")
+    be.add_argument("--data", metavar="PATH", help="labelled validation data, as for evaluate (default: the run's "
+                    "validation split)")
+    be.add_argument("--provider", default="cpu", metavar="{cpu,cuda,tensorrt}",
+                    help="onnxruntime execution provider of the ONNX variants (default: cpu; cuda and tensorrt "
+                         "need onnxruntime-gpu, untested)")
 
     demo = sub.add_parser("demo", help="fine-tune the offline EfficientNet-Lite0 on scikit-learn's digits")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
@@ -421,6 +438,18 @@ def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit benchmark RUN`: each variant in its own process; a table, and RUN/benchmark.json."""
+    from .benchmark import benchmark, check, table
+
+    plan = check(args.run, variants=args.variants, threads=args.threads, batch=args.batch, runs=args.runs,
+                 warmup=args.warmup, provider=args.provider, data=args.data)  # one-line errors before torch
+    result = benchmark(plan, log=lambda line: print(line, file=sys.stderr))
+    print(table(result), end="")
+    print(f"written: {result['path']}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit inspect MODEL`: layer groups and when each trains."""
     from .config import TrainConfig
@@ -451,7 +480,7 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 # command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
 COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "evaluate": _evaluate, "predict": _predict,
-            "export": _export, "inspect": _inspect, "demo": _demo}
+            "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo}
 
 
 def run(argv: list[str]) -> int:

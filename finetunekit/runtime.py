@@ -75,12 +75,14 @@ class Task:
 class RuntimeModel:
     """An exported model in an onnxruntime session: `predict` as FineTunedModel.predict."""
 
-    def __init__(self, folder: Path, config: dict, model_file: Path):
+    def __init__(self, folder: Path, config: dict, model_file: Path, providers: Sequence[str] | None = None,
+                 session_options: Any = None):
         import onnxruntime as ort
 
         self.folder, self.config = folder, config
         self.task = Task(config["kind"], list(config["classes"]), float(config.get("threshold", 0.5)))
-        self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_file), sess_options=session_options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
         self.inputs = list(config["inputs"])
         self.modality = config.get("modality", "image")
 
@@ -104,8 +106,8 @@ class RuntimeModel:
 
 
 class ImageRuntime(RuntimeModel):
-    def __init__(self, folder: Path, config: dict, model_file: Path):
-        super().__init__(folder, config, model_file)
+    def __init__(self, folder: Path, config: dict, model_file: Path, **session: Any):
+        super().__init__(folder, config, model_file, **session)
         self.pre = config["preprocessing"]
         if self.pre.get("crop_mode", "center") not in ("center", "squash"):
             raise UserError(f"{folder / CONFIG}: crop_mode {self.pre['crop_mode']!r} is not supported by the "
@@ -165,8 +167,8 @@ class ImageRuntime(RuntimeModel):
 
 
 class TextRuntime(RuntimeModel):
-    def __init__(self, folder: Path, config: dict, model_file: Path):
-        super().__init__(folder, config, model_file)
+    def __init__(self, folder: Path, config: dict, model_file: Path, **session: Any):
+        super().__init__(folder, config, model_file, **session)
         from tokenizers import Tokenizer
 
         self.text = config["text"]
@@ -245,8 +247,11 @@ def read_texts(path: Path, columns: list[str]) -> list[tuple[str, ...]]:
     return out
 
 
-def load(path: str | os.PathLike) -> RuntimeModel:
-    """An ONNX export (its folder, or its .onnx file with config.json beside it) in an onnxruntime session."""
+def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None,
+         session_options: Any = None) -> RuntimeModel:
+    """An ONNX export (its folder, or its .onnx file with config.json beside it) in an onnxruntime session
+    (`providers`: onnxruntime's execution providers, default the CPU; `session_options`: an
+    onnxruntime.SessionOptions, e.g. its thread counts)."""
     p = Path(path)
     folder = p.parent if p.suffix.lower() == ".onnx" else p
     if not p.exists():
@@ -261,9 +266,10 @@ def load(path: str | os.PathLike) -> RuntimeModel:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("predict on an ONNX export needs onnxruntime: pip install 'finetunekit[runtime]'") from None
+    session = {"providers": providers, "session_options": session_options}
     if config.get("modality") == "text":
-        return TextRuntime(folder, config, model_file)
-    return ImageRuntime(folder, config, model_file)
+        return TextRuntime(folder, config, model_file, **session)
+    return ImageRuntime(folder, config, model_file, **session)
 
 
 __all__ = ["ImageRuntime", "RuntimeModel", "Task", "TextRuntime", "export_format", "is_export", "load"]
