@@ -6,7 +6,7 @@
     hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
     plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
     fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
-    addons(...) -> AddOns             EMA, MixUp/CutMix, TTA, the L1 penalty, gradient checkpointing
+    addons(...) -> AddOns             EMA, MixUp/CutMix, TTA, the L1 penalty, gradient checkpointing, QAT
     resolved_recipe(...)              the recipe with every default the run chose written in
 
 run.py calls them in this order. A stage reads the recipe's typed sections; what it builds (datasets,
@@ -156,7 +156,8 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
     they can be used; else (and for the other phases) the decoded-image cache for images when it pays;
     else the model on its loaders as prepared."""
     d, t = recipe.data, recipe.train
-    reason = features.why_not(d, recipe.modality, inputs.backbone)
+    reason = features.why_not(d, recipe.modality, inputs.backbone) or \
+        ("--qat trains through the fake-quantized backbone" if t.qat else None)
     if t.strategy == "linear-probe":
         if reason is None:
             head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)
@@ -315,6 +316,8 @@ def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task) -> AddO
     out = AddOns()
     if t.grad_checkpointing:
         out.append(ADDONS["grad-checkpointing"](backbone))
+    if t.qat:  # first: the layers it swaps are the ones every later hook sees
+        out.append(ADDONS["qat"](backbone, t.max_accuracy_drop))
     if modality == "image" and (d.mixup or d.cutmix):
         out.append(ADDONS["mixup"](d.mixup, d.cutmix, t.label_smoothing, task.num_outputs, d.mixup_off_epoch))
     if t.l1_penalty:

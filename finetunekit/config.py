@@ -224,6 +224,11 @@ class TrainConfig(_Section):
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass instead of "
                                     "keeping them: less memory, about a third more compute (timm and "
                                     "transformers models)")
+    qat: bool = _opt(False, "quantization-aware training (torchao): fine-tune through int8 fake quantization of "
+                     "the Linear layers, then write the int8 model beside the model folder and report its "
+                     "validation score next to the fp32 weights' (transformer encoders, not CNNs; docs/export.md)")
+    max_accuracy_drop: float = _opt(1.0, "--qat: warn when the int8 model's validation accuracy is more than this "
+                                    "many points below the fp32 weights'", ge=0, le=100)
     compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
                          "if compiling fails, the log says why and training goes on without it")
 

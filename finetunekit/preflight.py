@@ -23,7 +23,7 @@ _NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "
                            "cache_views", "cache_images", "label_column", "label_delimiter"),
                   "model": ("drop_path", "head", "dropout"),
                   "train": ("class_weights", "label_smoothing", "focal_gamma", "threshold", "l1_penalty",
-                            "grad_checkpointing", "freeze_layers")}
+                            "grad_checkpointing", "freeze_layers", "qat")}
 
 
 def _set(recipe: Recipe, table: dict[str, tuple[str, ...]]) -> str | None:

@@ -200,6 +200,17 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         test_loader = accelerator.prepare(inputs.test_loader)
         metrics["test"] = evaluate_loader(accelerator, addons.eval_model(scorer), test_loader, task, desc="test",
                                           quiet=recipe.quiet)
+    def best() -> torch.nn.Module:  # the whole model with the saved best weights
+        whole = accelerator.unwrap_model(accelerator.prepare(backbone.module) if trained.cached else module,
+                                         keep_torch_compile=False)
+        load_weights_file(whole, model_dir)
+        return whole
+
+    def score(whole: torch.nn.Module) -> dict:  # validation metrics of the whole model
+        loader = accelerator.prepare(inputs.val_loader) if trained.cached else val_loader
+        return evaluate_loader(accelerator, addons.eval_model(whole), loader, task, desc="val", quiet=recipe.quiet)
+
+    metrics.update(addons.finish(best, model_dir if accelerator.is_main_process else None, score))
     accelerator.end_training()
     metrics.update(_run_metrics(recipe, inputs, hyper, result, accelerator, started, resume))
     write_json(out / "metrics.json", metrics)

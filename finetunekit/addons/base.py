@@ -10,6 +10,14 @@
     eval_candidates() -> [(name, module)]  other weights to evaluate after each epoch; the best is saved (EMA)
     model_config() -> dict               entries saved in the model folder's config (TTA)
     state_dict() / load_state_dict(d)    tensors for checkpoints, by file name ({"ema.safetensors": {...}})
+    finish(best, folder, score) -> dict  once, after training: turn the best model into another form, score
+                                         it and write it into the model folder; entries for metrics.json (QAT)
+
+`finish` exists because QAT's product is not the trained weights but a model converted from the best of
+them, judged on the validation set: no per-epoch hook sees the best weights once, with the data to score
+them. `best()` loads and returns the whole model with the saved best weights (called only by an add-on
+that needs it); `folder` is the model folder (None on processes other than the main one); `score(module)`
+is the validation metrics of `module`, as the loop computes them.
 
 Every hook has a default that does nothing, so an add-on defines only the hooks it needs. Hooks run in
 the order the add-ons were built (build.addons), each receiving what the previous one returned.
@@ -17,6 +25,8 @@ the order the add-ons were built (build.addons), each receiving what the previou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +64,10 @@ class AddOn:
 
     def load_state_dict(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         pass
+
+    def finish(self, best: Callable[[], torch.nn.Module], folder: Path | None,
+               score: Callable[[torch.nn.Module], dict]) -> dict[str, Any]:
+        return {}
 
 
 class AddOns(list):
@@ -102,3 +116,6 @@ class AddOns(list):
     def load_state_dict(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         for a in self:
             a.load_state_dict(tensors)
+
+    def finish(self, best, folder, score) -> dict[str, Any]:
+        return {k: v for a in self for k, v in a.finish(best, folder, score).items()}
