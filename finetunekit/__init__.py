@@ -10,9 +10,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .config import Recipe
+
+# transformers imports torchao (installed for --qat) when it builds a model, and torchao's import makes torch's
+# pytree logger warn about its Enum registrations on stderr: library noise in every text run, and a second line
+# under our one-line errors
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 from .errors import UserError
 
 if TYPE_CHECKING:

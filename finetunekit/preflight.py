@@ -72,6 +72,11 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
     from .checkpoint import parse_period
     from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
+    if t.qat:
+        try:
+            import torchao  # noqa: F401 - the `qat` extra
+        except ImportError:
+            raise UserError("--qat: needs torchao, which is not installed (pip install 'finetunekit[qat]')") from None
     from .models.heads import check_head
 
     check_head(m.head)

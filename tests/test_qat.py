@@ -198,3 +198,22 @@ def test_load_int8_needs_a_qat_run(qat_run, tmp_path):
     (folder / qat.FILE).unlink()
     with pytest.raises(finetunekit.errors.UserError, match="written by `finetunekit fit --qat`"):
         qat.load_int8(folder)
+
+
+def test_qat_without_torchao_is_a_one_line_error(tmp_path):
+    """torchao is the `qat` extra: without it --qat stops before any work, naming the extra."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,pos\nb,neg\n")
+    hide = ("import sys\n"
+            "sys.modules['torchao'] = None  # import torchao raises ImportError, as when it is not installed\n"
+            "from finetunekit.cli import main\n"
+            "sys.exit(main())\n")
+    r = subprocess.run([sys.executable, "-c", hide, "fit", "--task", "text-classification", "--data", str(data),
+                        "--qat", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("finetunekit: error: --qat: needs torchao, which is not installed "
+                                "(pip install 'finetunekit[qat]')"), r.stderr
+    assert not (tmp_path / "run").exists()
