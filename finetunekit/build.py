@@ -3,6 +3,7 @@
     accelerator(...)                  devices, precision, accumulation (accelerate)
     inputs(...)                       data, model and task (finetunekit.inputs), --batch-size auto's probe
     playbook(...)                     --strategy auto and the default --epochs, from the data (finetunekit.playbook)
+    prune(...)                        --prune: structured channel pruning of the backbone (finetunekit.pruning)
     hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
     plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
     fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
@@ -33,7 +34,7 @@ from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig
 from .data import make_loader
 from .errors import UserError
 from .inputs import Prepared, prepare_inputs
-from .playbook import choose, default_epochs
+from .playbook import Choice, choose, default_epochs
 from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, default_lr, default_warmup
 from .strategies import Phase, Plan, apply_phase, make_plan, plural
 
@@ -97,11 +98,25 @@ def playbook(recipe: Recipe, inputs: Prepared) -> tuple[Recipe, list[str]]:
     if t.epochs is None:
         resolved.train.epochs = default_epochs(recipe.modality)
     if t.strategy == "auto":
-        choice = choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
-                        inputs.sources.get("train"), inputs.image_size)
+        choice = Choice("full", f"--prune {recipe.model.prune:g}: every layer trains to recover what pruning "
+                                f"removed") if recipe.model.prune else \
+            choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
+                   inputs.sources.get("train"), inputs.image_size)
         resolved.train.strategy = choice.strategy
         lines.append(choice.line())
     return resolved, lines
+
+
+def prune(m: ModelConfig, inputs: Prepared) -> str | None:
+    """--prune: channels removed from the backbone in place, before the optimizer sees its parameters
+    (finetunekit.pruning); the log line that says how much, or None."""
+    if not m.prune:
+        return None
+    from .pruning import prune as prune_channels
+
+    report = prune_channels(inputs.backbone, m.prune, inputs.image_size)
+    inputs.extra_config["prune"] = m.prune  # recorded in the model folder beside its pruned_layers
+    return report.line()
 
 
 @dataclass

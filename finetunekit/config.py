@@ -109,6 +109,10 @@ class ModelConfig(_Section):
                                  "classifier_dropout or the config's equivalent), or inside the MLP head", ge=0, lt=1)
     drop_path: float | None = _opt(None, "images: stochastic depth rate (timm's drop_path_rate, torchvision's "
                                    "stochastic_depth_prob) for models that have it", ge=0, lt=1)
+    prune: float = _opt(0.0, "images (CNNs): structured pruning: remove this fraction of the channels of each "
+                        "backbone layer group (torch-pruning, group magnitude importance; the head's outputs kept) "
+                        "before training, so the run's epochs fine-tune the smaller model to recover (0 = off)",
+                        ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
     anchor_sizes: str | None = _opt(None, "detection: anchor sizes in pixels, comma-separated: one per feature "
                                     "level (the built-in has 4, ResNet-50 FPN 5, MobileNet FPN 3), or sizes "

@@ -5,6 +5,8 @@ They run before anything heavy loads or anything at --out changes, so a mistake 
 
 from __future__ import annotations
 
+import importlib.util
+
 from .config import TASKS, Recipe
 from .errors import UserError
 
@@ -15,15 +17,18 @@ _TEXT_ONLY = {"data": ("text_column", "max_length", "group_by_length",
               "model": ("trust_remote_code",)}
 _IMAGE_ONLY = {"data": ("image_size", "augment", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic",
                         "vflip", "tta", "cache_views", "cache_images"),
-               "model": ("drop_path", "head")}
+               "model": ("drop_path", "head", "prune")}
 # options only a detector reads, and the image options a detector does not (it resizes by --min-size/--max-size)
 _DETECTION_ONLY = {"model": ("anchor_sizes", "aspect_ratios", "anchors", "hard_examples", "nms_threshold", "score_threshold",
                              "detections_per_image", "min_size", "max_size", "trainable_layers")}
 _NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic", "vflip", "tta",
                            "cache_views", "cache_images", "label_column", "label_delimiter"),
-                  "model": ("drop_path", "head", "dropout"),
+                  "model": ("drop_path", "head", "dropout", "prune"),
                   "train": ("class_weights", "label_smoothing", "focal_gamma", "threshold", "l1_penalty",
                             "grad_checkpointing", "freeze_layers", "qat")}
+
+# --prune with strategies that train none of the backbone's convolutions: nothing would recover what pruning removed
+_NO_RECOVERY = ("linear-probe", "bitfit", "norm-head")
 
 
 def _set(recipe: Recipe, table: dict[str, tuple[str, ...]]) -> str | None:
@@ -59,6 +64,9 @@ def preflight(recipe: Recipe) -> None:
             if getattr(d, name) is not None:
                 raise UserError(f"--{name.replace('_', '-')}: does not apply to --task image-classification "
                                 f"(class folders, or a manifest with columns path,label)")
+    if m.prune and t.strategy in _NO_RECOVERY:
+        raise UserError(f"--prune {m.prune:g}: --strategy {t.strategy} trains none of the backbone's convolutions, so "
+                        f"nothing recovers what pruning removes; use full, lp-ft, freeze-unfreeze or gradual")
     if (d.mixup or d.cutmix) and recipe.task != "image-classification":
         raise UserError(f"--mixup/--cutmix: for --task image-classification, not {recipe.task}")
     if (d.mixup or d.cutmix) and t.batch_size != "auto" and t.batch_size % 2:
@@ -98,6 +106,8 @@ def preflight(recipe: Recipe) -> None:
         article = "an" if modality == "image" else "a"
         raise UserError(f"--model {recipe.model_name}: reads {model_modality(recipe.model_name, modality)}s, but "
                         f"--task {recipe.task} needs {article} {modality} model ({hint})")
+    if m.prune:
+        _prunable(recipe)  # the model's source: after the imports above
 
 
 def _detection(recipe: Recipe) -> None:
@@ -116,6 +126,17 @@ def _detection(recipe: Recipe) -> None:
     if backend() is None:
         raise UserError("--task detection: needs pycocotools or faster-coco-eval for mean average precision "
                         "(pip install pycocotools)")
+
+
+def _prunable(recipe: Recipe) -> None:
+    from .models import resolve
+
+    m = recipe.model
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise UserError(f"--prune {m.prune:g}: needs torch-pruning (pip install 'finetunekit[prune]')")
+    if not resolve(recipe.model_name, "image")[0].prunable:
+        raise UserError(f"--prune {m.prune:g}: for the CNNs of timm, torchvision and the built-in efficientnet_lite0, "
+                        f"not --model {recipe.model_name}")
 
 
 def _detector_fits(spec: str, detection: bool) -> None:

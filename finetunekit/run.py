@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, fastpath, loop
+from . import build, checkpoint, fastpath, loop, pruning
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
 from .errors import TrainingStopped, UserError
@@ -106,6 +106,9 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         log.info("%s", line)
     for line in decided:
         log.info("%s", line)
+    pruned = build.prune(recipe.model, inputs)  # before the optimizer: it fine-tunes the pruned model
+    if pruned:
+        log.info("%s", pruned)
     if t.class_weights and task.class_weights is not None:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, task.class_weights)))
 
@@ -139,7 +142,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
 
     fingerprint = {"data": data_hash, "classes": task.classes, "cached_features": trained.cached,
                    "model": inputs.model_name, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                   "processes": accelerator.num_processes}
+                   "processes": accelerator.num_processes,
+                   **({"pruned": pruning.digest(backbone.pruned_layers)} if backbone.pruned_layers else {})}
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
                                          is_main=accelerator.is_main_process)

@@ -34,6 +34,9 @@ class Backbone:
     image_processor: Any = None  # hf-image: the model's transformers image processor (saved with it)
     model_args: dict[str, Any] = field(default_factory=dict)  # constructor arguments that rebuild the
     # saved shapes (timm's img_size, torchvision's image_size), saved as config.json's model_args
+    pruned_layers: dict[str, dict[str, int]] = field(default_factory=dict)  # --prune: the layers whose shapes
+    # differ from the architecture's ({"blocks.1.0.conv_pw": {"in_channels": 16, "out_channels": 67, "groups": 1}}),
+    # saved as config.json's finetunekit.pruned_layers and applied before the weights load (models/pruned.py)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -80,6 +83,7 @@ class Source:
     modality: ClassVar[str]  # "image" | "text"
     loads_in: ClassVar[str] = ""
     mlp_head: ClassVar[bool] = True  # whether --head mlp:N can replace the head
+    prunable: ClassVar[bool] = False  # whether --prune can remove channels (its folder records the pruned shapes)
 
     @classmethod
     def check_name(cls, name: str) -> None:

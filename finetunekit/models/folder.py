@@ -146,14 +146,15 @@ def write_image_folder(folder: Path, backbone, classes: list[str], ours: dict) -
                            "crop_mode": pre.crop_mode, "num_classes": outputs, "classifier": backbone.head},
         **({"model_args": dict(backbone.model_args)} if backbone.model_args else {}),
         "label_names": list(classes),
-        "finetunekit": {**ours, "preprocessing": pre.to_dict()},
+        "finetunekit": {**ours, "preprocessing": pre.to_dict(),
+                        **({"pruned_layers": backbone.pruned_layers} if backbone.pruned_layers else {})},
     }
     artifacts.write_json(folder / CONFIG, config)
 
 
 def read_image_folder(folder: Path, config: dict) -> dict[str, Any]:
     """The validated fields of a timm-format folder: architecture, num_classes, labels, preprocessing,
-    head type, model_args, task."""
+    head type, model_args, task, pruned layers (--prune)."""
     arch = field(config, "architecture", folder, str, check=bool, expected="a model name")
     num_classes = field(config, "num_classes", folder, int, check=lambda v: 1 <= v <= MAX_CLASSES,
                         expected=f"an integer from 1 to {MAX_CLASSES}")
@@ -171,9 +172,11 @@ def read_image_folder(folder: Path, config: dict) -> dict[str, Any]:
         if k in ("img_size", "image_size") and not (isinstance(v, int) and 16 <= v <= MAX_INPUT_SIZE):
             raise UserError(f"{folder / CONFIG}: field model_args.{k}: expected an integer from 16 to "
                             f"{MAX_INPUT_SIZE}, got {json.dumps(v)[:80]}")
+    pruned = field(config, "finetunekit.pruned_layers", folder, dict, required=False, default={},
+                   expected="an object of layer names")
     return {"architecture": arch, "num_classes": num_classes, "labels": labels, "task": task,
             "preprocessing": read_preprocessing(config, folder), "head_type": read_head_type(config, folder),
-            "model_args": model_args}
+            "model_args": model_args, "pruned_layers": pruned}
 
 
 def load_into(backbone, state: dict[str, torch.Tensor], folder: Path, num_classes_field: str = "num_classes"

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from . import folder as mf
+from . import pruned
 from .base import Backbone, CreateOptions, Source
 from .heads import apply_head
 from .weights import load_weights, read_state_dict
@@ -15,6 +16,7 @@ from .weights import load_weights, read_state_dict
 
 class ImageSource(Source):
     modality: ClassVar[str] = "image"
+    prunable: ClassVar[bool] = True
 
     @classmethod
     def create(cls, name: str, num_outputs: int, options: CreateOptions) -> Backbone:
@@ -51,6 +53,9 @@ class ImageSource(Source):
         state = mf.read_weights(folder)
         backbone = cls._rebuild(saved["architecture"], saved["num_classes"], saved["model_args"])
         apply_head(backbone, saved["head_type"], None)  # dropout is inactive at inference
+        if saved["pruned_layers"]:  # --prune: the architecture's layers resized to the saved channels
+            pruned.apply(backbone.module, saved["pruned_layers"], folder, saved["architecture"])
+            backbone.pruned_layers = dict(saved["pruned_layers"])
         backbone.preprocessing = saved["preprocessing"]
         backbone.model_args = dict(saved["model_args"])
         mf.load_into(backbone, state, folder)
@@ -64,6 +69,11 @@ class ImageSource(Source):
     @classmethod
     def _refuse_mlp(cls, folder: Path) -> dict:
         config = mf.read_config(folder)
+        if config.get("finetunekit", {}).get("pruned_layers"):
+            from ..errors import UserError
+
+            raise UserError(f"{folder}: its layers are pruned (--prune; finetunekit.pruned_layers), which only "
+                            f"finetunekit.load rebuilds")
         if mf.read_head_type(config, folder) != "linear":
             from ..errors import UserError
 
