@@ -73,6 +73,22 @@ def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0) -> Path:
     return folder
 
 
+def cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in this process, as `finetunekit ARGS` runs it: (exit code, stdout, stderr)."""
+    import io
+
+    from finetunekit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real command line, in a fresh process (`env`: extra environment variables)."""

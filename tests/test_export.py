@@ -4,9 +4,7 @@ onnxruntime against `finetunekit predict` on the run; the gate refusing a broken
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import subprocess
 import sys
@@ -17,23 +15,13 @@ import pytest
 import torch
 
 import finetunekit
-from finetunekit.cli import main
 from finetunekit.export import onnx as onnx_exporter
 from finetunekit.export.parity import ParityFailed
 
-from conftest import CIFAR, ROOT, save_tiny_bert, write_manifest
+from conftest import CIFAR, ROOT, cli, save_tiny_bert, write_manifest
 
 CLASSES = ["cat", "dog"]
 
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ evaluate's exact metrics."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -14,22 +13,12 @@ from pathlib import Path
 import pytest
 
 from finetunekit import UserError
-from finetunekit.cli import main, run
+from finetunekit.cli import run
 
-from conftest import CIFAR, write_manifest
+from conftest import CIFAR, cli, write_manifest
 
 CLASSES = ["cat", "dog"]
 
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """The CLI in this process, as `finetunekit ARGS` runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ refusals (CNNs, detection, a bad --max-accuracy-drop)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import logging
 from pathlib import Path
@@ -17,25 +15,14 @@ import torch
 
 import finetunekit
 from finetunekit.addons import qat
-from finetunekit.cli import main
 
-from conftest import CIFAR, save_tiny_bert, write_manifest
+from conftest import CIFAR, cli, save_tiny_bert, write_manifest
 
 AGREEMENT = 0.95  # top-1 agreement of the int8 model with the fake-quantized one on the validation texts
 POSITIVE = ["the movie was good and great", "really wonderful story", "a great cast and a fine plot",
             "lovely, warm and funny"]
 NEGATIVE = ["a bad and boring plot", "awful film", "dull, slow and badly acted", "a terrible waste of time"]
 
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _write(path: Path, rows) -> Path:
