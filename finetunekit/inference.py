@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from .data import build_transform, load_rgb, to_rgb
 from .imagefiles import IMAGE_SUFFIXES, expand_inputs, no_images  # noqa: F401 - re-exported
 from .errors import UserError
+from .predictor import Predictor, check_batch_size
 from .addons.tta import with_tta
 from .tasks import logits_of
 from .models import Backbone
@@ -26,7 +27,7 @@ from .models import Backbone
 TEXT_FILE_SUFFIXES = {".txt", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".parquet"}
 
 
-class FineTunedModel:
+class FineTunedModel(Predictor):
     """What every restored model offers: its module, task and classes, `to(device)`, `predict`."""
 
     def __init__(self, backbone: Backbone, task, folder: Path, tta: str = "none"):
@@ -61,20 +62,6 @@ class FineTunedModel:
     def _scores(self, items: list[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
         """Logits of the items that read, in order, and {index: reason} for those that did not (skip)."""
         return self.logits(items, batch_size), {}
-
-    def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1, errors: str = "raise") -> list[dict]:
-        """One dict per input, in input order: the task's prediction (label/score/top_k, labels/scores, or value).
-
-        errors="raise": an unreadable image is a UserError naming it; "skip": its dict is {"path", "error"}.
-        """
-        if errors not in ("raise", "skip"):
-            raise ValueError(f"errors={errors!r}: expected 'raise' or 'skip'")
-        check_batch_size(batch_size)
-        items, extras = self._inputs(inputs)
-        logits, failed = self._scores(items, batch_size, skip=errors == "skip")
-        results = iter(self.task.predict(logits, top_k=top_k))
-        return [{**extra, "error": failed[i]} if i in failed else {**extra, **next(results)}
-                for i, extra in enumerate(extras)]
 
 
 class UnreadableImage(UserError):
@@ -152,11 +139,6 @@ class ImageModel(FineTunedModel):
         split = labeled_split(files, self.classes, "the model's classes")
         return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
                            workers=default_workers(), seed=0), len(skipped)
-
-
-def check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
 
 
 class TextModel(FineTunedModel):

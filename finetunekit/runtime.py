@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import UserError
 from .imagefiles import expand_inputs, load_rgb, to_rgb
+from .predictor import Predictor
 
 CONFIG = "config.json"
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -72,7 +73,7 @@ class Task:
         return out
 
 
-class RuntimeModel:
+class RuntimeModel(Predictor):
     """An exported model in an onnxruntime session: `predict` as FineTunedModel.predict."""
 
     def __init__(self, folder: Path, config: dict, model_file: Path, providers: Sequence[str] | None = None,
@@ -92,17 +93,6 @@ class RuntimeModel:
 
     def logits(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.config["outputs"][0]], feeds)[0]
-
-    def predict(self, inputs: Any, batch_size: int = 64, top_k: int = 1, errors: str = "raise") -> list[dict]:
-        if errors not in ("raise", "skip"):
-            raise ValueError(f"errors={errors!r}: expected 'raise' or 'skip'")
-        if batch_size < 1:
-            raise UserError(f"batch_size: expected a value >= 1, got {batch_size}")
-        items, extras = self._inputs(inputs)
-        logits, failed = self._scores(items, batch_size, skip=errors == "skip")
-        results = iter(self.task.predict(logits, top_k=top_k))
-        return [{**extra, "error": failed[i]} if i in failed else {**extra, **next(results)}
-                for i, extra in enumerate(extras)]
 
 
 class ImageRuntime(RuntimeModel):
