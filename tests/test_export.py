@@ -291,3 +291,19 @@ def test_int8_static_beside_fp32(image_run, tmp_path):
     assert len(preds) == 6 and all(p["label"] in CLASSES for p in preds)
     code, _, err = cli("export", str(image_run["run"]), "--quantize", "dynamic", "--out", str(tmp_path / "d"))
     assert code == 2 and "--quantize dynamic: for transformer text encoders" in err
+
+
+def test_int8_reads_the_train_folder_of_a_train_test_layout(tmp_path):
+    """--data with train/ and test/ folders (cifar10-mini's layout): static int8 calibrates on train/ images
+    only, and the validation labels are the class folders under train/, not 'train' and 'test'."""
+    from finetunekit.export import int8
+
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not found (the shared datasets sit beside the repo)")
+    (tmp_path / "recipe.yaml").write_text(f"data:\n  path: {CIFAR}\n", encoding="utf-8")
+    classes = sorted(p.name for p in (CIFAR / "train").iterdir() if p.is_dir())
+    val = [str(p) for p in sorted((CIFAR / "train" / "dog").glob("*.jpg"))[:2]]
+    calibration = int8.training_images(tmp_path, val, n=50)
+    assert len(calibration) == 50 and not set(calibration) & set(val)
+    assert all(Path(p).parent.parent == CIFAR / "train" for p in calibration)
+    assert int8.validation_labels(tmp_path, val, classes) == [classes.index("dog")] * 2

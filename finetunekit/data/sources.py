@@ -159,14 +159,18 @@ def labeled_split(f: LabeledFiles, classes: list[str], known_as: str) -> Split:
     return Split(f.paths, [index[c] for c in f.labels])
 
 
+def train_folder(path: Path) -> Path:
+    """Where the training images of --data are: its train/ folder when it has one, else itself."""
+    return path / "train" if path.is_dir() and (path / "train").is_dir() else path
+
+
 def resolve_splits(path: Path | None, val: Path | None, test: Path | None, val_fraction: float,
                    seed: int, max_bad_fraction: float) -> Splits:
     if path is None:
         raise UserError("--data: required: a folder of class folders, a folder with train/ and val/, "
                         "or a CSV manifest path,label")
-    train_path = path
-    if path.is_dir() and (path / "train").is_dir():
-        train_path = path / "train"
+    train_path = train_folder(path)
+    if train_path != path:
         val = val or next((path / n for n in _VAL_NAMES if (path / n).is_dir()), None)
         test = test or ((path / "test") if (path / "test").is_dir() else None)
     train = read_labeled_files(train_path, "--data")

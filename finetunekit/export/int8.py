@@ -100,10 +100,10 @@ def _outputs(path: Path, model: Any, samples: Sequence[Any], batch: int) -> np.n
 def training_images(run: Path, validation: Sequence[str], n: int = CALIBRATION, seed: int = 0) -> list[str]:
     """Up to `n` of the run's training images (the validation ones left out), a seeded sample."""
     from ..config import read_yaml
-    from ..data.sources import read_labeled_files
+    from ..data.sources import read_labeled_files, train_folder
 
     try:
-        data = Path(read_yaml(run / "recipe.yaml")["data"]["path"])
+        data = train_folder(Path(read_yaml(run / "recipe.yaml")["data"]["path"]))
         paths = read_labeled_files(data, "--data").paths
     except (UserError, OSError, KeyError, TypeError):
         return []
@@ -115,14 +115,14 @@ def training_images(run: Path, validation: Sequence[str], n: int = CALIBRATION, 
 def validation_labels(run: Path, files: Sequence[str], classes: list[str]) -> list[int] | None:
     """The class index of each validation image, from the run's data (folder of class folders or manifest)."""
     from ..config import read_yaml
-    from ..data.sources import read_labeled_files
+    from ..data.sources import read_labeled_files, train_folder
 
     try:
         data = read_yaml(run / "recipe.yaml")["data"]
         found: dict[str, str] = {}
         for key in ("path", "val"):
             if data.get(key):
-                lf = read_labeled_files(Path(data[key]), "--data")
+                lf = read_labeled_files(train_folder(Path(data[key])), "--data")
                 found.update(zip(lf.paths, lf.labels))
         return [classes.index(found[f]) for f in files]
     except (UserError, OSError, KeyError, TypeError, ValueError):
