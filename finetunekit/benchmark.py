@@ -5,6 +5,10 @@
     onnx-fp32     RUN/export/model.onnx in onnxruntime (written by `finetunekit export` when missing)
     onnx-int8     RUN/export/model.int8.onnx (static int8 for images, dynamic for text)
     torchscript   model.pt (RUN/export-torchscript, written when missing), in PyTorch; not in the default set
+    torchao-int8  the eager model with torchao int8 Linear layers (int8 weights and dynamic int8 activations):
+                  the run's model.int8.safetensors when it trained with --qat, else post-training quantization
+                  of its weights (addons/qat.py); models that compute in Linear layers only (transformers), not
+                  in the default set
 
 Each variant runs in its own process (so one variant's memory never counts for another; the ONNX ones import
 no torch, as a server with the runtime extra would run them), pinned to the first `threads` CPUs, with
@@ -42,7 +46,7 @@ import numpy as np
 
 from .errors import UserError, did_you_mean
 
-VARIANTS = ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "torchscript")
+VARIANTS = ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8", "torchscript", "torchao-int8")
 DEFAULT_VARIANTS = ("eager-fp32", "eager-bf16", "onnx-fp32", "onnx-int8")  # eager-bf16 only where the CPU has it
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU bf16 instructions: without them autocast bf16 is emulated
@@ -109,6 +113,8 @@ def check(run: str | os.PathLike, *, variants: str | None = None, threads: int |
         if "eager-bf16" in chosen and not _bf16_flag():
             raise UserError(f"--variants eager-bf16: this CPU has neither {' nor '.join(BF16_FLAGS)}; bf16 would "
                             f"be emulated")
+    if "torchao-int8" in chosen:
+        _check_torchao(folder)
     onnx = [v for v in chosen if v.startswith("onnx-")]
     if onnx and provider != "cpu":
         import onnxruntime as ort
@@ -124,8 +130,35 @@ def check(run: str | os.PathLike, *, variants: str | None = None, threads: int |
     for v in chosen:
         if v.startswith("eager-"):
             plan.files[v] = weights[0] if len(weights) == 1 else folder
+        elif v == "torchao-int8" and (folder / "model.int8.safetensors").is_file():  # --qat's; else PTQ, no file
+            plan.files[v] = folder / "model.int8.safetensors"
     _plan_exports(plan, onnx)
     return plan
+
+
+def _check_torchao(folder: Path) -> None:
+    """torchao-int8 needs torchao and a model whose layer weights are mostly Linear (as --qat does)."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise UserError("--variants torchao-int8: needs torchao (pip install 'finetunekit[qat]')") from None
+    from safetensors import safe_open
+
+    conv = linear = 0
+    for file in folder.glob("model*.safetensors"):
+        if file.name.endswith(".int8.safetensors"):
+            continue
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                if key.endswith("weight") and len(shape) == 4:
+                    conv += int(np.prod(shape))
+                elif key.endswith("weight") and len(shape) == 2 and "embed" not in key:
+                    linear += int(np.prod(shape))
+    if conv > linear:
+        raise UserError(f"--variants torchao-int8: {folder} keeps {100 * conv / (conv + linear):.0f}% of its layer "
+                        f"weights in convolutions and torchao's int8 here quantizes Linear layers; the int8 of a CNN "
+                        f"is onnx-int8 (static)")
 
 
 def _bf16_flag() -> str | None:
@@ -457,10 +490,20 @@ def _torch_engine(spec: dict, threads: int):
     from .artifacts import load
     from .export import graph as G
 
-    model = load(spec["folder"])
-    text = model.backbone.adapter.modality == "text"
     bf16 = spec["variant"] == "eager-bf16"
     info = {"engine": f"torch {torch.__version__}" + (" (bf16 autocast)" if bf16 else ""), "providers": None}
+    if spec["variant"] == "torchao-int8":
+        from .addons import qat
+
+        if spec["file"]:
+            model, info["int8"] = qat.load_int8(spec["folder"]), "the --qat run's model.int8.safetensors"
+        else:
+            model, info["int8"] = load(spec["folder"]), "post-training quantization of the fp32 weights"
+            qat.ptq(model.module.float())
+        info["engine"] = f"torch {torch.__version__} + torchao int8"
+    else:
+        model = load(spec["folder"])
+    text = model.backbone.adapter.modality == "text"
     if text:
         from .data.text import tokenize
 

@@ -120,8 +120,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                         "eager PyTorch, ONNX Runtime fp32 and int8 (docs/export.md)")
     be.add_argument("run", metavar="RUN", help="run directory")
     be.add_argument("--variants", metavar="LIST",
-                    help="comma-separated, of eager-fp32, eager-bf16, onnx-fp32, onnx-int8, torchscript (default: "
-                         "all but torchscript; eager-bf16 only on CPUs with AVX512-BF16 or AMX-BF16)")
+                    help="comma-separated, of eager-fp32, eager-bf16, onnx-fp32, onnx-int8, torchscript, torchao-int8 "
+                         "(default: all but torchscript and torchao-int8; eager-bf16 only on CPUs with AVX512-BF16 "
+                         "or AMX-BF16)")
     be.add_argument("--threads", type=int, metavar="N",
                     help="torch and onnxruntime intra-op threads, each variant pinned to N CPUs (default: all usable)")
     be.add_argument("--batch", type=int, default=32, metavar="N", help="the throughput batch (default: 32)")

@@ -110,6 +110,8 @@ def test_benchmark_refuses_before_loading(tmp_path, measured, monkeypatch):
     code, _, err = cli("benchmark", str(measured["run"]), "--variants", "eager-bf16")
     assert code == 2 and "bf16 would be emulated" in err
     assert [v for v in B.check(measured["run"]).variants] == ["eager-fp32", "onnx-fp32", "onnx-int8"]
+    code, _, err = cli("benchmark", str(measured["run"]), "--variants", "torchao-int8")  # a CNN
+    assert code == 2 and "in convolutions and torchao's int8 here quantizes Linear layers" in err
 
 
 def test_benchmark_text_run(tmp_path):
@@ -127,7 +129,8 @@ def test_benchmark_text_run(tmp_path):
     run = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(tmp_path / "run"),
                            "data": {"path": str(tmp_path / "train.csv")}, "model": {"name": f"hf:{bert}"},
                            "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 0}})
-    code, out, err = cli("benchmark", str(run.run_dir), "--variants", "eager-fp32,onnx-fp32,onnx-int8", *FAST)
+    code, out, err = cli("benchmark", str(run.run_dir), "--variants", "eager-fp32,onnx-fp32,onnx-int8,torchao-int8",
+                         *FAST)
     assert code == 0, err
     assert "exporting onnx with int8 (dynamic)" in err
     result = json.loads((run.run_dir / "benchmark.json").read_text())
@@ -136,3 +139,6 @@ def test_benchmark_text_run(tmp_path):
     assert variants["onnx-fp32"]["agreement"] == 1.0
     assert variants["onnx-fp32"]["accuracy"] == variants["eager-fp32"]["accuracy"]
     assert not variants["onnx-int8"]["torch_imported"] and variants["onnx-int8"]["preprocess_ms"]["mean"] > 0
+    ao = variants["torchao-int8"]  # no --qat: post-training quantization of the fp32 weights
+    assert ao["int8"] == "post-training quantization of the fp32 weights" and ao["engine"].endswith("torchao int8")
+    assert ao["agreement"] is not None and ao["accuracy"] is not None
