@@ -12,6 +12,7 @@ CPUs are shared.
     .venv/bin/python bench/bench_pruning.py                   # ~15 minutes on 2 idle CPU cores
     .venv/bin/python bench/bench_pruning.py --ratios 0.5 --epochs 1
     .venv/bin/python bench/bench_pruning.py --speed-only 5     # no training: size, MACs, speed (~3 minutes)
+    .venv/bin/python bench/bench_pruning.py --speed-only 5 --threads 1
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def write(row: dict) -> None:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0,0.3,0.5", help="comma-separated --prune values (0 = not pruned)")
     ap.add_argument("--epochs", type=int, default=3)
@@ -130,7 +132,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     ap.add_argument("--speed-only", type=int, default=0, metavar="ROUNDS",
                     help="no training: size, MACs and speed of the pruned architectures, in ROUNDS interleaved rounds")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of the speed measurements")
     args = ap.parse_args()
+    THREADS = args.threads
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-pruning-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.speed_only:
