@@ -178,8 +178,8 @@ def load_teacher(spec: str, task_name: str, inputs, *, live: str | None, device,
         model = load(folder)
     student, modality = inputs.task, inputs.backbone.adapter.modality
     if model.task.kind != student.kind or model.backbone.adapter.modality != modality:
-        raise UserError(f"--teacher {spec}: a {model.backbone.adapter.modality} {model.task.kind} model; the student "
-                        f"is a {modality} {student.kind} model")
+        raise UserError(f"--teacher {spec}: a {model.task.kind} model of {model.backbone.adapter.modality}s; the "
+                        f"student's task is {task_name}")
     if set(model.classes) != set(student.classes) or len(model.classes) != len(student.classes):
         raise UserError(f"--teacher {spec}: its classes ({_names(model.classes)}) are not the student's "
                         f"({_names(student.classes)})")

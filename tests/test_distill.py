@@ -139,7 +139,7 @@ def test_renormalize_gives_the_teacher_its_own_preprocessing():
 
 # --- runs ------------------------------------------------------------------------------------------------
 
-def _teacher_folder(folder, classes, *, size=32, seed=1, stats=None, reverse=False):
+def _teacher_folder(folder, classes, *, size=32, seed=1, stats=None, reverse=False, task="image-classification"):
     """A model folder of timm:test_efficientnet (random init from `seed`) for `classes`; `stats` = (mean, std)
     of its preprocessing; `reverse`: the classes and the head's rows in reverse order (the same function)."""
     from finetunekit.artifacts import save_model_folder
@@ -155,7 +155,7 @@ def _teacher_folder(folder, classes, *, size=32, seed=1, stats=None, reverse=Fal
             head.weight.copy_(head.weight.flip(0))
             head.bias.copy_(head.bias.flip(0))
         classes = classes[::-1]
-    save_model_folder(folder, backbone, classes, "timm:test_efficientnet")
+    save_model_folder(folder, backbone, classes, "timm:test_efficientnet", task=task)
     return folder
 
 
@@ -291,11 +291,16 @@ def test_a_teacher_with_the_classes_in_another_order_is_mapped(cifar_subset, tmp
                                                                 "multi-label tasks, not --task image-regression"),
     (["--teacher", "{others}"], "--teacher {others}: its classes (2: cat, dog) are not the student's (10: airplane, "
                                 "automobile, bird, cat, deer, dog, ...)"),
+    (["--teacher", "{multilabel}"], "--teacher {multilabel}: a multilabel model of images; the student's task is "
+                                    "image-classification"),
 ])
 def test_bad_teachers_are_one_line_before_any_work(cifar_subset, tmp_path, teacher, args, expected):
-    names = {"{teacher}": str(teacher), "{empty}": str(tmp_path), "{others}": str(tmp_path / "others")}
+    names = {"{teacher}": str(teacher), "{empty}": str(tmp_path), "{others}": str(tmp_path / "others"),
+             "{multilabel}": str(tmp_path / "multilabel")}
     if "{others}" in args:
         _teacher_folder(tmp_path / "others", ["cat", "dog"])
+    if "{multilabel}" in args:
+        _teacher_folder(tmp_path / "multilabel", CLASSES, task="image-multilabel")
     args = [names.get(a, a) for a in args]
     expected = next((expected.replace(k, v) for k, v in names.items() if k in expected), expected)
     out = tmp_path / "out"
@@ -327,7 +332,7 @@ def test_text_distillation_with_the_same_or_another_tokenizer(tmp_path):
         return run, (run.run_dir / "log.txt").read_text()
 
     teacher, _ = fit("teacher")
-    _, log = fit("same", teacher=str(teacher.run_dir))
+    _, log = fit("same", teacher=f"hf:{teacher.model_dir}")  # its model folder, a Hugging Face folder
     assert "reading the student's token ids (the same tokenizer)" in log
     assert "the teacher's logits (train): 86 x 2, computed" in log
     run, log = fit("masked", teacher=str(teacher.run_dir), data={"token_mask": 0.1})

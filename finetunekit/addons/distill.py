@@ -101,7 +101,7 @@ class Distill(AddOn):
         module = self.teacher.as_module()
         if module is not None:
             val = score(module)
-            entry["teacher_val"] = {k: v for k, v in val.items() if k != "samples"}
+            entry["teacher_val"] = {k: v for k, v in val.items() if isinstance(v, float)}  # no per-class tables
             main = next((k for k in ("accuracy", "micro_f1") if k in val), None)
             if main:
                 log.info("distillation: the teacher's validation %s %.4f", main, val[main])
