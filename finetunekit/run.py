@@ -29,6 +29,7 @@ from .resume import RECIPE, Resume, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
 from .strategies import plural
+from .teacher import folder_of
 from .tasks import LOWER_IS_BETTER
 
 log = logging.getLogger("finetunekit")
@@ -75,7 +76,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
         d = recipe.data
         check_out(out, overwrite=recipe.overwrite, inputs={
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
-            "--weights": recipe.model.weights, "--synonyms": d.synonyms})
+            "--weights": recipe.model.weights, "--synonyms": d.synonyms,
+            "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out)
     with RunLog(out / "log.txt" if resume is not None else None, recipe.quiet) as run_log:
         try:

@@ -312,6 +312,16 @@ def test_bad_teachers_are_one_line_before_any_work(cifar_subset, tmp_path, teach
     assert not out.exists()  # the run never claimed its folder
 
 
+def test_overwrite_never_replaces_the_teacher(cifar_subset, tmp_path):
+    """--out on the teacher's run with --overwrite would delete the teacher the run needs: refused."""
+    run, _ = _fit(cifar_subset["train"], tmp_path / "teacher")
+    code, _, err = cli("fit", "--data", str(cifar_subset["train"]), "--model", "timm:test_efficientnet",
+                       "--no-pretrained", "--image-size", "32", "--teacher", str(run.run_dir), "--out", str(run.run_dir),
+                       "--overwrite", "--quiet")
+    assert code == 2 and f"--out {run.run_dir}: holds --teacher {run.model_dir}" in err, err
+    assert (run.model_dir / "model.safetensors").is_file()
+
+
 def test_text_distillation_with_the_same_or_another_tokenizer(tmp_path):
     """A tiny BERT teacher: the same tokenizer reads the student's ids (cached: no augmentation; on every batch
     under token masking); another tokenizer (uncased vs cased) tokenizes the texts itself, cached only."""
