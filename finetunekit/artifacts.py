@@ -74,7 +74,8 @@ def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
                            f"unexpected {unexpected[:3]})")
 
 
-def _model_dir(path: Path) -> Path:
+def find_model_folder(path: Path) -> Path:
+    """The model folder of a run directory or a model folder (a one-line UserError when it is neither)."""
     path = Path(path)
     if (path / CONFIG).is_file():  # a missing model.safetensors is the loader's one line
         return path
@@ -87,7 +88,7 @@ def load(path: str | os.PathLike):
     """Restore a fine-tuned model from a run directory or a model folder: an ImageModel or a TextModel."""
     from .inference import DetectionModel, ImageModel, TextModel
 
-    folder = _model_dir(Path(path))
+    folder = find_model_folder(Path(path))
     backbone, task_name, classes, ours = load_folder(folder)
     task = build_task(task_name, classes, threshold=ours.get("threshold") or 0.5)
     if task.kind == "detection":

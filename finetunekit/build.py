@@ -3,11 +3,13 @@
     accelerator(...)                  devices, precision, accumulation (accelerate)
     inputs(...)                       data, model and task (finetunekit.inputs), --batch-size auto's probe
     playbook(...)                     --strategy auto and the default --epochs, from the data (finetunekit.playbook)
+    teacher(...)                      --teacher: the distillation teacher, loaded and checked (finetunekit.teacher)
     prune(...)                        --prune: structured channel pruning of the backbone (finetunekit.pruning)
     hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
     plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
     fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
-    addons(...) -> AddOns             EMA, MixUp/CutMix, TTA, the L1 penalty, gradient checkpointing, QAT
+    teacher_logits(...) -> Trained    --teacher: its logits cached on the training loaders whose inputs never change
+    addons(...) -> AddOns             EMA, MixUp/CutMix, TTA, the L1 penalty, gradient checkpointing, QAT, distillation
     resolved_recipe(...)              the recipe with every default the run chose written in
 
 run.py calls them in this order. A stage reads the recipe's typed sections; what it builds (datasets,
@@ -172,7 +174,8 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
     else the model on its loaders as prepared."""
     d, t = recipe.data, recipe.train
     reason = features.why_not(d, recipe.modality, inputs.backbone) or \
-        ("--qat trains through the fake-quantized backbone" if t.qat else None)
+        ("--qat trains through the fake-quantized backbone" if t.qat else None) or \
+        ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None)
     if t.strategy == "linear-probe":
         if reason is None:
             head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)
@@ -326,7 +329,85 @@ def with_head(backbone, trained: nn.Module) -> nn.Module:
     return full
 
 
-def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task) -> AddOns:
+def teacher(recipe: Recipe, inputs: Prepared, accelerator):
+    """--teacher: the distillation teacher (finetunekit.teacher), loaded and checked against the student (task,
+    classes, inputs) and on the device; None without one. Before the run claims its folder: a teacher that does
+    not fit is a one-line error."""
+    t = recipe.train
+    if t.teacher is None:
+        return None
+    from .teacher import load_teacher, why_live
+
+    return load_teacher(t.teacher, recipe.task, inputs, live=why_live(recipe.data, recipe.modality, t.kd_cache),
+                        device=accelerator.device, autocast=accelerator.autocast)
+
+
+def teacher_logits(recipe: Recipe, inputs: Prepared, trained: Trained, teacher, split_hashes: dict[str, str],
+                   device) -> Trained:
+    """The training loaders whose inputs are the same every epoch, their samples carrying the teacher's logits,
+    computed once (finetunekit.teacher): a head on cached features always (the teacher cannot read features:
+    its logits are of the same views), the whole model's loader when nothing changes its inputs between epochs
+    (else the teacher runs on every batch, said in the log)."""
+    if teacher is None:
+        return trained
+    from .data.order import sample_seed
+    from .teacher import attach, cached, why_live
+
+    d, t = recipe.data, recipe.train
+    options = dict(batch_size=t.batch_size * 2, device=device)
+    out, sources = trained, []
+    if trained.cached or trained.features is not None:  # the views the cached features were computed from
+        ds, aug = inputs.train_loader.dataset, features.augmented(d) and d.cache_views is not None
+        if not aug:
+            ds = copy.copy(ds)
+            ds.transform = inputs.val_loader.dataset.transform
+        views = [[(i, sample_seed(t.seed, features.VIEW_EPOCHS + v, i)) if aug else i for i in range(len(ds))]
+                 for v in range((d.cache_views or 1) if aug else 1)]
+        logits = cached(teacher, {"data": split_hashes["train"], "transform": repr(ds.transform),
+                                  "seed": t.seed if aug else None}, "train, the cached features' views", ds, views,
+                        collate=None, transform=None, own=False, workers=inputs.num_workers, **options)
+        if trained.cached:
+            out = dataclasses.replace(out, train_loader=attach(out.train_loader, logits))
+        else:
+            head, train, val = out.features
+            out = dataclasses.replace(out, features=(head, attach(train, logits), val))
+        sources.append("cached" if trained.cached else "cached (head phase, on features)")
+    if not trained.cached:
+        reason = why_live(d, recipe.modality, t.kd_cache)
+        if reason is None:
+            ds, parts, own, collate = _teacher_inputs(recipe, inputs, trained, teacher, split_hashes)
+            logits = cached(teacher, parts, "train", ds, [list(range(len(ds)))], collate=collate,
+                            transform=inputs.task.input_transform, own=own, workers=0 if own else inputs.num_workers,
+                            **options)
+            out = dataclasses.replace(out, train_loader=attach(out.train_loader, logits))
+            sources.append("cached")
+        else:
+            log.info("distillation: the teacher runs on every training batch (%s)", reason)
+            sources.append("every batch")
+    teacher.logits_source = " + ".join(dict.fromkeys(sources))
+    return out
+
+
+def _teacher_inputs(recipe: Recipe, inputs: Prepared, trained: Trained, teacher, split_hashes: dict[str, str]):
+    """What the teacher reads for cached logits of the whole model's (unchanging) training inputs: (dataset,
+    the cache key's parts, whether the samples are in the teacher's own form, their collate)."""
+    ds = trained.train_loader.dataset
+    if recipe.modality == "image":  # the training dataset itself (the decoded-image cache's uint8, or files)
+        return ds, {"data": split_hashes["train"], "dataset": type(ds).__name__, "transform": repr(ds.transform),
+                    "student": inputs.backbone.preprocessing.to_dict()}, False, trained.train_loader.collate_fn
+    from .data.text import PadCollate, TextDataset
+
+    parts = {"data": _sha256_of("\0".join(t) for t in ds.texts), "dataset": "text"}
+    if teacher.adapt is not None:  # the same tokenizer: the student's own ids
+        tok = inputs.backbone.tokenizer
+        return ds, {**parts, "tokenizer": [tok.name_or_path, ds.max_length]}, False, trained.train_loader.collate_fn
+    tok, length = teacher.model.tokenizer, teacher.model.max_length
+    own = TextDataset(ds.texts, ds.targets, tok, length)
+    return own, {**parts, "tokenizer": [tok.name_or_path, length]}, True, \
+        PadCollate(tok.pad_token_id, tok.padding_side == "left", torch.float32)
+
+
+def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher=None) -> AddOns:
     """The run's add-ons, in the order their hooks run."""
     out = AddOns()
     if t.grad_checkpointing:
@@ -335,6 +416,9 @@ def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task) -> AddO
         out.append(ADDONS["qat"](backbone, t.max_accuracy_drop))
     if modality == "image" and (d.mixup or d.cutmix):
         out.append(ADDONS["mixup"](d.mixup, d.cutmix, t.label_smoothing, task.num_outputs, d.mixup_off_epoch))
+    if teacher is not None:  # after MixUp/CutMix: the teacher sees the mixed batch
+        out.append(ADDONS["distill"](teacher, t.kd_alpha, t.kd_temperature, t.kd_hard, task.kind == "multilabel",
+                                     getattr(task, "threshold", 0.5)))
     if t.l1_penalty:
         head_weights = [p for n, p in backbone.module.named_parameters() if backbone.is_head(n) and p.ndim >= 2]
         out.append(ADDONS["l1"](t.l1_penalty, head_weights))

@@ -235,6 +235,20 @@ class TrainConfig(_Section):
                                     "many points below the fp32 weights'", ge=0, le=100)
     compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
                          "if compiling fails, the log says why and training goes on without it")
+    teacher: str | None = _opt(None, "knowledge distillation from this teacher: a finished finetunekit run "
+                               "directory or model folder, or hf:<folder> of a classification model, with the "
+                               "same classes (classification and multi-label tasks; docs/distillation.md)",
+                               min_length=1)
+    kd_alpha: float = _opt(0.5, "--teacher: the loss is (1 - alpha) x the task's loss + alpha x the "
+                           "distillation loss", ge=0, le=1)
+    kd_temperature: float = _opt(4.0, "--teacher: softmax temperature T of the soft loss, KL(teacher || student) "
+                                 "at T, scaled by T^2 (multi-label: per label, on sigmoids)", gt=0, le=100)
+    kd_hard: bool = _opt(False, "--teacher: hard-label distillation instead: cross-entropy on the teacher's "
+                         "top class (multi-label: BCE on its labels at --threshold)")
+    kd_cache: Literal["auto", "off"] = _opt(
+        "auto", "--teacher: auto = compute the teacher's logits once and reuse them every epoch (cached on disk) "
+        "when the student's inputs are the same every epoch (no augmentation, or cached features); off = run "
+        "the teacher on every training batch")
 
 
 # What each task reads and which losses and validation metrics fit it (the first loss is the default).

@@ -143,16 +143,17 @@ class _Keyed(Dataset):
         return self.dataset[self.keys[j]]
 
 
-def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def load_or_extract(parts: dict[str, Any], compute, what: str = "features") -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Features for `parts` from the cache, or `compute()`d and stored (when the cache can be written: else
-    they serve this run only, said once); the bool says whether they were hit."""
+    they serve this run only, said once); the bool says whether they were hit. (Also the teacher's logits of
+    distillation, `what` = "teacher logits": finetunekit/teacher.py.)"""
     path = cache_dir() / f"{cache_key(parts)}.safetensors"
     if os.path.isfile(path):  # False, not an error, under a folder that cannot be searched
         try:
             d = load_file(str(path))
             return d["features"], d["targets"], True
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed
-            log.warning("feature cache %s: unreadable (%s); computing again", path, e)
+            log.warning("%s cache %s: unreadable (%s); computing again", what, path, e)
     features, targets = compute()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
@@ -163,5 +164,5 @@ def load_or_extract(parts: dict[str, Any], compute) -> tuple[torch.Tensor, torch
     except OSError as e:  # read-only, not a folder, full
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        cache_unwritable("features", cache_dir(), e, "they serve this run only")
+        cache_unwritable(what, cache_dir(), e, "they serve this run only")
     return features, targets, False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .config import TASKS, Recipe
+from .config import TASK_KIND, TASKS, Recipe
 from .errors import UserError
 
 
@@ -78,6 +78,7 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(f"--loss {t.loss}: for --task {recipe.task} expected one of {', '.join(losses)}")
     if t.metric != "auto" and t.metric not in monitors:
         raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
+    _distillation(recipe)
     from .checkpoint import parse_period
     from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
     if t.qat:
@@ -108,6 +109,25 @@ def preflight(recipe: Recipe) -> None:
                         f"--task {recipe.task} needs {article} {modality} model ({hint})")
     if m.prune:
         _prunable(recipe)  # the model's source: after the imports above
+    if t.teacher is not None:
+        from .teacher import folder_of
+
+        folder_of(t.teacher)  # a run directory or model folder (its classes are checked against the data's later)
+
+
+def _distillation(recipe: Recipe) -> None:
+    """--teacher and the --kd-* options: set together, for tasks with classes."""
+    t = recipe.train
+    if t.teacher is None:
+        flag = _set(recipe, {"train": ("kd_alpha", "kd_temperature", "kd_hard", "kd_cache")})
+        if flag is not None:
+            raise UserError(f"{flag}: needs --teacher (the run directory or model folder to distill from)")
+        return
+    if TASK_KIND[recipe.task] not in ("classification", "multilabel"):
+        raise UserError(f"--teacher: distillation is for classification and multi-label tasks, not --task "
+                        f"{recipe.task}")
+    if t.kd_hard and t.kd_temperature != type(t).model_fields["kd_temperature"].default:
+        raise UserError("--kd-temperature: does not apply to --kd-hard (cross-entropy on the teacher's top class)")
 
 
 def _detection(recipe: Recipe) -> None:

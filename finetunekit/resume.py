@@ -81,6 +81,8 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
     changes = [("the training data's content (SHA-256)" if k == "data" else f"{k} {old.get(k)} -> {new[k]}")
                for k in moved]
     changes += [c for c in resume.changed if not c.startswith(("train.batch_size", "train.grad_accum"))]
+    if old.get("teacher") != new.get("teacher") and "train.teacher" not in " ".join(resume.changed):
+        changes.append("the teacher's weights (SHA-256)")  # --teacher: the same folder, trained again since
     state = TrainState.from_dict(meta["train"])
     if changes:
         if not force:

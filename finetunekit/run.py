@@ -29,6 +29,7 @@ from .resume import RECIPE, Resume, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
 from .strategies import plural
+from .teacher import folder_of
 from .tasks import LOWER_IS_BETTER
 
 log = logging.getLogger("finetunekit")
@@ -75,7 +76,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
         d = recipe.data
         check_out(out, overwrite=recipe.overwrite, inputs={
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
-            "--weights": recipe.model.weights, "--synonyms": d.synonyms})
+            "--weights": recipe.model.weights, "--synonyms": d.synonyms,
+            "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out)
     with RunLog(out / "log.txt" if resume is not None else None, recipe.quiet) as run_log:
         try:
@@ -98,6 +100,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
+    teacher = build.teacher(recipe, inputs, accelerator)  # --teacher: checked against the student's classes
     if run_dir is not None:  # data and model are good: the run takes its folder
         run_dir.claim()
         run_log.attach(out / "log.txt")
@@ -121,7 +124,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     plan, optimizer = build.plan_and_optimizer(t, backbone, hyper.lr, fused=accelerator.device.type in ("cuda", "cpu"))
     trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu,
                                 processes=accelerator.num_processes)
-    addons = build.addons(recipe.data, t, recipe.modality, backbone, task)
+    trained = build.teacher_logits(recipe, inputs, trained, teacher, split_hashes, accelerator.device)
+    addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
         log.info("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
@@ -143,7 +147,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     fingerprint = {"data": data_hash, "classes": task.classes, "cached_features": trained.cached,
                    "model": inputs.model_name, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "processes": accelerator.num_processes,
-                   **({"pruned": pruning.digest(backbone.pruned_layers)} if backbone.pruned_layers else {})}
+                   **({"pruned": pruning.digest(backbone.pruned_layers)} if backbone.pruned_layers else {}),
+                   **({"teacher": teacher.digest} if teacher is not None else {})}
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
                                          is_main=accelerator.is_main_process)

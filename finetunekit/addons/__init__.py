@@ -4,6 +4,7 @@ build.addons decides from the recipe which ones a run gets, and in what order th
 from __future__ import annotations
 
 from .base import AddOn, AddOns
+from .distill import Distill
 from .ema import EMA
 from .grad_checkpointing import GradCheckpointing
 from .l1 import L1Penalty
@@ -15,7 +16,8 @@ __all__ = ["ADDONS", "AddOn", "AddOns"]
 
 # name -> class; OPTIONS names the recipe option that switches each on (checked in tests/test_registries.py)
 ADDONS: dict[str, type[AddOn]] = {"ema": EMA, "mixup": MixUp, "l1": L1Penalty, "tta": TTA,
-                                  "grad-checkpointing": GradCheckpointing, "qat": QAT}
+                                  "grad-checkpointing": GradCheckpointing, "qat": QAT, "distill": Distill}
 OPTIONS = {"ema": ("train.ema",), "mixup": ("data.mixup", "data.cutmix"), "l1": ("train.l1_penalty",),
            "tta": ("data.tta",), "grad-checkpointing": ("train.grad_checkpointing",),
-           "qat": ("train.qat", "train.max_accuracy_drop")}
+           "qat": ("train.qat", "train.max_accuracy_drop"),
+           "distill": ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard", "train.kd_cache")}

@@ -3,7 +3,10 @@
     wrap_model(module) -> module         once, before the model is prepared for the device (QAT, LoRA,
                                          gradient checkpointing)
     start(model)                         once, when training starts (after a resume: before load_state_dict)
-    train_batch(batch, epoch) -> batch   each training batch, after task.prepare (MixUp/CutMix)
+    train_batch(batch, epoch) -> batch   each training batch, after task.prepare (MixUp/CutMix; distillation
+                                         takes off the cached teacher logits a batch may carry after (x, y))
+    train_loss(loss, batch, outputs) -> tensor   the loss to back-propagate in place of the task's, never
+                                         logged (distillation: (1 - alpha) * loss + alpha * its soft loss)
     extra_loss(batch, outputs) -> tensor | None   added to the task's loss for backward, never logged (L1)
     after_update(model, updates)         after each optimizer update (EMA)
     eval_model(model) -> model           the model to evaluate and predict with (TTA)
@@ -12,6 +15,14 @@
     state_dict() / load_state_dict(d)    tensors for checkpoints, by file name ({"ema.safetensors": {...}})
     finish(best, folder, score) -> dict  once, after training: turn the best model into another form, score
                                          it and write it into the model folder; entries for metrics.json (QAT)
+
+`train_loss` exists because distillation does not add a term but re-weighs the task's loss against its
+own; `extra_loss` cannot, as it never sees the task's loss. Each add-on's `train_loss` applies in order, then
+every `extra_loss` is added; the loop logs the task's loss as `task.step` returned it.
+
+A batch may carry per-sample data after (x, y) that a build stage attached to the training loader
+(finetunekit/teacher.py: the teacher's cached logits): the task's `prepare` passes it through, and the add-on
+that asked for it takes it off in `train_batch`, before `task.step` sees the batch.
 
 `finish` exists because QAT's product is not the trained weights but a model converted from the best of
 them, judged on the validation set: no per-epoch hook sees the best weights once, with the data to score
@@ -43,6 +54,9 @@ class AddOn:
 
     def train_batch(self, batch: Any, epoch: int) -> Any:
         return batch
+
+    def train_loss(self, loss: torch.Tensor, batch: Any, outputs: Any) -> torch.Tensor:
+        return loss
 
     def extra_loss(self, batch: Any, outputs: Any) -> torch.Tensor | None:
         return None
@@ -88,7 +102,10 @@ class AddOns(list):
         return batch
 
     def extra_loss(self, loss: torch.Tensor, batch, outputs) -> torch.Tensor:
-        """`loss` plus every add-on's extra term: what is back-propagated."""
+        """What is back-propagated: `loss` as each add-on's train_loss turns it (distillation's weighted mix),
+        plus every add-on's extra term."""
+        for a in self:
+            loss = a.train_loss(loss, batch, outputs)
         for a in self:
             extra = a.extra_loss(batch, outputs)
             if extra is not None:

@@ -14,7 +14,8 @@ and names `headline` (metrics in the log), `default_monitor`, `running_metric`, 
 batches look: detection would take lists of images and target dicts and return the detector's loss dict.
 
 `LogitsTask` is that contract for batches `(x, y)` — x an image tensor [B, C, H, W] or a dict of
-token tensors — and a model whose output is logits [B, num_outputs] (or a transformers ModelOutput with
+token tensors; a training batch may carry more after them, which `prepare` passes through for the add-on that
+attached it (addons/base.py) — and a model whose output is logits [B, num_outputs] (or a transformers ModelOutput with
 `.logits`). Subclasses give the loss and the metrics: classification, multi-label, regression.
 """
 
@@ -49,8 +50,8 @@ class LogitsTask:
     decoded_cache = True  # its image batches can come from the decoded-image cache (data.decoded)
 
     def prepare(self, batch) -> tuple:
-        x, y = batch
-        return (self.input_transform(x), y) if self.input_transform is not None else (x, y)
+        x, y, *extra = batch  # extra: per-sample data an add-on attached (distillation's cached teacher logits)
+        return (self.input_transform(x) if self.input_transform is not None else x, y, *extra)
 
     def step(self, model: torch.nn.Module, batch) -> Step:
         x, y = batch
