@@ -112,13 +112,14 @@ class _Parts:
     head_epochs: int | None
     unfreeze_every: int
     head_mult: float = HEAD_PHASE_LR_MULT  # the lr multiple of head-only phases (1 under --peft)
+    all_of_it: str = "all parameters"  # what "everything" is, for the log ("the adapters + head" under --peft)
 
     def phase(self, start: int, names: set[str], mult: float, what: str) -> Phase:
         return Phase(start, frozenset(names - self.fixed), mult, what)
 
 
 def _full(p: _Parts) -> list[Phase]:
-    return [p.phase(0, p.everything, 1.0, "all parameters")]
+    return [p.phase(0, p.everything, 1.0, p.all_of_it)]
 
 
 def _linear_probe(p: _Parts) -> list[Phase]:
@@ -140,7 +141,7 @@ def _head_then_all(default_head_epochs) -> Callable[[_Parts], list[Phase]]:
         if k >= p.epochs:
             raise UserError(f"--head-epochs {k}: must be less than --epochs {p.epochs} for --strategy {p.strategy}")
         return [p.phase(0, p.head, p.head_mult, f"head only ({plural(k, 'epoch')})"),
-                p.phase(k, p.everything, 1.0, "all parameters")]
+                p.phase(k, p.everything, 1.0, p.all_of_it)]
     return plan
 
 
@@ -183,9 +184,10 @@ def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: in
     if backbone.peft is not None:  # the base weights stay frozen: only the adapters and the head's copy train
         fixed |= everything - backbone.peft.trainable
         groups = [g for g in groups if not set(g.params) <= fixed]  # gradual: no phase that unfreezes nothing
+    peft = backbone.peft is not None
     parts = _Parts(strategy, backbone, groups, everything, {n for g in groups if g.is_head for n in g.params},
-                   fixed, epochs, head_epochs, unfreeze_every,
-                   1.0 if backbone.peft is not None else HEAD_PHASE_LR_MULT)
+                   fixed, epochs, head_epochs, unfreeze_every, 1.0 if peft else HEAD_PHASE_LR_MULT,
+                   f"the {backbone.peft.method} adapters + head" if peft else "all parameters")
     return Plan(strategy, STRATEGIES[strategy](parts))
 
 
