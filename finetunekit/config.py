@@ -118,7 +118,7 @@ class ModelConfig(_Section):
         None, "parameter-efficient fine-tuning (the peft library): the pretrained weights stay frozen and small "
         "added parameters train with the new head; lora = low-rank adapters, dora = weight-decomposed LoRA (timm, "
         "torchvision, transformers), ia3 = learned rescaling of keys, values and feed-forward activations "
-        "(transformers), prompt = trainable tokens prepended to the input (transformers text encoders; timm ViTs: "
+        "(transformers text encoders), prompt = trainable tokens prepended to the input (transformers text encoders; timm ViTs: "
         "visual prompt tuning); the model folder keeps the adapter alone (docs/peft.md)")
     lora_r: int = _opt(8, "--peft lora/dora: the rank of each adapter", ge=1, le=4096)
     lora_alpha: float | None = _opt(None, "--peft lora/dora: the scaling numerator (updates scale by alpha / r); "

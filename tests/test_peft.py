@@ -20,6 +20,7 @@ from finetunekit.models import create_backbone, create_text_backbone
 from finetunekit.peft_methods import PeftOptions, apply, discover, match, patterns, require_input_grads
 
 from conftest import CIFAR, cli, torch_threads, write_manifest
+from test_adapters import tiny_vit  # noqa: F401 - a fixture
 from test_text import tiny_bert, write_sentiment  # noqa: F401 - a fixture and a data writer
 
 BASE = {"model": "test", "pretrained": False, "weights": None, "trust_remote_code": False}
@@ -97,6 +98,19 @@ def test_discovered_targets_of_text_and_the_head_left_out(tiny_bert):
         match(backbone, ("classifier",))
     with pytest.raises(UserError, match=r"^--lora-targets qkv: matches no module of BertForSequenceClassification"):
         match(backbone, ("qkv",))
+
+
+@pytest.mark.parametrize("method, trainable", [
+    # 2 layers x 6 Linear layers: 32 -> 32 (q, k, v, o), 32 -> 64 -> 32 (fc1, fc2); + the head 32 x 3 + 3
+    ("lora", 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64)) + 32 * 3 + 3),
+    ("dora", 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64)) + 2 * (4 * 32 + 64 + 32) + 32 * 3 + 3),
+])
+def test_hf_image_models_take_lora_and_dora(tiny_vit, method, trainable):
+    backbone = create_backbone(f"hf:{tiny_vit}", 3, pretrained=True, image_size=32, labels=CLASSES)
+    apply(backbone, PeftOptions(method, r=4), BASE)
+    assert patterns(backbone.peft.targets) == [f"vit.layers.*.{m}" for m in (
+        "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")]
+    assert sum(_trainable(backbone.module).values()) == trainable
 
 
 @pytest.mark.parametrize("method, trainable", [
@@ -280,7 +294,8 @@ def test_text_prompt_tuning_with_peft(tiny_bert, tmp_path):
     run = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(tmp_path / "run"),
                            "data": {"path": str(data)},
                            "model": {"name": f"hf:{tiny_bert}", "peft": "prompt", "prompt_tokens": 4},
-                           "train": {"epochs": 1, "batch_size": 16, "seed": 0}})
+                           "train": {"epochs": 2, "batch_size": 16, "seed": 0, "layer_decay": 0.8,
+                                     "head_lr_mult": 2.0, "early_stopping": 1, "precision": "bf16"}})
     assert yaml.safe_load((run.run_dir / "recipe.yaml").read_text())["data"]["max_length"] == 64 - 4
     folder = run.run_dir / "model"
     assert sorted(p.name for p in folder.iterdir()) == ADAPTER_FILES
@@ -354,6 +369,8 @@ def test_a_changed_base_is_refused(few_images, vit_weights, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--model", "timm:test_vit", "--peft", "ia3"), "--peft ia3: does not apply to --model timm:test_vit (it takes "
                                                     "--peft lora, dora, prompt)"),
+    (("--peft", "ia3", "--task", "image-multilabel", "--model", "hf:bert-base-uncased"),
+     "--peft ia3: does not apply to --model hf:bert-base-uncased (it takes --peft lora, dora)"),
     (("--model", "timm:test_efficientnet", "--peft", "prompt"), "--peft prompt: --model timm:test_efficientnet is "
                                                                 "not a timm VisionTransformer"),
     (("--model", "torchvision:resnet18", "--peft", "prompt"), "--peft prompt: does not apply to --model "
