@@ -306,6 +306,20 @@ def test_text_prompt_tuning_with_peft(tiny_bert, tmp_path):
     assert code == 2 and "prompt tokens are not weights of the model" in err
 
 
+def test_lr_find_trains_the_adapters(tiny_bert, tmp_path, caplog):
+    import logging
+
+    from finetunekit.config import build_recipe
+    from finetunekit.lr_find import lr_range_test
+
+    data = write_sentiment(tmp_path / "train.csv", 48, 0)
+    recipe = build_recipe({"task": "text-classification", "data": {"path": str(data)},
+                           "model": {"name": f"hf:{tiny_bert}", "peft": "lora"}, "train": {"batch_size": 8}}, {})
+    with caplog.at_level(logging.INFO, logger="finetunekit"):
+        result = lr_range_test(recipe, tmp_path / "lr", steps=12)
+    assert "--peft lora: LoRA r 8" in caplog.text and result["steps"] >= 5
+
+
 # 3. image runs: DoRA on a timm ViT (merged: plain timm), visual prompt tuning
 
 def _image_recipe(images: Path, weights: Path, out: Path, **model) -> dict:
