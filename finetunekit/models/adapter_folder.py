@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,12 +136,6 @@ def save(folder: Path, backbone: Backbone, classes: list[str], ours: dict) -> No
         "finetunekit": {**ours, "peft": section, **({"preprocessing": pre.to_dict()} if pre is not None else {})}})
 
 
-def _tasks() -> tuple[str, ...]:
-    from ..config import Recipe
-
-    return typing.get_args(Recipe.model_fields["task"].annotation)
-
-
 def load(folder: Path, config: dict) -> tuple[Backbone, str, list[str]]:
     """(the base model rebuilt with the folder's adapter on it, in eval mode; task name; classes)."""
     from ..config import TASK_KIND, TASKS
@@ -151,7 +144,7 @@ def load(folder: Path, config: dict) -> tuple[Backbone, str, list[str]]:
     at = "finetunekit.peft"
     method = mf.field(config, f"{at}.method", folder, str, check=lambda v: v in METHODS,
                       expected=f"one of {', '.join(METHODS)}")
-    task = mf.field(config, "finetunekit.task", folder, str, check=lambda v: v in _tasks() and v != "detection",
+    task = mf.field(config, "finetunekit.task", folder, str, check=lambda v: v in TASKS and v != "detection",
                     expected="a classification, multi-label or regression task")
     classes = mf.field(config, "label_names", folder, list, check=lambda v: all(isinstance(x, str) for x in v),
                        expected="a list of class names")
