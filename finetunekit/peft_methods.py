@@ -127,7 +127,8 @@ def match(backbone: Backbone, names: tuple[str, ...]) -> list[str]:
             raise UserError(f"--lora-targets {t}: matches the head {head}, which trains whole and is saved whole; "
                             f"name layers of the backbone")
         found += hits
-    return [n for n in modules if n in set(found)]  # in the model's order
+    chosen = set(found)
+    return [n for n in modules if n in chosen]  # in the model's order
 
 
 def _inject(backbone: Backbone, config, what: str) -> None:

@@ -216,11 +216,12 @@ class _nothing:
 @pytest.fixture(scope="module")
 def lora_run(tiny_bert, tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
-    data = write_sentiment(d / "train.csv", 64, 0)
+    data, test = write_sentiment(d / "train.csv", 64, 0), write_sentiment(d / "test.csv", 24, 2)
     run = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(d / "run"),
-                           "data": {"path": str(data)}, "model": {"name": f"hf:{tiny_bert}", "peft": "lora"},
+                           "data": {"path": str(data), "test": str(test)},
+                           "model": {"name": f"hf:{tiny_bert}", "peft": "lora"},
                            "train": {"epochs": 2, "batch_size": 16, "seed": 0, "merge": True, "ema": 0.9}})
-    return {"run": run.run_dir, "metrics": run.metrics, "data": data, "dir": d}
+    return {"run": run.run_dir, "metrics": run.metrics, "data": data, "test": test, "dir": d}
 
 
 def _plain_peft_logits(bert: Path, folder: Path) -> torch.Tensor:
@@ -260,6 +261,9 @@ def test_predict_and_evaluate_on_the_adapter_run(lora_run):
     assert json.loads(out)[0]["label"] in ("negative", "positive")
     metrics = finetunekit.evaluate(lora_run["run"], lora_run["data"])
     assert 0 <= metrics["accuracy"] <= 1 and metrics["skipped"] == 0
+    # the run scored its test set with the adapter folder's weights put back into the live model: the same
+    tested = finetunekit.evaluate(lora_run["run"], lora_run["test"])
+    assert tested["loss"] == pytest.approx(lora_run["metrics"]["test"]["loss"], abs=1e-6)
 
 
 def test_merged_folder_is_ordinary_and_agrees(lora_run, tiny_bert, tmp_path):
@@ -292,7 +296,7 @@ def test_merged_folder_is_ordinary_and_agrees(lora_run, tiny_bert, tmp_path):
 def test_text_prompt_tuning_with_peft(tiny_bert, tmp_path):
     data = write_sentiment(tmp_path / "train.csv", 48, 0)
     run = finetunekit.fit({"task": "text-classification", "quiet": True, "out": str(tmp_path / "run"),
-                           "data": {"path": str(data)},
+                           "data": {"path": str(data), "test": str(data)},  # scored with the folder's weights
                            "model": {"name": f"hf:{tiny_bert}", "peft": "prompt", "prompt_tokens": 4},
                            "train": {"epochs": 2, "batch_size": 16, "seed": 0, "layer_decay": 0.8,
                                      "head_lr_mult": 2.0, "early_stopping": 1, "precision": "bf16"}})
@@ -347,7 +351,10 @@ def test_dora_on_a_timm_vit_merges_into_a_plain_timm_folder(few_images, vit_weig
 
 
 def test_visual_prompt_tuning_on_a_timm_vit(few_images, vit_weights, tmp_path):
-    run = finetunekit.fit(_image_recipe(few_images, vit_weights, tmp_path / "run", peft="prompt", prompt_tokens=3))
+    recipe = _image_recipe(few_images, vit_weights, tmp_path / "run", peft="prompt", prompt_tokens=3)
+    recipe["data"]["test"] = str(few_images)  # scored with the folder's weights put back
+    run = finetunekit.fit(recipe)
+    assert run.metrics["test"]["loss"] == pytest.approx(run.metrics["val"]["loss"], abs=1e-6)  # the same images
     folder = run.run_dir / "model"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_model.safetensors", "config.json"]
     tensors = load_file(str(folder / "adapter_model.safetensors"))

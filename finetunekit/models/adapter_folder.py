@@ -108,12 +108,14 @@ def load_tensors(module: nn.Module, folder: Path) -> None:
 
     tensors = load_safetensors(folder / WEIGHTS, str(folder / WEIGHTS))
     if _is_peft(module):
+        if not _is_wrapper(module):  # injected in place: the model's own names, as get_peft_model_state_dict gave
+            tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
         result = set_peft_model_state_dict(module, tensors)
     else:
         result = module.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise UserError(f"{folder / WEIGHTS}: does not fit the model's adapters: "
-                        f"{mf.mismatch([], sorted(result.unexpected_keys), [])}")
+    unexpected = sorted(k for k in result.unexpected_keys if k != "prompt_embeddings")  # peft loads that one apart
+    if unexpected:
+        raise UserError(f"{folder / WEIGHTS}: does not fit the model's adapters: {mf.mismatch([], unexpected, [])}")
 
 
 def save(folder: Path, backbone: Backbone, classes: list[str], ours: dict) -> None:
