@@ -6,6 +6,8 @@ What a model folder holds, and what loads it besides `finetunekit.load`, is each
     timm, efficientnet_lite0   timm's hub format: timm.create_model("local-dir:runs/x/model", pretrained=True)
     torchvision                timm's format with torchvision's tensor names: torchvision.models.get_model
     hf, minilm, hf (images)    a standard Hugging Face folder: AutoModelFor...Classification.from_pretrained
+    --peft (any source)        the adapter alone, rebuilt on its base: peft's PeftModel.from_pretrained
+                               (models/adapter_folder.py)
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def save_model_folder(folder: Path, backbone: Backbone, classes: Sequence[str], 
     tmp.mkdir(parents=True)
     ours = {"version": __version__, "task": task, "source": backbone.source, "model": spec, "head": backbone.head,
             **(extra or {})}
-    backbone.adapter.save(tmp, backbone, list(classes), ours)
+    if backbone.peft is not None:  # --peft: the adapter alone (models/adapter_folder.py)
+        from .models import adapter_folder
+
+        adapter_folder.save(tmp, backbone, list(classes), ours)
+    else:
+        backbone.adapter.save(tmp, backbone, list(classes), ours)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
@@ -63,7 +70,13 @@ def save_model_folder(folder: Path, backbone: Backbone, classes: Sequence[str], 
 
 
 def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
-    """Load a saved model folder's weights into `module` (same architecture), in place."""
+    """Load a saved model folder's weights into `module` (same architecture), in place; a --peft folder's
+    adapter into `module`'s adapters."""
+    from .models import adapter_folder
+
+    if (folder / adapter_folder.WEIGHTS).is_file():
+        adapter_folder.load_tensors(module, folder)
+        return
     state = read_weights(folder)
     missing, unexpected = module.load_state_dict(state, strict=False)
     # transformers leaves out tied or non-persistent tensors; anything else missing is a real mismatch

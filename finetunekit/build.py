@@ -5,6 +5,7 @@
     playbook(...)                     --strategy auto and the default --epochs, from the data (finetunekit.playbook)
     teacher(...)                      --teacher: the distillation teacher, loaded and checked (finetunekit.teacher)
     prune(...)                        --prune: structured channel pruning of the backbone (finetunekit.pruning)
+    peft(...)                         --peft: adapters on the frozen backbone (finetunekit.peft_methods)
     hyperparameters(...) -> Hyper     lr, schedule, warmup and the monitored metric, defaults resolved
     plan_and_optimizer(...)           the strategy's plan (its first phase applied) and the optimizer
     fast_inputs(...) -> Trained       what actually trains, on what: cached features, the decoded-image cache
@@ -100,8 +101,11 @@ def playbook(recipe: Recipe, inputs: Prepared) -> tuple[Recipe, list[str]]:
     if t.epochs is None:
         resolved.train.epochs = default_epochs(recipe.modality)
     if t.strategy == "auto":
-        choice = Choice("full", f"--prune {recipe.model.prune:g}: every layer trains to recover what pruning "
-                                f"removed") if recipe.model.prune else \
+        m = recipe.model
+        choice = Choice("full", f"--prune {m.prune:g}: every layer trains to recover what pruning "
+                                f"removed") if m.prune else \
+            Choice("full", f"--peft {m.peft}: the adapters and the new head train together from the first "
+                           f"epoch") if m.peft else \
             choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
                    inputs.sources.get("train"), inputs.image_size)
         resolved.train.strategy = choice.strategy
@@ -121,6 +125,19 @@ def prune(m: ModelConfig, inputs: Prepared) -> str | None:
     return report.line()
 
 
+def peft(m: ModelConfig, inputs: Prepared) -> str | None:
+    """--peft: the method's adapters put on the backbone in place, every base weight frozen, before the
+    optimizer sees its parameters (finetunekit.peft_methods); the log line that says what trains, or None."""
+    from .peft_methods import PeftOptions, apply
+
+    options = PeftOptions.of(m)
+    if options is None:
+        return None
+    base = {"model": inputs.model_name, "pretrained": m.pretrained and m.weights is None,
+            "weights": str(m.weights.resolve()) if m.weights else None, "trust_remote_code": m.trust_remote_code}
+    return apply(inputs.backbone, options, base)
+
+
 @dataclass
 class Hyper:
     lr: float
@@ -131,9 +148,9 @@ class Hyper:
     effective_batch: int
 
 
-def hyperparameters(t: TrainConfig, modality: str, task, processes: int) -> Hyper:
+def hyperparameters(t: TrainConfig, modality: str, task, processes: int, peft: str | None = None) -> Hyper:
     effective_batch = t.batch_size * t.grad_accum * processes
-    lr = t.lr or default_lr(modality, t.strategy, effective_batch, t.optimizer)
+    lr = t.lr or default_lr(modality, t.strategy, effective_batch, t.optimizer, peft=peft is not None)
     kind = DEFAULT_SCHEDULER[modality] if t.scheduler == "auto" else t.scheduler
     warmup = t.warmup if t.warmup is not None else \
         0.3 * t.epochs if kind == "onecycle" else default_warmup(modality, t.epochs)
@@ -175,7 +192,8 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
     d, t = recipe.data, recipe.train
     reason = features.why_not(d, recipe.modality, inputs.backbone) or \
         ("--qat trains through the fake-quantized backbone" if t.qat else None) or \
-        ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None)
+        ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None) or \
+        (f"--peft {recipe.model.peft}: the head is peft's trained copy inside the model" if recipe.model.peft else None)
     if t.strategy == "linear-probe":
         if reason is None:
             head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)
@@ -424,6 +442,8 @@ def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher
         out.append(ADDONS["l1"](t.l1_penalty, head_weights))
     if t.ema:
         out.append(ADDONS["ema"](t.ema))
+    if t.merge:
+        out.append(ADDONS["merge"]())
     if modality == "image" and d.tta != "none":
         out.append(ADDONS["tta"](d.tta))
     return out

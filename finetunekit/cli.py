@@ -99,10 +99,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
 
-    ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch")
+    ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch; "
+                        "--merge: a --peft run's adapters folded into an ordinary model folder")
     ex.add_argument("run", metavar="RUN", help="run directory (or model folder)")
-    ex.add_argument("--format", default="onnx", metavar="{" + ",".join(EXPORT_FORMATS) + "}",
-                    help="(default: onnx)")
+    ex.add_argument("--format", metavar="{" + ",".join(EXPORT_FORMATS) + "}", help="(default: onnx)")
+    ex.add_argument("--merge", action="store_true",
+                    help="a --peft lora/dora/ia3 run: fold the adapters into the weights and write an ordinary model "
+                         "folder (default --out: RUN/merged) that plain timm/torchvision/transformers loads")
     ex.add_argument("--quantize", metavar="{static,dynamic}",
                     help="ONNX only: also write an int8 model.int8.onnx (static: CNNs, calibrated on training "
                          "images; dynamic: transformer encoders)")
@@ -414,7 +417,11 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 
 def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
-    """`finetunekit export RUN --format onnx|torchscript`: the best model, through the parity gate."""
+    """`finetunekit export RUN --format onnx|torchscript`: the best model, through the parity gate; with
+    --merge, a --peft run's adapters folded into an ordinary model folder."""
+    if args.merge:
+        return _merge(args)
+    args.format = args.format or "onnx"
     from .export.bundle import check, export_run
 
     options = dict(out=args.out, overwrite=args.overwrite, quantize=args.quantize, samples=args.samples,
@@ -436,6 +443,22 @@ def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
               f"validation samples)")
         if q.get("warning"):
             print(f"warning: {q['warning']}", file=sys.stderr)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """`finetunekit export RUN --merge`: the merged model folder (export.merge)."""
+    given = [flag for flag, value in (("--format", args.format), ("--quantize", args.quantize),
+                                      ("--samples", args.samples)) if value is not None]
+    if given:
+        raise UserError(f"{given[0]}: not with --merge, which writes a model folder; export that folder afterwards")
+    if not Path(args.run).exists():
+        raise UserError(f"{args.run}: no such run or model folder")
+    from .export.merge import merge_run
+
+    report = merge_run(args.run, args.out, overwrite=args.overwrite)
+    print(f"merged ({report['method']}): {report['folder']}  (largest logit difference from the adapter model "
+          f"{report['max_logit_difference']:.2g})")
     return 0
 
 

@@ -114,6 +114,21 @@ class ModelConfig(_Section):
                         "before training, so the run's epochs fine-tune the smaller model to recover (0 = off)",
                         ge=0, lt=1)
     trust_remote_code: bool = _opt(False, "hf: allow a hub model to run its own Python code (off: refuse)")
+    peft: Literal["lora", "dora", "ia3", "prompt"] | None = _opt(
+        None, "parameter-efficient fine-tuning (the peft library): the pretrained weights stay frozen and small "
+        "added parameters train with the new head; lora = low-rank adapters, dora = weight-decomposed LoRA (timm, "
+        "torchvision, transformers), ia3 = learned rescaling of keys, values and feed-forward activations "
+        "(transformers text encoders), prompt = trainable tokens prepended to the input (transformers text encoders; timm ViTs: "
+        "visual prompt tuning); the model folder keeps the adapter alone (docs/peft.md)")
+    lora_r: int = _opt(8, "--peft lora/dora: the rank of each adapter", ge=1, le=4096)
+    lora_alpha: float | None = _opt(None, "--peft lora/dora: the scaling numerator (updates scale by alpha / r); "
+                                    "default: 2 x --lora-r", gt=0)
+    lora_dropout: float = _opt(0.0, "--peft lora/dora: dropout on each adapter's input", ge=0, lt=1)
+    lora_targets: str | None = _opt(None, "--peft lora/dora/ia3: the modules that get adapters, comma-separated "
+                                    "names or name suffixes (qkv,fc1,fc2); default: discovered from the "
+                                    "architecture (attention and MLP linears of transformers, qkv/fc1/fc2 of timm "
+                                    "ViTs, the convolutions of CNNs), the head never")
+    prompt_tokens: int = _opt(10, "--peft prompt: how many trainable tokens are prepended", ge=1, le=1000)
     anchor_sizes: str | None = _opt(None, "detection: anchor sizes in pixels, comma-separated: one per feature "
                                     "level (the built-in has 4, ResNet-50 FPN 5, MobileNet FPN 3), or sizes "
                                     "every level uses; default: the model's own (32,64,128,256 for the built-in)")
@@ -147,7 +162,8 @@ class TrainConfig(_Section):
         "says why); full = every parameter; linear-probe = the new head only; freeze-unfreeze = the "
         "head for --head-epochs at 10x lr, then all; lp-ft = a linear probe for --head-epochs (default half "
         "the run), then all; gradual = the head, then one more layer group every --unfreeze-every epochs; "
-        "bitfit = biases + head; norm-head = norm layers + head")
+        "bitfit = biases + head; norm-head = norm layers + head; with --peft, \"all\" is the adapters + head, and "
+        "auto = full (the adapters and the head from the first epoch)")
     head_epochs: int | None = _opt(None, "freeze-unfreeze and lp-ft: epochs that train the head alone; "
                                    "default 1 (freeze-unfreeze), half the run (lp-ft)", ge=1)
     unfreeze_every: int = _opt(1, "gradual: epochs between unfreezing one more layer group", ge=1)
@@ -166,7 +182,8 @@ class TrainConfig(_Section):
     lr: float | None = _opt(None, "peak learning rate; default per batch of 64, scaled linearly with the "
                             "effective batch: images 1e-3 full, 1e-2 linear-probe, bitfit and norm-head; "
                             "text 2e-4 full, 2e-3 linear-probe, 1e-3 bitfit and norm-head; head-only phases "
-                            "of the staged strategies run at 10x", gt=0, le=10)
+                            "of the staged strategies run at 10x; with --peft, 10x the full rate (images 1e-2, "
+                            "text 2e-3) in every phase", gt=0, le=10)
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to norms, biases, embeddings)",
                                ge=0, le=10)
     optimizer: Literal["adamw", "adam", "sgd", "nesterov", "rmsprop", "lamb", "lars"] = _opt(
@@ -233,6 +250,8 @@ class TrainConfig(_Section):
                      "validation score next to the fp32 weights' (transformer encoders, not CNNs; docs/export.md)")
     max_accuracy_drop: float = _opt(1.0, "--qat: warn when the int8 model's validation accuracy is more than this "
                                     "many points below the fp32 weights'", ge=0, le=100)
+    merge: bool = _opt(False, "--peft lora/dora/ia3: after training, also fold the adapters into the weights and "
+                       "write an ordinary model folder (RUN/merged) that plain timm/torchvision/transformers loads")
     compile: bool = _opt(False, "torch.compile the model (the first batches are slower while it compiles); "
                          "if compiling fails, the log says why and training goes on without it")
     teacher: str | None = _opt(None, "knowledge distillation from this teacher: a finished finetunekit run "

@@ -151,9 +151,11 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
     backbone = create_text_backbone(name, splits.classes, kind, pretrained=m.pretrained,
                                     weights=m.weights, trust_remote_code=m.trust_remote_code, dropout=m.dropout)
     tok = backbone.tokenizer
-    limit = model_max_length(backbone)
+    prompts = m.prompt_tokens if m.peft == "prompt" else 0  # --peft prompt: its tokens take positions too
+    limit = model_max_length(backbone) - prompts
     if d.max_length is not None and d.max_length > limit:
-        raise UserError(f"--max-length {d.max_length}: {name} takes at most {limit} tokens")
+        raise UserError(f"--max-length {d.max_length}: {name} takes at most {limit} tokens"
+                        f"{f' besides --prompt-tokens {prompts}' if prompts else ''}")
     summary = [describe_columns(splits.record), _counts(splits, "texts")]
     seen = set(splits.train.texts)
     leaked = sum(t in seen for t in splits.val.texts)

@@ -25,7 +25,7 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     from accelerate.utils import set_seed
 
     from .build import accelerator as make_accelerator, with_model_precision
-    from .build import plan_and_optimizer, playbook
+    from .build import peft, plan_and_optimizer, playbook
     from .inputs import prepare_inputs
     from .preflight import preflight
     from .strategies import apply_phase, set_train_mode
@@ -43,8 +43,9 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     inputs = prepare_inputs(recipe.task, recipe.data, recipe.model, t, gpu=accelerator.device.type == "cuda")
     accelerator = with_model_precision(accelerator, t, inputs.backbone.module, None)
     recipe, decided = playbook(recipe, inputs)
-    for line in decided:
-        log.info("%s", line)
+    for line in decided + [peft(recipe.model, inputs)]:  # --peft: the adapters are what the range test trains
+        if line:
+            log.info("%s", line)
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
     plan, optimizer = plan_and_optimizer(t, backbone, start)
     apply_phase(plan.phases[0], backbone.module, optimizer)  # the phase's lr multiple, as the loop applies it

@@ -24,6 +24,8 @@ DEFAULT_LR = {("image", "full"): 1e-3, ("image", "linear-probe"): 1e-2, ("image"
               ("image", "norm-head"): 1e-2,
               ("text", "full"): 2e-4, ("text", "linear-probe"): 2e-3, ("text", "bitfit"): 1e-3,
               ("text", "norm-head"): 1e-3}
+PEFT_LR_MULT = 10.0  # --peft: adapters (and the new head) from scratch on a frozen base, 10x the full rate, as the
+# strategies that train a few tensors; every phase (strategies.py: no further 10x for head-only phases)
 DEFAULT_SCHEDULER = {"image": "cosine", "text": "linear"}
 DEFAULT_MIN_LR_RATIO = {"cosine": 0.01, "linear": 0.0, "onecycle": 1e-4, "cosine-restarts": 0.01, "step": 0.0,
                         "plateau": 1e-3, "constant": 0.0}
@@ -36,11 +38,14 @@ LARS_LR_MULT = 10.0  # a LARS step moves each tensor by lr x trust_coeff (0.001)
 # at 100x it moved 0.157 and reached 0.26 accuracy
 
 
-def default_lr(modality: str, strategy: str, effective_batch: int, optimizer: str = "adamw") -> float:
+def default_lr(modality: str, strategy: str, effective_batch: int, optimizer: str = "adamw",
+               peft: bool = False) -> float:
     mult = 10.0 if optimizer in _SGD_LIKE else 1.0
     if optimizer == "lars":
         mult *= LARS_LR_MULT
     base = DEFAULT_LR.get((modality, strategy), DEFAULT_LR[modality, "full"])  # staged ones: see strategies.py
+    if peft:
+        base = DEFAULT_LR[modality, "full"] * PEFT_LR_MULT
     return base * mult * effective_batch / REFERENCE_BATCH
 
 

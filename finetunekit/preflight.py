@@ -23,12 +23,18 @@ _DETECTION_ONLY = {"model": ("anchor_sizes", "aspect_ratios", "anchors", "hard_e
                              "detections_per_image", "min_size", "max_size", "trainable_layers")}
 _NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "rotate", "elastic", "vflip", "tta",
                            "cache_views", "cache_images", "label_column", "label_delimiter"),
-                  "model": ("drop_path", "head", "dropout", "prune"),
+                  "model": ("drop_path", "head", "dropout", "prune", "peft"),
                   "train": ("class_weights", "label_smoothing", "focal_gamma", "threshold", "l1_penalty",
-                            "grad_checkpointing", "freeze_layers", "qat")}
+                            "grad_checkpointing", "freeze_layers", "qat", "merge")}
 
 # --prune with strategies that train none of the backbone's convolutions: nothing would recover what pruning removed
 _NO_RECOVERY = ("linear-probe", "bitfit", "norm-head")
+# the options each --peft method reads (the others set with it are a mistake worth a message)
+_PEFT_OPTIONS = {"model": {"lora_r": ("lora", "dora"), "lora_alpha": ("lora", "dora"), "lora_dropout": ("lora", "dora"),
+                           "lora_targets": ("lora", "dora", "ia3"), "prompt_tokens": ("prompt",)},
+                 "train": {"merge": ("lora", "dora", "ia3")}}
+# strategies that pick base parameters to train (or none but the head): with --peft the adapters train instead
+_NOT_PEFT = ("linear-probe", "bitfit", "norm-head")
 
 
 def _set(recipe: Recipe, table: dict[str, tuple[str, ...]]) -> str | None:
@@ -67,6 +73,7 @@ def preflight(recipe: Recipe) -> None:
     if m.prune and t.strategy in _NO_RECOVERY:
         raise UserError(f"--prune {m.prune:g}: --strategy {t.strategy} trains none of the backbone's convolutions, so "
                         f"nothing recovers what pruning removes; use full, lp-ft, freeze-unfreeze or gradual")
+    _peft_options(recipe)
     if (d.mixup or d.cutmix) and recipe.task != "image-classification":
         raise UserError(f"--mixup/--cutmix: for --task image-classification, not {recipe.task}")
     if (d.mixup or d.cutmix) and t.batch_size != "auto" and t.batch_size % 2:
@@ -113,6 +120,12 @@ def preflight(recipe: Recipe) -> None:
         from .teacher import folder_of
 
         folder_of(t.teacher)  # a run directory or model folder (its classes are checked against the data's later)
+    if m.peft:
+        from .models import resolve
+
+        if importlib.util.find_spec("peft") is None:
+            raise UserError(f"--peft {m.peft}: needs peft, which is not installed (pip install 'finetunekit[peft]')")
+        resolve(recipe.model_name, modality)[0].check_peft(recipe.model_name, m.peft)
 
 
 def _distillation(recipe: Recipe) -> None:
@@ -128,6 +141,31 @@ def _distillation(recipe: Recipe) -> None:
                         f"{recipe.task}")
     if t.kd_hard and t.kd_temperature != type(t).model_fields["kd_temperature"].default:
         raise UserError("--kd-temperature: does not apply to --kd-hard (cross-entropy on the teacher's top class)")
+
+
+def _peft_options(recipe: Recipe) -> None:
+    """--peft and its options: each read by the method it is set with; the combinations that cannot work."""
+    m, t = recipe.model, recipe.train
+    for section, options in _PEFT_OPTIONS.items():
+        part = getattr(recipe, section)
+        for name, methods in options.items():
+            if getattr(part, name) != type(part).model_fields[name].default and m.peft not in methods:
+                raise UserError(f"--{name.replace('_', '-')}: applies to --peft {' or '.join(methods)}"
+                                f"{f', not --peft {m.peft}' if m.peft else ''}")
+    if not m.peft:
+        return
+    if m.lora_targets is not None and not any(x.strip() for x in m.lora_targets.split(",")):
+        raise UserError("--lora-targets: expected comma-separated module names (qkv,fc1,fc2)")
+    if t.strategy in _NOT_PEFT:
+        raise UserError(f"--strategy {t.strategy}: chooses base weights to train, but with --peft {m.peft} the "
+                        f"adapters train; use auto, full, freeze-unfreeze, lp-ft or gradual")
+    for flag, on in (("--prune", m.prune), ("--qat", t.qat)):
+        if on:
+            raise UserError(f"{flag}: not with --peft {m.peft} (it changes the base weights the adapter is "
+                            f"trained for)")
+    if not m.pretrained and m.weights is None:
+        raise UserError(f"--no-pretrained: --peft {m.peft} adapts pretrained weights, and its model folder keeps the "
+                        f"adapter alone (a random base cannot be rebuilt); drop it or pass --weights FILE")
 
 
 def _detection(recipe: Recipe) -> None:

@@ -72,8 +72,9 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
         log.warning("checkpoint %s: %s; falling back to an older one", path, why)
     tensors, meta = checkpoint.read(resume.checkpoint)
     old, new = meta["fingerprint"], checkpoints.fingerprint
-    # "pruned": the digest of the --prune sizes (absent when not pruned)
-    hard = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("model", "classes", "pruned") if old.get(k) != new.get(k)]
+    # "pruned": the digest of the --prune sizes (absent when not pruned); "peft": of the --peft method and targets
+    hard = [f"{k} {old.get(k)} -> {new.get(k)}" for k in ("model", "classes", "pruned", "peft")
+            if old.get(k) != new.get(k)]
     if hard:
         raise UserError(f"--resume {run}: cannot continue: {'; '.join(hard)} (the saved weights do not fit); "
                         f"start a new run")

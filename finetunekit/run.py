@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, fastpath, loop, pruning
+from . import build, checkpoint, fastpath, loop, peft_methods, pruning
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
 from .errors import TrainingStopped, UserError
@@ -112,10 +112,13 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     pruned = build.prune(recipe.model, inputs)  # before the optimizer: it fine-tunes the pruned model
     if pruned:
         log.info("%s", pruned)
+    adapted = build.peft(recipe.model, inputs)  # before the optimizer: it holds the adapters
+    if adapted:
+        log.info("%s", adapted)
     if t.class_weights and task.class_weights is not None:
         log.info("class weights: %s", ", ".join(f"{c} {float(w):g}" for c, w in zip(task.classes, task.class_weights)))
 
-    hyper = build.hyperparameters(t, recipe.modality, task, accelerator.num_processes)
+    hyper = build.hyperparameters(t, recipe.modality, task, accelerator.num_processes, peft=recipe.model.peft)
     data_hash, split_hashes, leaked = checkpoint.content_hash(inputs.sources)
     if leaked:
         log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
@@ -148,7 +151,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                    "model": inputs.model_name, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "processes": accelerator.num_processes,
                    **({"pruned": pruning.digest(backbone.pruned_layers)} if backbone.pruned_layers else {}),
-                   **({"teacher": teacher.digest} if teacher is not None else {})}
+                   **({"teacher": teacher.digest} if teacher is not None else {}),
+                   **({"peft": peft_methods.digest(backbone.peft)} if backbone.peft else {})}
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
                                          is_main=accelerator.is_main_process)

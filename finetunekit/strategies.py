@@ -16,6 +16,10 @@ scheduler or a resumed optimizer has not seen.
     gradual          the head only at 10x lr, then one more layer group from the top every
                      --unfreeze-every epochs (ULMFiT's gradual unfreezing)
 
+With --peft, the backbone's own weights never train: every phase trains only what the method added (the
+adapters, or the prompt tokens) and the head's trained copy; "everything" means those, a layer group's share
+means its adapters, and head-only phases take no extra 10x (the --peft default lr is already 10x the full one).
+
 On top of any strategy: --freeze-layers N (the embeddings/stem and the first N blocks), --freeze PATTERNS
 (parameter-name globs), --freeze-types TYPES (norm, embedding, conv, linear) stay frozen throughout.
 A module none of whose parameters train runs in eval mode, so BatchNorm statistics and dropout inside a
@@ -107,13 +111,15 @@ class _Parts:
     epochs: int
     head_epochs: int | None
     unfreeze_every: int
+    head_mult: float = HEAD_PHASE_LR_MULT  # the lr multiple of head-only phases (1 under --peft)
+    all_of_it: str = "all parameters"  # what "everything" is, for the log ("the adapters + head" under --peft)
 
     def phase(self, start: int, names: set[str], mult: float, what: str) -> Phase:
         return Phase(start, frozenset(names - self.fixed), mult, what)
 
 
 def _full(p: _Parts) -> list[Phase]:
-    return [p.phase(0, p.everything, 1.0, "all parameters")]
+    return [p.phase(0, p.everything, 1.0, p.all_of_it)]
 
 
 def _linear_probe(p: _Parts) -> list[Phase]:
@@ -134,8 +140,8 @@ def _head_then_all(default_head_epochs) -> Callable[[_Parts], list[Phase]]:
         k = p.head_epochs if p.head_epochs is not None else default_head_epochs(p.epochs)
         if k >= p.epochs:
             raise UserError(f"--head-epochs {k}: must be less than --epochs {p.epochs} for --strategy {p.strategy}")
-        return [p.phase(0, p.head, HEAD_PHASE_LR_MULT, f"head only ({plural(k, 'epoch')})"),
-                p.phase(k, p.everything, 1.0, "all parameters")]
+        return [p.phase(0, p.head, p.head_mult, f"head only ({plural(k, 'epoch')})"),
+                p.phase(k, p.everything, 1.0, p.all_of_it)]
     return plan
 
 
@@ -149,7 +155,7 @@ def _gradual(p: _Parts) -> list[Phase]:
                 break
             g: Group = body.pop()
             names = names | set(g.params)
-        phases.append(p.phase(start, names, HEAD_PHASE_LR_MULT if i == 0 else 1.0,
+        phases.append(p.phase(start, names, p.head_mult if i == 0 else 1.0,
                               "head only" if i == 0 else
                               f"head + the top {'group' if i == 1 else f'{i} groups'} (down to {g.name})"))
     return phases
@@ -173,9 +179,15 @@ def make_plan(strategy: str, backbone: Backbone, epochs: int, *, head_epochs: in
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     groups = layer_groups(backbone)
-    parts = _Parts(strategy, backbone, groups, {n for g in groups for n in g.params},
-                   {n for g in groups if g.is_head for n in g.params},
-                   always_frozen(backbone, freeze, freeze_types, freeze_layers), epochs, head_epochs, unfreeze_every)
+    everything = {n for g in groups for n in g.params}
+    fixed = always_frozen(backbone, freeze, freeze_types, freeze_layers)
+    if backbone.peft is not None:  # the base weights stay frozen: only the adapters and the head's copy train
+        fixed |= everything - backbone.peft.trainable
+        groups = [g for g in groups if not set(g.params) <= fixed]  # gradual: no phase that unfreezes nothing
+    peft = backbone.peft is not None
+    parts = _Parts(strategy, backbone, groups, everything, {n for g in groups if g.is_head for n in g.params},
+                   fixed, epochs, head_epochs, unfreeze_every, 1.0 if peft else HEAD_PHASE_LR_MULT,
+                   f"the {backbone.peft.method} adapters + head" if peft else "all parameters")
     return Plan(strategy, STRATEGIES[strategy](parts))
 
 

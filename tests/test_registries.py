@@ -41,6 +41,14 @@ def test_strategies_registry_matches_the_schema():
     assert "auto" not in STRATEGIES
 
 
+def test_peft_methods_match_the_schema():
+    from finetunekit.models import SOURCES
+    from finetunekit.peft_methods import METHODS
+
+    assert set(METHODS) == _choices(config.ModelConfig, "peft")
+    assert all(set(source.peft_methods) <= set(METHODS) for source in SOURCES.values())
+
+
 def test_tta_modes_match_the_schema():
     assert set(MODES) == _choices(config.DataConfig, "tta")
 

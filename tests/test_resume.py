@@ -273,3 +273,37 @@ def test_resume_keeps_the_runs_quiet_unless_told_otherwise(cifar_subset, tmp_pat
                      "train": {"epochs": 1, "batch_size": 16}, "out": str(out), "quiet": True})
     assert resume_recipe(build_recipe({}, {"resume": str(out)}))[0].quiet is True
     assert resume_recipe(build_recipe({}, {"resume": str(out), "quiet": False}))[0].quiet is False
+
+
+def test_a_killed_peft_run_resumes_exactly(tmp_path):
+    """--peft lora on a tiny BERT, freeze-unfreeze (the head, then the adapters), an EMA, gradient
+    accumulation: killed in epoch 2 and resumed, it ends with the same weights, adapter folder and per-step
+    losses as the uninterrupted run."""
+    from conftest import save_tiny_bert
+    from test_text import write_sentiment
+
+    bert, data = save_tiny_bert(tmp_path / "bert"), write_sentiment(tmp_path / "train.csv", 96, 0)
+
+    def args(out, *extra):
+        return ("fit", "--task", "text-classification", "--data", str(data), "--model", f"hf:{bert}",
+                "--peft", "lora", "--lora-r", "4", "--lora-dropout", "0.1", "--strategy", "freeze-unfreeze",
+                "--ema", "0.9", "--epochs", "2", "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "2",
+                "--out", str(out), "--quiet", *extra)
+
+    def outcome(run):
+        final = sorted((run / "checkpoints").glob("step-*"))[-1]
+        return (load_file(str(final / "model.safetensors")),
+                load_file(str(run / "model" / "adapter_model.safetensors")), (run / "steps.csv").read_text())
+
+    assert run_cli(*args(tmp_path / "ref")).returncode == 0
+    out = tmp_path / "run"
+    # 11 batches (6 updates) an epoch; killed before update 9, resumed from the checkpoint after update 8
+    assert run_cli(*args(out), env={"FINETUNEKIT_FAULT": "batch@17"}).returncode == -9
+    r = run_cli(*args(out, "--resume", str(out)))
+    assert r.returncode == 0, r.stderr
+    assert "resuming epoch 2 at batch 5" in r.stderr
+    (final_a, adapter_a, steps_a), (final_b, adapter_b, steps_b) = outcome(out), outcome(tmp_path / "ref")
+    assert final_a.keys() == final_b.keys() and any("lora_B" in k for k in final_a)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a), "final weights differ"
+    assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+    assert steps_a == steps_b

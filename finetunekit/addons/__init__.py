@@ -8,6 +8,7 @@ from .distill import Distill
 from .ema import EMA
 from .grad_checkpointing import GradCheckpointing
 from .l1 import L1Penalty
+from .merge import Merge
 from .mixup import MixUp
 from .qat import QAT
 from .tta import TTA
@@ -16,8 +17,10 @@ __all__ = ["ADDONS", "AddOn", "AddOns"]
 
 # name -> class; OPTIONS names the recipe option that switches each on (checked in tests/test_registries.py)
 ADDONS: dict[str, type[AddOn]] = {"ema": EMA, "mixup": MixUp, "l1": L1Penalty, "tta": TTA,
-                                  "grad-checkpointing": GradCheckpointing, "qat": QAT, "distill": Distill}
+                                  "grad-checkpointing": GradCheckpointing, "qat": QAT, "distill": Distill,
+                                  "merge": Merge}
 OPTIONS = {"ema": ("train.ema",), "mixup": ("data.mixup", "data.cutmix"), "l1": ("train.l1_penalty",),
            "tta": ("data.tta",), "grad-checkpointing": ("train.grad_checkpointing",),
            "qat": ("train.qat", "train.max_accuracy_drop"),
-           "distill": ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard", "train.kd_cache")}
+           "distill": ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard", "train.kd_cache"),
+           "merge": ("train.merge",)}

@@ -21,5 +21,9 @@ class GradCheckpointing(AddOn):
 
     def wrap_model(self, module: torch.nn.Module) -> torch.nn.Module:
         self.backbone.adapter.set_grad_checkpointing(self.backbone, True)
+        if self.backbone.peft is not None:  # a frozen base: reentrant checkpoints would pass no gradient on
+            from ..peft_methods import require_input_grads
+
+            require_input_grads(self.backbone)
         log.info("gradient checkpointing on (activations recomputed in the backward pass)")
         return module

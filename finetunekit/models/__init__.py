@@ -93,5 +93,10 @@ def load_folder(folder: Path) -> tuple[Backbone, str, list[str], dict]:
              expected=f"one of {', '.join(mf.TTA)}")
     mf.field(config, "finetunekit.threshold", folder, (int, float, type(None)), required=False,
              check=lambda v: v is None or 0 < v < 1, expected="a number in (0, 1)")
-    backbone, task, classes = folder_source(folder, config).load(folder, config)
+    if "peft" in config.get("finetunekit", {}):  # the adapter of a --peft run, on its rebuilt base model
+        from . import adapter_folder
+
+        backbone, task, classes = adapter_folder.load(folder, config)
+    else:
+        backbone, task, classes = folder_source(folder, config).load(folder, config)
     return backbone, task, classes, config.get("finetunekit", {})

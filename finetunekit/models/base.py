@@ -37,6 +37,8 @@ class Backbone:
     pruned_layers: dict[str, dict[str, int]] = field(default_factory=dict)  # --prune: the layers whose shapes
     # differ from the architecture's ({"blocks.1.0.conv_pw": {"in_channels": 16, "out_channels": 67, "groups": 1}}),
     # saved as config.json's finetunekit.pruned_layers and applied before the weights load (models/pruned.py)
+    peft: Any = None  # --peft: the method, the parameters any phase may train (adapters and head) and the base
+    # model's identity (models/adapter_folder.Adapted); its model folder keeps the adapter alone
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -84,10 +86,18 @@ class Source:
     loads_in: ClassVar[str] = ""
     mlp_head: ClassVar[bool] = True  # whether --head mlp:N can replace the head
     prunable: ClassVar[bool] = False  # whether --prune can remove channels (its folder records the pruned shapes)
+    peft_methods: ClassVar[tuple[str, ...]] = ()  # the --peft methods its models take (check_peft: per model)
 
     @classmethod
     def check_name(cls, name: str) -> None:
         """Cheap validation of the part after `source:`, before any data is read."""
+
+    @classmethod
+    def check_peft(cls, spec: str, method: str) -> None:
+        """A UserError (before any data is read) when `--peft method` does not apply to `--model spec`."""
+        if method not in cls.peft_methods:
+            takes = f" (it takes --peft {', '.join(cls.peft_methods)})" if cls.peft_methods else ""
+            raise UserError(f"--peft {method}: does not apply to --model {spec}{takes}")
 
     @classmethod
     def create(cls, name: str, num_outputs: int, options: CreateOptions) -> Backbone:

@@ -26,6 +26,7 @@ TEXT_BUILTIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 class EfficientNetLite0(TimmSource):
     loads_in: ClassVar[str] = TimmSource.loads_in
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora", "dora")
 
     @classmethod
     def check_name(cls, name: str) -> None:

@@ -66,6 +66,7 @@ def _interpolating(module, args, kwargs):
 class HfImageSource(HfSource):
     name: ClassVar[str] = "hf-image"
     modality: ClassVar[str] = "image"
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora", "dora")  # not ia3: peft's IA3 table has no image models
     loads_in: ClassVar[str] = (
         "plain transformers: AutoModelForImageClassification.from_pretrained(FOLDER) and "
         "AutoImageProcessor.from_pretrained(FOLDER); trained at another size than config.json's image_size, "

@@ -201,6 +201,7 @@ class HfSource(Source):
 
 class HfTextSource(HfSource):
     modality: ClassVar[str] = "text"
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora", "dora", "ia3", "prompt")
     loads_in: ClassVar[str] = ("plain transformers: AutoModelForSequenceClassification.from_pretrained(FOLDER) "
                                "and AutoTokenizer.from_pretrained(FOLDER)")
 

@@ -17,6 +17,7 @@ from .weights import load_weights, read_state_dict
 class ImageSource(Source):
     modality: ClassVar[str] = "image"
     prunable: ClassVar[bool] = True
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora", "dora")
 
     @classmethod
     def create(cls, name: str, num_outputs: int, options: CreateOptions) -> Backbone:

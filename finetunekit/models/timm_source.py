@@ -74,9 +74,20 @@ class TimmSource(ImageSource):
         'plain timm: timm.create_model("local-dir:FOLDER", pretrained=True) (linear heads; an MLP head '
         "loads with finetunekit.load only)")
 
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora", "dora", "prompt")  # prompt: ViTs (models/vpt.py)
+
     @classmethod
     def check_name(cls, name: str) -> None:
         check_name(name)
+
+    @classmethod
+    def check_peft(cls, spec: str, method: str) -> None:
+        super().check_peft(spec, method)
+        from . import vpt
+
+        if method == "prompt" and not vpt.supports(spec.partition(":")[2]):
+            raise UserError(f"--peft prompt: --model {spec} is not a timm VisionTransformer; visual prompt tuning "
+                            f"inserts tokens into a ViT's patch sequence (use --peft lora or dora)")
 
     @classmethod
     def _new(cls, name: str, pretrained: bool, drop_path: float | None, dropout: float | None) -> Backbone:
