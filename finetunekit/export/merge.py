@@ -29,9 +29,9 @@ _DROP = ("version", "task", "source", "model", "head", "peft", "preprocessing") 
 
 def default_out(run: Path) -> Path:
     """RUN/merged for a run directory; beside the folder for a model folder."""
-    from ..artifacts import _model_dir
+    from ..artifacts import find_model_folder
 
-    return _model_dir(Path(run)).parent / MERGED_DIR
+    return find_model_folder(Path(run)).parent / MERGED_DIR
 
 
 def _logits(model) -> torch.Tensor:
