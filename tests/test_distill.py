@@ -363,6 +363,37 @@ def test_text_distillation_with_the_same_or_another_tokenizer(tmp_path):
         fit("refused", teacher=str(cased), data={"token_mask": 0.1})
 
 
+def test_a_lora_student_distils_and_saves_its_adapter_alone(tmp_path):
+    """--peft lora with --teacher: the teacher's cached logits train the adapters and the head; the student's
+    model folder is the adapter folder, and the frozen base weights did not move."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import save_tiny_bert
+    from test_text import write_sentiment
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    data = write_sentiment(tmp_path / "texts.csv", 96, 0)
+    common = {"task": "text-classification", "data": {"path": str(data)}, "quiet": True}
+    teacher = finetunekit.fit({**common, "model": {"name": f"hf:{bert}"}, "out": str(tmp_path / "teacher"),
+                               "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3}})
+    run = finetunekit.fit({**common, "model": {"name": f"hf:{bert}", "peft": "lora"}, "out": str(tmp_path / "s"),
+                           "train": {"epochs": 1, "batch_size": 16, "teacher": str(teacher.run_dir)}})
+    assert run.metrics["distill"]["teacher_logits"] == "cached"
+    assert sorted(p.name for p in run.model_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                "config.json"]
+    adapter = load_file(str(run.model_dir / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and any("classifier" in k for k in adapter)
+    base = load_file(str(bert / "model.safetensors"))
+    student = finetunekit.load(run.run_dir).module
+    def plain(name):  # the student's name of a base weight -> its name in the tiny BERT's own file
+        return name.removeprefix("bert.").replace(".base_layer.", ".")
+
+    frozen = {plain(n): p for n, p in student.named_parameters() if plain(n) in base}
+    assert len(frozen) > 20  # the encoder's weights, LoRA-wrapped ones included, compared one by one
+    assert [n for n, p in frozen.items() if not torch.equal(p.detach().cpu(), base[n])] == []
+
+
 def test_multilabel_distillation_on_sigmoids(cifar_subset, tmp_path):
     from test_training import _table
 
