@@ -37,6 +37,7 @@ from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig
 from .data import make_loader
 from .errors import UserError
 from .inputs import Prepared, prepare_inputs
+from .models.weights import weights_sha256
 from .playbook import Choice, choose, default_epochs
 from .optim import DEFAULT_MIN_LR_RATIO, DEFAULT_SCHEDULER, build_optimizer, default_lr, default_warmup
 from .strategies import Phase, Plan, apply_phase, make_plan, plural
@@ -258,7 +259,7 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
         train_ds.transform = val_ds.transform
     common = {"format": features.FORMAT, "model": inputs.model_name, "pretrained": m.pretrained,
               "weights": sha256_file(m.weights) if m.weights else None, "head": backbone.heads[0],
-              "backbone_sha256": _frozen_sha256(backbone),  # the weights as they are: a random init differs by seed
+              "backbone_sha256": weights_sha256(backbone.module, backbone.is_head),  # the weights as they are: a random init differs by seed
               "preprocessing": backbone.preprocessing.to_dict(), "torch": torch.__version__,
               "timm": timm.__version__}
 
@@ -305,18 +306,6 @@ def _sha256_of(lines) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _frozen_sha256(backbone) -> str:
-    """SHA-256 of every tensor the head does not own (names, dtypes and bytes): what the features depend on."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in backbone.module.state_dict().items():
-        if not backbone.is_head(name):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def decoded_loaders(d: DataConfig, t: TrainConfig, inputs: Prepared, split_hashes: dict[str, str],

@@ -20,7 +20,6 @@ the teacher's forward pass on every epoch after the first run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
+from .models.weights import weights_sha256
 from .tasks import logits_of
 
 log = logging.getLogger("finetunekit")
@@ -148,14 +148,6 @@ class _AsModule(nn.Module):
         return self._teacher(tokens if x is None else x)
 
 
-def weights_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def same_tokenizer(a, b, texts: list[tuple[str, ...]]) -> bool:
     """Whether two tokenizers turn these texts (and the vocabulary) into the same ids."""
     if a.get_vocab() != b.get_vocab():
@@ -196,7 +188,7 @@ def load_teacher(spec: str, task_name: str, inputs, *, live: str | None, device,
                         f"without token augmentation (the teacher then tokenizes the texts itself, once)")
     else:
         adapt, how = None, "the raw texts through its own tokenizer (the student's differs)"
-    teacher = Teacher(model, spec, order, adapt, weights_digest(model.module))
+    teacher = Teacher(model, spec, order, adapt, weights_sha256(model.module))
     teacher.autocast = autocast if autocast is not None else contextlib.nullcontext
     model.to(device)
     if modality == "image":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import nn
 from ..errors import UserError, first_line
 from . import folder as mf
 from .base import Backbone
+from .weights import weights_sha256
 
 WEIGHTS = "adapter_model.safetensors"  # peft's file names (PeftModel.save_pretrained writes the same)
 CONFIG = "adapter_config.json"
@@ -55,12 +55,7 @@ class Adapted:
 
 def base_sha256(backbone: Backbone) -> str:
     """SHA-256 of the base model's tensors (names, dtypes, bytes), the head's left out (it is trained)."""
-    h = hashlib.sha256()
-    for name, t in backbone.module.state_dict().items():
-        if not backbone.is_head(name):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_sha256(backbone.module, backbone.is_head)
 
 
 def wrap_prompted(backbone: Backbone, wrapper: nn.Module) -> None:

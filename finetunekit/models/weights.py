@@ -16,6 +16,19 @@ from .base import Backbone
 log = logging.getLogger("finetunekit")
 
 
+def weights_sha256(module: torch.nn.Module, skip=lambda name: False) -> str:
+    """SHA-256 of a module's tensors (each name, dtype, shape and bytes, in state-dict order), those whose name
+    `skip` accepts left out: the identity of weights for caches, fingerprints and adapter folders."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        if not skip(name):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; damage (empty, truncated, not safetensors) is one line starting `where`."""
     from safetensors.torch import load_file
