@@ -377,6 +377,7 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
     from .search import ranks
     from .search.study import search
 
+    ranks.configure(recipe.train.cpu)
     main = ranks.is_main()
     if main:
         opts.out.mkdir(parents=True, exist_ok=True)

@@ -54,12 +54,24 @@ def open_storage(url: str | None, folder: Path, heartbeat: int):
     with warnings.catch_warnings():  # heartbeat_interval is "experimental" since optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            return RDBStorage(database_url(url), heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                               engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         except Exception as e:  # noqa: BLE001 - a wrong URL, a server that is down: one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--storage {_hide_password(url)}: cannot open it ({first[:200]})") from None
+
+
+def database_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a plain postgresql:// URL with psycopg 3; where only psycopg2 (our `search` extra) is
+    installed, the URL names it (postgresql+psycopg2://)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def _hide_password(url: str) -> str:

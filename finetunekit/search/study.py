@@ -98,8 +98,8 @@ def open_study(recipe: Recipe, space: list[Param], opts: Options):
                                   sampler=optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32))
     mine = {"recipe": base_options(recipe), "space": {p.key: p.describe() for p in space}, "monitor": monitor}
     if created:
-        for k, v in mine.items():
-            study.set_user_attr(k, v)
+        for k in ("space", "monitor", "recipe"):  # "recipe" last: a joining worker waits for it
+            study.set_user_attr(k, mine[k])
     else:
         _check_same(study, mine, direction, opts)
     return study, monitor
@@ -107,6 +107,15 @@ def open_study(recipe: Recipe, space: list[Param], opts: Options):
 
 def _check_same(study, mine: dict, direction: str, opts: Options) -> None:
     theirs = study.user_attrs
+    for _ in range(50):  # a worker started at the same moment may not have written them yet
+        if "recipe" in theirs:
+            break
+        time.sleep(0.2)
+        theirs = study.user_attrs
+    else:
+        for k, v in mine.items():
+            study.set_user_attr(k, v)
+        return
     where = f"--study-name {opts.name}"
     if study.direction.name.lower() != direction:
         raise UserError(f"{where}: the study {direction[:-1]}s nothing like this one (it {study.direction.name.lower()}s)")

@@ -32,7 +32,7 @@ class TrialReport(AddOn):
             if math.isfinite(value):  # optuna refuses nan; a non-finite epoch is simply not reported
                 self.trial.report(value, step=epoch)
                 self.reported[epoch] = value
-            prune = self.trial.should_prune()
+            prune = bool(self.trial.should_prune())  # (a numpy bool from some pruners)
         prune = ranks.share(prune)
         if prune:
             self.pruned_at = epoch
