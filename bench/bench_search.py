@@ -77,6 +77,13 @@ def summary(study: Path, seconds: float, monitor: str) -> dict:
         metrics = json.loads((Path(best["run"]) / "metrics.json").read_text())
         if "test" in metrics:
             out["best_test_accuracy"] = metrics["test"]["accuracy"]
+            # every finished trial's (val, test): how well the validation split ranks them
+            pairs = []
+            for x in r:
+                m = json.loads((Path(x["run"]) / "metrics.json").read_text()) if x["run"] else {}
+                if "test" in m:
+                    pairs.append([x["trial"], x["state"], round(m["val"]["accuracy"], 4), round(m["test"]["accuracy"], 4)])
+            out["trials_val_test"] = pairs
     return out
 
 
