@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 from ..config import Recipe
 from .space import Param
 
-log = logging.getLogger("finetunekit")
 
 _ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 

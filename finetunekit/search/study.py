@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
-from ..errors import UserError
+from ..errors import TrainingStopped, UserError
 from . import ranks, storage as storages
 from .check import MARKER
 from .space import Param
@@ -153,7 +153,7 @@ def search(recipe: Recipe, space: list[Param], opts: Options) -> dict | None:
         return None
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     opts.out.mkdir(parents=True, exist_ok=True)
     marker = opts.out / MARKER
     if not marker.exists():
@@ -175,7 +175,16 @@ def search(recipe: Recipe, space: list[Param], opts: Options) -> dict | None:
         log.info("search: trial %d%s: %s", trial.number, f" (a retry of trial {retried})" if retried is not None else "",
                  ", ".join(f"{k} {_fmt(v)}" for k, v in params.items()))
         own["run"] += 1
-        result, report, seconds = run_trial(recipe, trial.number, params, trial, monitor, opts.out)
+        try:
+            result, report, seconds = run_trial(recipe, trial.number, params, trial, monitor, opts.out)
+        except TrainingStopped as e:
+            if e.exit_code >= 128:  # SIGTERM/SIGINT after a checkpoint: the search stops too (the trial: FAIL)
+                raise _Signalled(e) from None
+            log.warning("search: trial %d failed: %s", trial.number, e)
+            raise  # non-finite losses and the like: this trial fails, the search goes on
+        except UserError as e:  # a combination of values the recipe refuses: this trial fails, the search goes on
+            log.warning("search: trial %d failed: %s", trial.number, e)
+            raise
         value = float(result.metrics["val"][monitor])
         trial.set_user_attr("run_dir", str(result.run_dir))
         trial.set_user_attr("epochs_run", result.metrics.get("epochs_run"))
@@ -192,8 +201,6 @@ def search(recipe: Recipe, space: list[Param], opts: Options) -> dict | None:
         states = [t.state for t in study.get_trials(deepcopy=False)]
         S = optuna.trial.TrialState
         finished = sum(s in (S.COMPLETE, S.PRUNED) for s in states)
-        if trial.state == S.FAIL:
-            log.warning("search: trial %d failed", trial.number)
         if (finished >= opts.trials and S.WAITING not in states) or own["run"] >= 2 * opts.trials:
             study.stop()
 
@@ -201,11 +208,17 @@ def search(recipe: Recipe, space: list[Param], opts: Options) -> dict | None:
         if not _done(study, opts.trials):
             study.optimize(objective, n_trials=None, timeout=opts.timeout, callbacks=[enough], catch=(UserError,),
                            gc_after_trial=True)
+    except _Signalled as e:
+        raise e.args[0] from None
     finally:
         ranks.share(None)  # the other ranks stop waiting for a trial
     from .report import write_report
 
     return write_report(study, recipe, space, monitor, opts.out)
+
+
+class _Signalled(Exception):
+    """A trial stopped by a signal: not a UserError, so optuna does not catch it and the search ends."""
 
 
 def _done(study, trials: int) -> bool:
