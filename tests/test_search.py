@@ -179,3 +179,17 @@ def test_rank_0_samples_and_decides_and_the_other_ranks_receive_it(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], results
     lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert lines == [[0, 2, [7, {"train.lr": 0.01}], True, 1], [1, 2, [7, {"train.lr": 0.01}], True, 1]]
+
+
+def test_which_storages_have_heartbeats(tmp_path):
+    """optuna 5.1: RDBStorage (sqlite, postgresql) records heartbeats; the journal file does not (docs/search.md)."""
+    from finetunekit.search import storage
+
+    sqlite = storage.open_storage(f"sqlite:///{tmp_path / 's.db'}", tmp_path, 7)
+    journal = storage.open_storage(None, tmp_path, 7)
+    assert storage.has_heartbeat(sqlite) and sqlite.get_heartbeat_interval() == 7 and sqlite.grace_period == 14
+    assert not storage.has_heartbeat(journal) and (tmp_path / storage.JOURNAL).is_file()
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:  # SQLAlchemy would look for psycopg 3: psycopg2 is named
+        assert storage.database_url("postgresql://u@h:1/d") == "postgresql+psycopg2://u@h:1/d"
