@@ -4,7 +4,8 @@ Per batch, in this order: task.prepare (on the device), addons.train_batch, task
 outputs), backward of the loss plus addons.extra_loss, and at an accumulation boundary: clip, optimizer
 step (a non-finite update is skipped), scheduler, addons.after_update. After each epoch: evaluate the
 trained weights and every addons.eval_candidates() (each through addons.eval_model), keep the best, early
-stopping, checkpoint, addons.after_epoch (which may stop training: a search's pruner). The loop never looks inside a batch or an output: the task does.
+stopping, checkpoint, addons.after_epoch (which may stop training: a search's pruner). The loop never looks
+inside a batch or an output: the task does.
 """
 
 from __future__ import annotations
