@@ -1,4 +1,4 @@
-"""`finetunekit fit|lr-find|evaluate|predict|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+"""`finetunekit fit|lr-find|search|evaluate|predict|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
 generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
@@ -74,6 +74,26 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     lf.add_argument("--start", type=float, default=1e-7, metavar="LR", help="first lr (default: 1e-7)")
     lf.add_argument("--end", type=float, default=10.0, metavar="LR", help="last lr (default: 10)")
     _add_recipe_flags(lf)
+
+    se = sub.add_parser("search", help="hyperparameter search with optuna over recipe options (docs/search.md); "
+                        "--out is the study folder, each trial a run in it")
+    se.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+    se.add_argument("--space", required=True, metavar="FILE",
+                    help="YAML: recipe options by dotted name, each a list of choices or {low, high, log, step}")
+    se.add_argument("--trials", type=int, default=20, metavar="N",
+                    help="finished (complete or pruned) trials the study should hold (default: 20)")
+    se.add_argument("--timeout", metavar="TIME", help="stop starting trials after this long: seconds, or 30m, 2h")
+    se.add_argument("--pruner", default="median", metavar="{median,halving,none}",
+                    help="stop unpromising trials after an epoch: median (default), halving (successive halving), none")
+    se.add_argument("--storage", metavar="URL",
+                    help="default: a journal file in the study folder; sqlite:///path (one machine) or "
+                         "postgresql://user@host:port/db (several machines)")
+    se.add_argument("--study-name", metavar="NAME", help="workers with the same storage and name share a study "
+                    "(default: the --out folder's name)")
+    se.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                    help="database storages: a running trial's heartbeat; one silent for 2x this is failed and "
+                         "queued again (default: 30)")
+    _add_recipe_flags(se)
 
     ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
@@ -331,6 +351,52 @@ def _lr_find(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _seconds(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{flag} {text}: expected a time > 0: seconds, or 30m, 2h")
+    return value
+
+
+def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit search`: every input checked before torch loads (recipe, space, study folder, storage URL)."""
+    recipe = recipe_from_args(args, dests)
+    from .search.check import check
+
+    opts, space = check(recipe, args.space, trials=args.trials, timeout=_seconds(args.timeout, "--timeout"),
+                        pruner=args.pruner, storage=args.storage, study_name=args.study_name,
+                        heartbeat=args.heartbeat)
+    from .runlog import RunLog
+    from .search import ranks
+    from .search.study import search
+
+    ranks.configure(recipe.train.cpu)
+    main = ranks.is_main()
+    if main:
+        opts.out.mkdir(parents=True, exist_ok=True)
+    with RunLog(opts.out / "search.log" if main else None, recipe.quiet):
+        report = search(recipe, space, opts)
+    if report is None:
+        return 0
+    print(report["table"], end="")
+    counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items())
+    print(f"\ntrials: {counts}; table: {opts.out / 'results.csv'} and results.md")
+    if report["importances"] is not None:
+        print("importances: " + ", ".join(f"{k} {v:.3f}" for k, v in report["importances"].items()))
+    else:
+        print(report["importances_note"])
+    print(f"best recipe: {report['best']} (finetunekit fit --config {report['best']})" if report["best"] else
+          "no complete trial: no best recipe")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit evaluate RUN DATA`: a saved model's metrics on labelled data."""
     _at_least_1(args.batch_size, "--batch-size")
@@ -503,7 +569,7 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 
 # command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
-COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "evaluate": _evaluate, "predict": _predict,
+COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "search": _search, "evaluate": _evaluate, "predict": _predict,
             "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo}
 
 

@@ -4,7 +4,8 @@ Per batch, in this order: task.prepare (on the device), addons.train_batch, task
 outputs), backward of the loss plus addons.extra_loss, and at an accumulation boundary: clip, optimizer
 step (a non-finite update is skipped), scheduler, addons.after_update. After each epoch: evaluate the
 trained weights and every addons.eval_candidates() (each through addons.eval_model), keep the best, early
-stopping, checkpoint. The loop never looks inside a batch or an output: the task does.
+stopping, checkpoint, addons.after_epoch (which may stop training: a search's pruner). The loop never looks
+inside a batch or an output: the task does.
 """
 
 from __future__ import annotations
@@ -265,6 +266,9 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                                     _flush(losses, state.step), best=improved)
             if checkpoints.stop_requested and state.epoch < cfg.epochs:
                 raise checkpoints.stopped(path)
+        if addons.after_epoch(state.epoch, val) and state.epoch < cfg.epochs:  # a search's pruner
+            log.info("training stopped after epoch %d by an add-on", state.epoch)
+            break
     task.input_transform = images_transform
     return state
 

@@ -10,6 +10,7 @@ import resource
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
 from . import build, checkpoint, fastpath, loop, peft_methods, pruning
+from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
 from .errors import TrainingStopped, UserError
@@ -62,9 +64,10 @@ def default_out(spec: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> RunResult:
+def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[AddOn] = (), **overrides: Any) -> RunResult:
     """Fine-tune as `recipe` says (a Recipe, a dict, or a YAML path; keyword overrides win:
-    `fit("r.yaml", **{"train.epochs": 3})`). Returns the run directory and its final metrics."""
+    `fit("r.yaml", **{"train.epochs": 3})`). Returns the run directory and its final metrics. `addons`: add-ons
+    of the caller's, after the recipe's (a search trial's pruner: finetunekit/search/trial_addon.py)."""
     recipe = as_recipe(recipe, overrides)
     resume = None
     if recipe.resume:
@@ -81,7 +84,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
         run_dir = RunDir(out)
     with RunLog(out / "log.txt" if resume is not None else None, recipe.quiet) as run_log:
         try:
-            result = _train(recipe, out, resume, run_dir, run_log)
+            result = _train(recipe, out, resume, run_dir, run_log, addons)
         except BaseException:
             if run_dir is not None:  # failed before its first checkpoint: the folder goes back as it was
                 run_dir.finish() if checkpoint.latest(out) is not None else run_dir.abort()
@@ -91,7 +94,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, **overrides: Any) -> R
     return result
 
 
-def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | None, run_log: RunLog) -> RunResult:
+def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | None, run_log: RunLog,
+           extra_addons: Sequence[AddOn] = ()) -> RunResult:
     started = time.perf_counter()
     set_seed(recipe.train.seed)
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
@@ -129,6 +133,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                                 processes=accelerator.num_processes)
     trained = build.teacher_logits(recipe, inputs, trained, teacher, split_hashes, accelerator.device)
     addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher)
+    addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
         log.info("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout

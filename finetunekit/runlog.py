@@ -30,11 +30,12 @@ class RunLog:
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         for record in self.early.records:
             file.handle(record)
-        if self.early in log.handlers:
+        entered = self.early in log.handlers  # (inside another RunLog, a search's, the buffer is all it added)
+        if entered:
             log.removeHandler(self.early)
         self.handlers.remove(self.early)
         file._finetunekit = True  # type: ignore[attr-defined]
-        if any(h in log.handlers for h in self.handlers):  # entered: the file takes over from the buffer now
+        if entered:  # the file takes over from the buffer now
             log.addHandler(file)
         self.handlers.append(file)
 

@@ -56,8 +56,23 @@ class Recorder(AddOn):
         self.calls.append("eval_candidates")
         return []
 
+    def after_epoch(self, epoch, val):
+        self.calls.append(f"after_epoch:{epoch}")
+        return False
 
-def _run(addon: Recorder, seed: int = 0):
+
+class Stopper(AddOn):
+    """Stops training after `at` epochs, as a search trial's pruner does."""
+
+    def __init__(self, at: int):
+        self.at, self.seen = at, []
+
+    def after_epoch(self, epoch, val):
+        self.seen.append((epoch, round(val["loss"], 6)))
+        return epoch >= self.at
+
+
+def _run(addon: AddOn, seed: int = 0, epochs: int = 1):
     accelerator = build.accelerator("no", 2, True, None)
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)
@@ -70,7 +85,7 @@ def _run(addon: Recorder, seed: int = 0):
                                 min_lr_ratio=0.0)
     plan = Plan("full", [Phase(0, frozenset({"weight", "bias"}), 1.0, "all parameters")])
     state = loop.fit(accelerator, module, optimizer, scheduler, train, val, Classification(["a", "b", "c"]),
-                     loop.LoopConfig(epochs=1, plan=plan, quiet=True), on_best=lambda *a: None,
+                     loop.LoopConfig(epochs=epochs, plan=plan, quiet=True), on_best=lambda *a: None,
                      addons=AddOns([addon]))
     return model, state
 
@@ -82,8 +97,17 @@ def test_hooks_run_in_the_documented_order():
     assert recorder.calls == ["start",
                               "train_batch:0", "extra_loss", "train_batch:0", "extra_loss", "after_update:1",
                               "train_batch:0", "extra_loss", "train_batch:0", "extra_loss", "after_update:2",
-                              "eval_model", "eval_candidates"]
+                              "eval_model", "eval_candidates", "after_epoch:1"]
     assert state.updates == 2 and len(state.history) == 1 and state.history[0]["grad_norm"] > 0
+
+
+def test_after_epoch_may_stop_training_after_that_epoch():
+    stopper = Stopper(at=2)
+    _, state = _run(stopper, epochs=5)
+    # asked after epochs 1 and 2 with that epoch's validation metrics; stopped after 2 of 5, not as early stopping
+    assert [e for e, _ in stopper.seen] == [1, 2]
+    assert [loss for _, loss in stopper.seen] == [round(r["val_loss"], 6) for r in state.history]
+    assert state.epoch == 2 and len(state.history) == 2 and state.updates == 4 and not state.stopped_early
 
 
 def test_an_extra_loss_trains_the_weights_but_stays_out_of_the_logged_loss():

@@ -11,6 +11,8 @@
     after_update(model, updates)         after each optimizer update (EMA)
     eval_model(model) -> model           the model to evaluate and predict with (TTA)
     eval_candidates() -> [(name, module)]  other weights to evaluate after each epoch; the best is saved (EMA)
+    after_epoch(epoch, val) -> bool      after each epoch's validation and checkpoint; True stops training there
+                                         (a search trial's pruner: finetunekit/search/trial_addon.py)
     model_config() -> dict               entries saved in the model folder's config (TTA)
     state_dict() / load_state_dict(d)    tensors for checkpoints, by file name ({"ema.safetensors": {...}})
     finish(best, folder, score) -> dict  once, after training: turn the best model into another form, score
@@ -70,6 +72,9 @@ class AddOn:
     def eval_candidates(self) -> list[tuple[str, torch.nn.Module]]:
         return []
 
+    def after_epoch(self, epoch: int, val: dict[str, Any]) -> bool:
+        return False
+
     def model_config(self) -> dict[str, Any]:
         return {}
 
@@ -123,6 +128,10 @@ class AddOns(list):
 
     def eval_candidates(self) -> list[tuple[str, torch.nn.Module]]:
         return [c for a in self for c in a.eval_candidates()]
+
+    def after_epoch(self, epoch: int, val: dict[str, Any]) -> bool:
+        """Whether an add-on stops training after this epoch (each one is asked: every hook runs)."""
+        return any([a.after_epoch(epoch, val) for a in self])
 
     def model_config(self) -> dict[str, Any]:
         return {k: v for a in self for k, v in a.model_config().items()}
