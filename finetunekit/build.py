@@ -247,6 +247,7 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
     import timm
 
     from .checkpoint import sha256_file
+    from .data import ImageDataset, Split
 
     backbone = inputs.backbone
     train_ds, val_ds = inputs.train_loader.dataset, inputs.val_loader.dataset
@@ -281,8 +282,7 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
         items = {k: (path, label) for split, ds in splits.items()
                  for k, path, label in zip(file_keys[split], ds.paths, ds.labels)}
         keys = sorted(items)
-        pool = copy.copy(val_ds)
-        pool.paths, pool.labels = [items[k][0] for k in keys], [items[k][1] for k in keys]
+        pool = ImageDataset(Split([items[k][0] for k in keys], [items[k][1] for k in keys]), val_ds.transform)
         x, y = extract(pool, False, "train and val, pooled", {
             **common, "data": _sha256_of(keys), "transform": repr(val_ds.transform), "views": 1, "seed": None})
         index = {k: i for i, k in enumerate(keys)}
