@@ -192,6 +192,7 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
     else the model on its loaders as prepared."""
     d, t = recipe.data, recipe.train
     reason = features.why_not(d, recipe.modality, inputs.backbone) or \
+        ("shard data is streamed: nothing is cached" if inputs.streamed else None) or \
         ("--qat trains through the fake-quantized backbone" if t.qat else None) or \
         ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None) or \
         (f"--peft {recipe.model.peft}: the head is peft's trained copy inside the model" if recipe.model.peft else None)
@@ -215,6 +216,10 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
             log.info("the head-only phase (%s) trains on cached features", plural(k, "epoch"))
         else:
             log.info("head-only phase: features not cached: %s", reason)
+    if inputs.streamed:  # shards: read as a stream every epoch (docs/data.md)
+        log.info("decoded images: not cached (shard data is streamed)")
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off",
+                       cached_phases)
     if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes
         return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None,
                        cached_phases)

@@ -5,7 +5,8 @@ check, the decoded-image and feature cache keys) and the cache keys of weights f
 (data.images.scan_images) reads each image's bytes once anyway, to check its header; it hashes those bytes
 and hands the digest over with `remember`, so the content hash reads no file a second time. A remembered
 digest is keyed by the file's path, size and modification time, as the computed ones are: a file changed
-since is hashed again.
+since is hashed again. Paths are compared as given (the data readers hand over normalized ones, str(Path)):
+a path spelled differently is hashed again, never given another file's digest.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from pathlib import Path
 
 _known: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, from the start-up scan
 
 
 def remember(path: str, size: int, mtime_ns: int, digest: str) -> None:
     """Record the SHA-256 of `path`'s bytes as read when it had this size and modification time."""
-    _known[(str(Path(path)), size, mtime_ns)] = digest
+    _known[(os.fspath(path), size, mtime_ns)] = digest
 
 
 def sha256_file(path) -> str:
     st = os.stat(path)
-    key = (str(Path(path)), st.st_size, st.st_mtime_ns)
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns)
     return _known.get(key) or _sha256_file(*key)
 
 

@@ -159,6 +159,11 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     state, rng = (None, None) if resume is None else \
         restore(resume, out, recipe.resume_force, accelerator.unwrap_model(module, keep_torch_compile=False),
                 optimizer, scheduler, checkpoints, accelerator)
+    if state is not None and state.batch and inputs.streamed:  # a stream cannot skip to a batch: data.shards
+        log.warning("warning: --resume: the checkpoint is %d batches into epoch %d; shard data is a stream, so the "
+                    "epoch starts again from its first batch (not an exact resume)", state.batch, state.epoch + 1)
+        state.batch = state.seen = 0
+        state.loss_sum = state.running = state.epoch_seconds = state.grad_norm_sum = state.grad_norms = 0.0
     (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(), encoding="utf-8")
     write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,20 @@ def test_fit_counts_images_that_fail_to_decode_in_metrics(tmp_path):
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert metrics["skipped"] == 0 and metrics["unreadable_in_training"] == 1
     assert "stray.jpg: cannot be decoded" in (run.run_dir / "log.txt").read_text()
+
+
+def test_a_pool_of_processes_scans_and_remembers_as_one_process_does(tmp_path, monkeypatch):
+    from finetunekit.data import images
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(_encoded("JPEG")[: None if i % 3 else 500])  # every third one truncated
+        paths.append(str(p))
+    serial = scan_images(paths, processes=1)
+    filehash._known.clear()
+    monkeypatch.setattr(images, "PROCESSES_FROM", 0)
+    pooled = scan_images(paths, processes=2)
+    assert pooled == serial and pooled.ok == [False, True, True, False, True, True]
+    assert all(filehash._known.get((p, os.stat(p).st_size, os.stat(p).st_mtime_ns)) ==
+               hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths)  # remembered in the parent
