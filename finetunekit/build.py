@@ -385,7 +385,8 @@ def teacher_logits(recipe: Recipe, inputs: Prepared, trained: Trained, teacher, 
             out = dataclasses.replace(out, features=(head, attach(train, logits), val))
         sources.append("cached" if trained.cached else "cached (head phase, on features)")
     if not trained.cached:
-        reason = why_live(d, recipe.modality, t.kd_cache)
+        reason = ("shard data is streamed: nothing is cached" if inputs.streamed else None) or \
+            why_live(d, recipe.modality, t.kd_cache)
         if reason is None:
             ds, parts, own, collate = _teacher_inputs(recipe, inputs, trained, teacher, split_hashes)
             logits = cached(teacher, parts, "train", ds, [list(range(len(ds)))], collate=collate,

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 from collections import Counter
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -104,7 +105,7 @@ def scan_images(paths: list[str], processes: int | None = None) -> ScanReport:
     in Python), so threads would only contend for the GIL: large lists go to forked worker processes (one a
     core, up to 8; Linux), in chunks; the digests come back and are remembered (finetunekit.filehash)."""
     n = processes or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    if n > 1 and len(paths) >= PROCESSES_FROM and "fork" in multiprocessing.get_all_start_methods():
+    if n > 1 and len(paths) >= PROCESSES_FROM and sys.platform.startswith("linux"):
         chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
             results = [r for part in pool.map(_check_all, chunks) for r in part]

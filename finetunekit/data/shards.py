@@ -4,9 +4,11 @@ No image is decoded or hashed before training (the label pass, finetunekit.shard
 members only). Each epoch:
 
 - the shard order is shuffled from (seed, epoch) for training (kept for validation and test);
-- the shards are dealt to the "slots": every loader worker of every process (torch.distributed's rank and
-  world size when it is initialised); with fewer shards than slots, every slot reads every shard and keeps
-  every n-th sample;
+- the shards are dealt to the "slots": for training, every loader worker of every process (torch.distributed's
+  rank and world size when it is initialised: the training loader is a StreamLoader, which accelerate leaves
+  alone); for validation and test, every worker of the process that reads them (accelerate's dispatcher
+  reads an IterableDataset in process 0 and shares its batches out); with fewer shards than slots, every slot
+  reads every shard and keeps every n-th sample;
 - training: every slot yields the same number of samples in every epoch: the fewest any deal can give a
   slot (`share`), rounded down to whole batches, so every process runs the same number of batches and none
   ends with a partial one; the rest of a larger share is left out of that epoch (another epoch's deal
@@ -43,6 +45,7 @@ log = logging.getLogger("finetunekit")
 
 
 def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torch.distributed, when initialised)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -68,7 +71,7 @@ class ShardImages(IterableDataset):
     """(image tensor, class index) from tar shards; `labels`: per sample in shard order, its class index."""
 
     def __init__(self, files: list[Path], counts: list[int], labels: list[int], transform, *, train: bool,
-                 seed: int, batch_size: int, label_of, buffer: int = 1000):
+                 seed: int, batch_size: int, label_of, buffer: int = 1000, by_rank: bool | None = None):
         self.files, self.counts, self.labels = [str(f) for f in files], list(counts), labels
         self.transform, self.train, self.seed = transform, train, seed
         self.batch_size, self.buffer = batch_size, buffer
@@ -77,18 +80,22 @@ class ShardImages(IterableDataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.failed = torch.zeros(1, dtype=torch.int64).share_memory_()  # decode failures (data.unreadable)
         self.workers = 1  # the loader's num_workers (make_shard_loader sets it): the slots per process
+        self.by_rank = train if by_rank is None else by_rank  # deal to processes too (else accelerate's dispatcher)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
+    def rank_and_world(self) -> tuple[int, int]:
+        return rank_and_world() if self.by_rank else (0, 1)
+
     def per_slot(self) -> int:
         """Training: the samples each slot yields in every epoch (`share`, in whole batches when it holds one)."""
-        _, world = rank_and_world()
+        _, world = self.rank_and_world()
         n = share(self.counts, world * max(1, self.workers))
         return n // self.batch_size * self.batch_size if n >= self.batch_size else n
 
     def __len__(self) -> int:
-        _, world = rank_and_world()
+        _, world = self.rank_and_world()
         if self.train:
             return self.per_slot() * max(1, self.workers)
         return -(-sum(self.counts) // world)
@@ -117,7 +124,7 @@ class ShardImages(IterableDataset):
 
     def __iter__(self):
         epoch = int(self._epoch)
-        rank, world = rank_and_world()
+        rank, world = self.rank_and_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slots, slot = world * workers, rank * workers + worker
@@ -214,13 +221,39 @@ def resolve_shard_splits(path: Path, val: Path | None, test: Path | None) -> Sha
     return ShardSplits(classes, read["train"], read["val"], read.get("test"), record)
 
 
+class StreamLoader:
+    """The training loader of a stream: a DataLoader over ShardImages, dealt to processes by the dataset itself,
+    and the batches moved to the device here. Not a DataLoader, so `accelerator.prepare` passes it through:
+    accelerate would otherwise re-split an IterableDataset's batches across processes (its dispatcher reads the
+    whole stream in process 0). `set_epoch` reaches the workers (loop.fit calls it)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.dataset = loader, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        from accelerate import PartialState
+        from accelerate.utils import send_to_device
+
+        device = PartialState().device
+        for batch in self.loader:
+            yield send_to_device(batch, device, non_blocking=device.type == "cuda")
+
+
 def make_shard_loader(split: ShardLabels, classes: list[str], transform, batch_size: int, *, train: bool,
-                      workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ShardImages: batches built in each worker (persistent: the epoch reaches them
-    through shared memory)."""
+                      workers: int, seed: int, pin_memory: bool = False):
+    """Training: a StreamLoader (dealt to processes and workers); validation and test: a DataLoader dealt to
+    workers, which accelerate's dispatcher shares out among processes (each sample scored once). Batches are
+    built in each worker; workers persist (the epoch reaches them through shared memory)."""
     ds = ShardImages(split.files, split.counts, split.labels, transform, train=train, seed=seed,
                      batch_size=batch_size, label_of=ClassIndex(classes))
     ds.workers = max(1, workers)
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=die_with_parent if workers else None)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=die_with_parent if workers else None)
+    return StreamLoader(loader) if train else loader
