@@ -14,6 +14,7 @@ An existing output folder with .tar files is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import random
 import sys
 from pathlib import Path
@@ -21,17 +22,18 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
 
 
-def class_files(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+def class_files(root: Path, exclude: str | None = None) -> tuple[list[str], list[tuple[Path, str]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+             and not (exclude and fnmatch.fnmatch(p.name, exclude))]
     return classes, files
 
 
 def write(src: Path, out: Path, *, prefix: str, per_shard: int, seed: int, classes: list[str] | None = None,
-          overwrite: bool = False) -> list[Path]:
+          overwrite: bool = False, exclude: str | None = None) -> list[Path]:
     import webdataset as wds
 
-    found, files = class_files(src)
+    found, files = class_files(src, exclude)
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -59,13 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--classes-from", type=Path, help="a shard folder whose classes.txt gives the class list")
+    ap.add_argument("--exclude", help="leave out files whose name matches this pattern (zz-*)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     classes = None
     if args.classes_from:
         classes = (args.classes_from / "classes.txt").read_text(encoding="utf-8").split()
     shards = write(args.src, args.out, prefix=args.prefix, per_shard=args.per_shard, seed=args.seed,
-                   classes=classes, overwrite=args.overwrite)
+                   classes=classes, overwrite=args.overwrite, exclude=args.exclude)
     print(f"{len(shards)} shard(s) in {args.out}: {shards[0].name} .. {shards[-1].name}")
     return 0
 
