@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -77,7 +78,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = split_key(key)  # training keys carry a per-sample seed for the augmentation (data.order)
-        for j in [*range(i, len(self.paths)), *range(i)]:
+        for j in itertools.chain(range(i, len(self.paths)), range(i)):  # i itself, unless it failed before
             if self.failed[j]:
                 continue
             try:
