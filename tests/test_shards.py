@@ -146,3 +146,31 @@ def test_a_bad_shard_path_is_one_line_and_exit_2(data, tmp_path):
     code, _, err = cli("fit", "--data", str(data / "shards" / "train"), "--out", str(tmp_path / "run3"))
     assert code == 2 and "needs its own validation shards" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_the_tar_reader_reads_what_tarfile_reads(fmt):
+    """Long names (ustar prefix, GNU long name, pax path), non-ASCII names, sizes over a block, a folder entry."""
+    import io
+    import tarfile
+
+    from finetunekit.shardfiles import NotATar, tar_members
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=getattr(tarfile, fmt)) as t:
+        for i, name in enumerate(["a/" * 60 + "x.jpg", "short.cls", "d" * 90 + "/" + "e" * 40 + ".txt", "ü-ñ.json"]):
+            data = bytes([i]) * (i * 700 + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        t.addfile(folder)
+    raw = out.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        want = [(m.name, t.extractfile(m).read()) for m in t if m.isfile()]
+    assert list(tar_members(io.BytesIO(raw), lambda name: True)) == want and len(want) == 4
+    assert [d for _, d in tar_members(io.BytesIO(raw), lambda name: name.endswith(".cls"))] == \
+        [None, b"\x01" * 703, None, None]
+    with pytest.raises(NotATar):
+        list(tar_members(io.BytesIO(b"not a tar file" * 100), lambda name: True))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserError, first_line
 from ..imagefiles import to_rgb
 from ..shardfiles import (IMAGE_EXTS, LABEL_EXTS, ClassIndex, ShardLabels, class_index, declared_classes, key_and_ext,
-                          parse_label, read_labels, shard_files, split_folders)
+                          parse_label, read_labels, shard_files, split_folders, tar_members)
 from . import die_with_parent, target
 from .order import sample_rng, sample_seed
 
@@ -166,20 +165,23 @@ def _shuffled(stream, size: int, rng: random.Random):
 
 
 def _grouped(path: str):
-    """(key, {extension: bytes}) per sample of a tar shard, streamed front to back."""
+    """(key, {extension: bytes}) per sample of a tar shard, streamed front to back (the image and label members
+    read, the others skipped)."""
     key, members = None, {}
-    with tarfile.open(path, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = key_and_ext(member.name)
+
+    def wanted(name: str) -> bool:
+        last = name.rpartition(".")[2].lower()
+        return last in IMAGE_EXTS or last in LABEL_EXTS
+
+    with open(path, "rb", buffering=1 << 20) as f:
+        for name, data in tar_members(f, wanted):
+            k, ext = key_and_ext(name)
             if k != key:
                 if members:
                     yield key, members
                 key, members = k, {}
-            last = ext.rpartition(".")[2]
-            if last in IMAGE_EXTS or last in LABEL_EXTS:
-                members[ext] = tar.extractfile(member).read()
+            if data is not None:
+                members[ext] = data
     if members:
         yield key, members
 
