@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -478,8 +479,11 @@ def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
         trial.train.batch_size, trial.train.grad_accum = size, -(-target // size)
         inputs = prepare_inputs(trial.task, trial.data, trial.model, trial.train, gpu=gpu)
         module = inputs.backbone.module.to(accelerator.device)
-        loader = inputs.train_loader
-        samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
+        loader = getattr(inputs.train_loader, "loader", inputs.train_loader)  # a stream's DataLoader (data.shards)
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):  # shards: the first samples of the stream
+            samples = list(itertools.islice(iter(loader.dataset), min(size, len(loader.dataset))))
+        else:
+            samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
         batch = send_to_device(loader.collate_fn(samples), accelerator.device)  # tensors, dicts, lists of either
         buffers = {k: b.clone() for k, b in module.named_buffers()}  # BatchNorm statistics: put back after
         try:

@@ -174,3 +174,13 @@ def test_the_tar_reader_reads_what_tarfile_reads(fmt):
         [None, b"\x01" * 703, None, None]
     with pytest.raises(NotATar):
         list(tar_members(io.BytesIO(b"not a tar file" * 100), lambda name: True))
+
+
+def test_batch_size_auto_probes_with_the_first_samples_of_the_stream(data, tmp_path):
+    run = finetunekit.fit({"model": {"name": "timm:test_efficientnet", "pretrained": False},
+                           "train": {"epochs": 1, "batch_size": "auto", "seed": 0, "strategy": "full"}, "quiet": True,
+                           "out": str(tmp_path / "auto"),
+                           "data": {"image_size": 32, "num_workers": 0, "path": str(data / "shards"),
+                                    "val": str(data / "shards" / "val")}})
+    recipe = (run.run_dir / "recipe.yaml").read_text()
+    assert "batch_size: 32" in recipe and run.metrics["epochs_run"] == 1  # the first size tried fits on the CPU
