@@ -109,9 +109,13 @@ def tar_members(f, wanted):
         header = f.read(512)
         if len(header) < 512 or header == bytes(512):
             return
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field as spaces
+        try:
+            checksum, size = _octal(header[148:156]), _octal(header[124:136])
+        except ValueError:
+            raise NotATar("not a tar header") from None
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counted as spaces
             raise NotATar("bad tar header checksum")
-        size, kind = _octal(header[124:136]), header[156:157]
+        kind = header[156:157]
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
