@@ -184,3 +184,54 @@ def test_batch_size_auto_probes_with_the_first_samples_of_the_stream(data, tmp_p
                                     "val": str(data / "shards" / "val")}})
     recipe = (run.run_dir / "recipe.yaml").read_text()
     assert "batch_size: 32" in recipe and run.metrics["epochs_run"] == 1  # the first size tried fits on the CPU
+
+
+def _sigterm_at(monkeypatch, where: str, n: int = 1):
+    """SIGTERM the n-th time the run reaches the fault point `where`: it checkpoints at the next update and stops."""
+    import os
+    import signal
+
+    from finetunekit import faults
+
+    real, seen = faults.point, []
+
+    def point(name):
+        if name == where:
+            seen.append(name)
+            if len(seen) == n:
+                monkeypatch.setattr(faults, "point", real)
+                os.kill(os.getpid(), signal.SIGTERM)
+        real(name)
+
+    monkeypatch.setattr(faults, "point", point)
+
+
+def _shard_recipe(data, out, **train):
+    return {"model": {"name": "timm:test_efficientnet", "pretrained": False}, "quiet": True, "out": str(out),
+            "train": {"epochs": 2, "batch_size": 8, "seed": 0, "strategy": "full", **train},
+            "data": {"image_size": 32, "num_workers": 0, "augment": "light", "path": str(data / "shards")}}
+
+
+def test_a_stream_resumes_exactly_from_an_epoch_end_and_restarts_a_cut_epoch(data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from finetunekit.errors import TrainingStopped
+
+    def final(run):
+        return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+
+    finetunekit.fit(_shard_recipe(data, tmp_path / "ref"))
+    _sigterm_at(monkeypatch, "after-eval")
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM"):
+        finetunekit.fit(_shard_recipe(data, tmp_path / "epoch"))
+    finetunekit.fit({"resume": str(tmp_path / "epoch"), "quiet": True})
+    ref, resumed = final(tmp_path / "ref"), final(tmp_path / "epoch")
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref), "final weights differ"
+
+    _sigterm_at(monkeypatch, "batch", 20)  # epoch 2, batch 5
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM"):
+        finetunekit.fit(_shard_recipe(data, tmp_path / "cut", checkpoint_every="epoch"))
+    run = finetunekit.fit({"resume": str(tmp_path / "cut"), "quiet": True})
+    log = (tmp_path / "cut" / "log.txt").read_text()
+    assert "is 5 batches into epoch 2; shard data is a stream, so the epoch starts again from its first batch" in log
+    assert run.metrics["epochs_run"] == 2
