@@ -117,7 +117,8 @@ def main(argv=None) -> int:
             out = shards.parent / f"bench-shards-run-{side}"
             run = finetunekit.fit({**common, "data": {**opts, **data}, "out": str(out), "overwrite": out.exists()})
             fits[side] = run.metrics
-            print(f"fit {side}: {run.metrics['train_samples_per_s']:.0f} samples/s, wall {run.metrics['wall_seconds']:.0f}s, "
+            print(f"fit {side}: {run.metrics['train_samples_per_s']:.0f} samples/s, "
+                  f"wall {run.metrics['wall_seconds']:.0f}s, "
                   f"val accuracy {run.metrics['val']['accuracy']:.4f}", flush=True)
         line += (f" fit_samples_per_s: files={fits['files']['train_samples_per_s']:.0f} "
                  f"shards={fits['shards']['train_samples_per_s']:.0f} "

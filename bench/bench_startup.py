@@ -42,7 +42,8 @@ whole, _, _ = checkpoint.content_hash({"train": [Path(p) for p in s.train.paths]
 hashed = time.perf_counter()
 kept = sorted(p for p in s.train.paths + s.val.paths if not Path(p).name.startswith("zz-"))
 common, _, _ = checkpoint.content_hash({"train": [Path(p) for p in kept]})  # the undamaged files: both sides keep them
-print(json.dumps({"scan": scanned - started, "hash": hashed - scanned, "files": len(s.train) + len(s.val) + len(s.skipped),
+print(json.dumps({"scan": scanned - started, "hash": hashed - scanned,
+                  "files": len(s.train) + len(s.val) + len(s.skipped),
                   "skipped": sorted(p for p, _ in s.skipped), "content": whole, "common": common}))
 """
 

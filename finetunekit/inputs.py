@@ -163,10 +163,10 @@ def prepare_image_shards(task_name: str, d: DataConfig, m: ModelConfig, t: Train
 
     size = backbone.preprocessing.input_size
     train_loader = loader(splits.train, train_tf, True)
-    summary = [f"classes: {len(splits.classes)}; images: {splits.train.total} train, {splits.val.total} val"
-               f"{f', {splits.test.total} test' if splits.test else ''}, streamed from "
-               f"{len(splits.train.files)} + {len(splits.val.files)}{f' + {len(splits.test.files)}' if splits.test else ''}"
-               f" shard(s); {len(train_loader.dataset)} training samples an epoch"]
+    test = (f", {splits.test.total} test", f" + {len(splits.test.files)}") if splits.test else ("", "")
+    summary = [f"classes: {len(splits.classes)}; images: {splits.train.total} train, {splits.val.total} val{test[0]}, "
+               f"streamed from {len(splits.train.files)} + {len(splits.val.files)}{test[1]} shard(s); "
+               f"{len(train_loader.dataset)} training samples an epoch"]
     return Prepared(backbone, task, train_loader, loader(splits.val, eval_tf, False),
                     loader(splits.test, eval_tf, False) if splits.test is not None else None,
                     {"classes": splits.classes, **splits.record, "skipped": []}, 0, name, workers, size, None,

@@ -25,7 +25,7 @@ from .evaluation import evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
 from .preflight import preflight
-from .resume import RECIPE, Resume, restore, resume_recipe
+from .resume import RECIPE, Resume, restart_cut_epoch, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
 from .strategies import plural
@@ -159,11 +159,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     state, rng = (None, None) if resume is None else \
         restore(resume, out, recipe.resume_force, accelerator.unwrap_model(module, keep_torch_compile=False),
                 optimizer, scheduler, checkpoints, accelerator)
-    if state is not None and state.batch and inputs.streamed:  # a stream cannot skip to a batch: data.shards
-        log.warning("warning: --resume: the checkpoint is %d batches into epoch %d; shard data is a stream, so the "
-                    "epoch starts again from its first batch (not an exact resume)", state.batch, state.epoch + 1)
-        state.batch = state.seen = 0
-        state.loss_sum = state.running = state.epoch_seconds = state.grad_norm_sum = state.grad_norms = 0.0
+    if state is not None and inputs.streamed:
+        restart_cut_epoch(state)  # a stream cannot skip to a batch: data.shards
     (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(), encoding="utf-8")
     write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)

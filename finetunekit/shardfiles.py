@@ -24,7 +24,8 @@ from .errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 LABEL_EXTS = ("cls", "txt", "json")
-EXPECTED = "expected WebDataset .tar shards: a .tar file, a pattern like train-{000000..000009}.tar, or a folder of .tar files"
+EXPECTED = ("expected WebDataset .tar shards: a .tar file, a pattern like train-{000000..000009}.tar, or a folder "
+            "of .tar files")
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
@@ -68,7 +69,8 @@ def shard_files(path: Path | str, option: str) -> list[Path]:
     files = [Path(f) for f in expand(str(p))]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        which = "no such shard file" if len(files) == 1 else f"{len(missing)} of {len(files)} shard files missing, first"
+        which = "no such shard file" if len(files) == 1 else \
+            f"{len(missing)} of {len(files)} shard files missing, first"
         raise UserError(f"{option} {p}: {which}: {missing[0]} ({EXPECTED})")
     return files
 
