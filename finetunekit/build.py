@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
     else the model on its loaders as prepared."""
     d, t = recipe.data, recipe.train
     reason = features.why_not(d, recipe.modality, inputs.backbone) or \
+        ("shard data is streamed: nothing is cached" if inputs.streamed else None) or \
         ("--qat trains through the fake-quantized backbone" if t.qat else None) or \
         ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None) or \
         (f"--peft {recipe.model.peft}: the head is peft's trained copy inside the model" if recipe.model.peft else None)
@@ -215,6 +217,10 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
             log.info("the head-only phase (%s) trains on cached features", plural(k, "epoch"))
         else:
             log.info("head-only phase: features not cached: %s", reason)
+    if inputs.streamed:  # shards: read as a stream every epoch (docs/data.md)
+        log.info("decoded images: not cached (shard data is streamed)")
+        return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off",
+                       cached_phases)
     if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes
         return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, None,
                        cached_phases)
@@ -247,6 +253,7 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
     import timm
 
     from .checkpoint import sha256_file
+    from .data import ImageDataset, Split
 
     backbone = inputs.backbone
     train_ds, val_ds = inputs.train_loader.dataset, inputs.val_loader.dataset
@@ -281,8 +288,7 @@ def cached_features(d: DataConfig, m: ModelConfig, t: TrainConfig, inputs: Prepa
         items = {k: (path, label) for split, ds in splits.items()
                  for k, path, label in zip(file_keys[split], ds.paths, ds.labels)}
         keys = sorted(items)
-        pool = copy.copy(val_ds)
-        pool.paths, pool.labels = [items[k][0] for k in keys], [items[k][1] for k in keys]
+        pool = ImageDataset(Split([items[k][0] for k in keys], [items[k][1] for k in keys]), val_ds.transform)
         x, y = extract(pool, False, "train and val, pooled", {
             **common, "data": _sha256_of(keys), "transform": repr(val_ds.transform), "views": 1, "seed": None})
         index = {k: i for i, k in enumerate(keys)}
@@ -380,7 +386,8 @@ def teacher_logits(recipe: Recipe, inputs: Prepared, trained: Trained, teacher, 
             out = dataclasses.replace(out, features=(head, attach(train, logits), val))
         sources.append("cached" if trained.cached else "cached (head phase, on features)")
     if not trained.cached:
-        reason = why_live(d, recipe.modality, t.kd_cache)
+        reason = ("shard data is streamed: nothing is cached" if inputs.streamed else None) or \
+            why_live(d, recipe.modality, t.kd_cache)
         if reason is None:
             ds, parts, own, collate = _teacher_inputs(recipe, inputs, trained, teacher, split_hashes)
             logits = cached(teacher, parts, "train", ds, [list(range(len(ds)))], collate=collate,
@@ -472,8 +479,11 @@ def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
         trial.train.batch_size, trial.train.grad_accum = size, -(-target // size)
         inputs = prepare_inputs(trial.task, trial.data, trial.model, trial.train, gpu=gpu)
         module = inputs.backbone.module.to(accelerator.device)
-        loader = inputs.train_loader
-        samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
+        loader = getattr(inputs.train_loader, "loader", inputs.train_loader)  # a stream's DataLoader (data.shards)
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):  # shards: the first samples of the stream
+            samples = list(itertools.islice(iter(loader.dataset), min(size, len(loader.dataset))))
+        else:
+            samples = [loader.dataset[(i, 0)] for i in range(min(size, len(loader.dataset)))]
         batch = send_to_device(loader.collate_fn(samples), accelerator.device)  # tensors, dicts, lists of either
         buffers = {k: b.clone() for k, b in module.named_buffers()}  # BatchNorm statistics: put back after
         try:

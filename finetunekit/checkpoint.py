@@ -13,7 +13,6 @@ the new one is complete.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import TrainingStopped, UserError
+from .filehash import sha256_file  # noqa: F401 - re-exported: build.py and others import it from here
 
 log = logging.getLogger("finetunekit")
 
@@ -41,20 +41,6 @@ CHECKPOINTS = "checkpoints"
 CORE_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # the rest are add-ons'
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    st = os.stat(path)
-    return _sha256_file(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def _sha256_file(path: str, size: int, mtime_ns: int) -> str:  # a file hashed once per process while unchanged
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -44,6 +44,7 @@ class Prepared:
     sources: dict[str, list[Path]] = field(default_factory=dict)  # split -> the files training reads (hashed:
     # resume's drift guard; byte-identical images across train and val are reported as leakage)
     train_targets: list = field(default_factory=list)  # per training sample: what --strategy auto counts
+    streamed: bool = False  # shard data: an IterableDataset per split; no decoded-image or feature cache
 
 
 def _counts(splits, noun: str) -> str:
@@ -99,6 +100,10 @@ def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig
     from .data.sources import resolve_table_splits
     from .models import create_backbone
 
+    from .shardfiles import is_shards
+
+    if task_name == "image-classification" and is_shards(d.path):
+        return prepare_image_shards(task_name, d, m, t, gpu=gpu)
     name = _model_name(task_name, m)
     if task_name == "image-classification":
         splits = resolve_splits(d.path, d.val, d.test, d.val_fraction, t.seed, d.max_bad_fraction)
@@ -133,6 +138,40 @@ def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig
                     sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
                              "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]},
                     train_targets=list(splits.train.labels))
+
+
+def prepare_image_shards(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
+    """image-classification from WebDataset tar shards, streamed (data.shards, docs/data.md): the label pass
+    only, then the model, then a ShardImages loader per split."""
+    from .data import build_transform, default_workers
+    from .data.shards import make_shard_loader, resolve_shard_splits
+    from .models import create_backbone
+
+    name = _model_name(task_name, m)
+    splits = resolve_shard_splits(d.path, d.val, d.test)
+    task = _task(task_name, t, splits.classes, splits.train.labels)
+    backbone = create_backbone(name, task.num_outputs, pretrained=m.pretrained, weights=m.weights,
+                               drop_path=m.drop_path, head=m.head, dropout=m.dropout, image_size=d.image_size,
+                               labels=splits.classes, kind=TASK_CLASSES[task_name].kind)
+    workers = default_workers() if d.num_workers is None else d.num_workers
+    train_tf = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
+    eval_tf = build_transform(backbone.preprocessing, "none")
+
+    def loader(split, tf, train: bool) -> DataLoader:
+        return make_shard_loader(split, splits.classes, tf, t.batch_size * (1 if train else 2), train=train,
+                                 workers=workers, seed=t.seed, pin_memory=gpu)
+
+    size = backbone.preprocessing.input_size
+    train_loader = loader(splits.train, train_tf, True)
+    test = (f", {splits.test.total} test", f" + {len(splits.test.files)}") if splits.test else ("", "")
+    summary = [f"classes: {len(splits.classes)}; images: {splits.train.total} train, {splits.val.total} val{test[0]}, "
+               f"streamed from {len(splits.train.files)} + {len(splits.val.files)}{test[1]} shard(s); "
+               f"{len(train_loader.dataset)} training samples an epoch"]
+    return Prepared(backbone, task, train_loader, loader(splits.val, eval_tf, False),
+                    loader(splits.test, eval_tf, False) if splits.test is not None else None,
+                    {"classes": splits.classes, **splits.record, "skipped": []}, 0, name, workers, size, None,
+                    f"input {size}px", summary, extra_config={"head_type": m.head} if m.head != "linear" else {},
+                    sources={}, train_targets=list(splits.train.labels), streamed=True)
 
 
 def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:

@@ -9,6 +9,7 @@ import importlib.util
 
 from .config import TASK_KIND, TASKS, Recipe
 from .errors import UserError
+from .shardfiles import is_shards, shard_files
 
 
 # options that only one kind of input reads: setting one for the other is a mistake worth a message
@@ -55,9 +56,12 @@ def preflight(recipe: Recipe) -> None:
         raise UserError("--data: required: " + ("a folder of class folders, a folder with train/ and val/, "
                                                 "or a CSV manifest path,label" if modality == "image" else
                                                 "a CSV, TSV, JSONL or Parquet table"))
+    shards = recipe.task == "image-classification" and is_shards(d.path)
     for flag, path in (("--data", d.path), ("--val", d.val), ("--test", d.test), ("--weights", m.weights),
                        ("--synonyms", d.synonyms)):
-        if path is not None and not path.exists():
+        if shards and flag in ("--data", "--val", "--test") and path is not None and not path.is_dir():
+            shard_files(path, flag)  # each file of a pattern exists, or the one-line error names the first missing
+        elif path is not None and not path.exists():
             raise UserError(f"{flag} {path}: no such file or folder")
     detection = recipe.task == "detection"
     for wrong in (_TEXT_ONLY if modality == "image" else _IMAGE_ONLY, _NOT_DETECTION if detection else _DETECTION_ONLY):
@@ -98,7 +102,7 @@ def preflight(recipe: Recipe) -> None:
     check_head(m.head)
     parse_period(t.checkpoint_every)
 
-    if modality == "image" and not detection:
+    if modality == "image" and not detection and not shards:
         from .data.detection import looks_like_detection
 
         hint = looks_like_detection(d.path)

@@ -109,3 +109,14 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
     log.info("resuming from %s: epoch %d, batch %d, %d updates done", resume.checkpoint, state.epoch + 1,
              state.batch, state.updates)
     return state, (tensors["rng.safetensors"], meta["rng"])
+
+
+def restart_cut_epoch(state) -> None:
+    """A checkpoint written in the middle of an epoch, resumed on a stream (shard data: no sampler to skip
+    batches with): the epoch starts again from its first batch, its partial sums dropped; said in the log."""
+    if not state.batch:
+        return
+    log.warning("warning: --resume: the checkpoint is %d batches into epoch %d; shard data is a stream, so the epoch "
+                "starts again from its first batch (not an exact resume)", state.batch, state.epoch + 1)
+    state.batch = state.seen = 0
+    state.loss_sum = state.running = state.epoch_seconds = state.grad_norm_sum = state.grad_norms = 0.0

@@ -27,7 +27,7 @@ from .evaluation import evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
 from .preflight import preflight
-from .resume import RECIPE, Resume, restore, resume_recipe
+from .resume import RECIPE, Resume, restart_cut_epoch, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
 from .strategies import plural
@@ -164,6 +164,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     state, rng = (None, None) if resume is None else \
         restore(resume, out, recipe.resume_force, accelerator.unwrap_model(module, keep_torch_compile=False),
                 optimizer, scheduler, checkpoints, accelerator)
+    if state is not None and inputs.streamed:
+        restart_cut_epoch(state)  # a stream cannot skip to a batch: data.shards
     (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(), encoding="utf-8")
     write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)
@@ -231,6 +233,10 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     metrics.update(addons.finish(best, model_dir if accelerator.is_main_process else None, score))
     accelerator.end_training()
     metrics.update(_run_metrics(recipe, inputs, hyper, result, accelerator, started, resume))
+    metrics["unreadable_in_training"] = failed = _unreadable(inputs, trained)
+    if failed:
+        log.warning("warning: %d image file(s) passed the start-up check but could not be decoded during the run; "
+                    "each was replaced by the next image of its split", failed)
     write_json(out / "metrics.json", metrics)
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
@@ -256,6 +262,15 @@ def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, cached: bool,
     log.info("optimizer: %s lr %.3g (effective batch %d), weight decay %g%s, warmup %s + %s decay; %s/epoch",
              t.optimizer, hyper.lr, hyper.effective_batch, t.weight_decay, extras, plural(hyper.warmup, "epoch"),
              hyper.scheduler, plural(updates_per_epoch, "update"))
+
+
+def _unreadable(inputs, trained) -> int:
+    """Files that failed to decode during the run (data.unreadable), over every dataset it read."""
+    from .data import unreadable
+
+    loaders = (inputs.train_loader, inputs.val_loader, inputs.test_loader, trained.train_loader, trained.val_loader)
+    datasets = {id(d): d for loader in loaders if (d := getattr(loader, "dataset", None)) is not None}
+    return unreadable(datasets.values())
 
 
 def _peak_rss_mb() -> dict[str, float]:

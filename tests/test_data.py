@@ -272,15 +272,15 @@ def test_scan_images_truncated_jpeg_is_caught_by_full_decode(tmp_path):
     assert "OSError" in report.bad[0][1] or "truncated" in report.bad[0][1].lower()
 
 
-def test_scan_images_modes_and_threads(tmp_path):
+def test_scan_images_modes_and_processes(tmp_path):
     paths = []
     for i in range(5):
         paths.append(str(save_image(tmp_path / f"rgb{i}.png")))
     for i in range(3):
         paths.append(str(save_image(tmp_path / f"la{i}.png", mode="LA", color=(1, 2))))
     paths.append(str(save_image(tmp_path / "cmyk.jpg", mode="CMYK", color=(0, 0, 0, 0))))
-    for threads in (1, 4):
-        report = scan_images(paths, threads=threads)
+    for processes in (1, 4):  # 4: a pool of forked processes (when the list is long: test_scan.py)
+        report = scan_images(paths, processes=processes)
         assert report.ok == [True] * 9
         assert report.bad == []
         assert report.modes == Counter({"RGB": 5, "LA": 3, "CMYK": 1})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError, first_line
 from .images import load_rgb, to_rgb
 from .order import EpochBatches, sample_rng, split_key
 from .sources import Split, Splits, resolve_splits
@@ -23,7 +25,7 @@ from .transforms import Preprocessing, build_transform
 
 __all__ = ["ImageDataset", "Preprocessing", "Split", "Splits", "build_transform", "cache_key", "cache_root",
            "cache_unwritable", "default_workers", "die_with_parent", "load_rgb", "make_loader", "resolve_splits",
-           "target", "to_rgb"]
+           "target", "to_rgb", "unreadable"]
 
 log = logging.getLogger("finetunekit")
 
@@ -60,19 +62,40 @@ def target(label):
 
 
 class ImageDataset(Dataset):
-    """(image tensor [3, H, W], class index) for each file of a split."""
+    """(image tensor [3, H, W], class index) for each file of a split.
+
+    A file that passed the start-up scan but fails to decode now (damaged after the scan, or broken in a way
+    only a full decode finds: data.images) is replaced by the next file of the split that decodes, with its
+    own target, so batches keep their size; it is counted once in `failed` (memory shared with the loader's
+    workers) and logged once per process. `unreadable(datasets)` sums the counts for metrics.json."""
 
     def __init__(self, split: Split, transform):
         self.paths, self.labels, self.transform = split.paths, split.labels, transform
+        self.failed = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()  # 1: failed to decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = split_key(key)  # training keys carry a per-sample seed for the augmentation (data.order)
-        with sample_rng(seed):
-            x = self.transform(load_rgb(self.paths[i]))
-        return x, target(self.labels[i])
+        for j in itertools.chain(range(i, len(self.paths)), range(i)):  # i itself, unless it failed before
+            if self.failed[j]:
+                continue
+            try:
+                image = load_rgb(self.paths[j])
+            except Exception as e:  # noqa: BLE001 - any decode failure: skipped and counted
+                self.failed[j] = 1
+                log.warning("warning: %s: cannot be decoded (%s); replaced by the next image of its split and "
+                            "counted in metrics.json's unreadable_in_training", self.paths[j], first_line(e))
+                continue
+            with sample_rng(seed):
+                return self.transform(image), target(self.labels[j])
+        raise UserError(f"{self.paths[i]}: no image of this split can be decoded any more")
+
+
+def unreadable(datasets) -> int:
+    """How many files of these datasets failed to decode during the run (ImageDataset.failed)."""
+    return sum(int(f.sum()) for d in datasets if (f := getattr(d, "failed", None)) is not None)
 
 
 def default_workers() -> int:

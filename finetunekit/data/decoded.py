@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import first_line
 from . import cache_key, cache_root, cache_unwritable, target
 from .images import load_rgb
 from .order import sample_rng, split_key
@@ -60,6 +61,8 @@ class DecodedImages(Dataset):
     def __init__(self, entry: Path, labels: list, transform=None):
         self.entry, self.labels, self.transform = Path(entry), labels, transform
         self.index = np.load(self.entry / INDEX)
+        self.failed = torch.from_numpy((self.index[:, 1] == 0).astype(np.uint8))  # not decodable at the build
+        self.readable = np.flatnonzero(self.index[:, 1] > 0)
         self._pixels: np.memmap | None = None  # opened in each worker process on first use
 
     def __len__(self) -> int:
@@ -70,6 +73,9 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = split_key(key)
+        if self.failed[i]:  # replaced by the next image that decoded (wrapping round), as ImageDataset does
+            later = self.readable[self.readable > i]
+            i = int(later[0] if len(later) else self.readable[0])
         if self._pixels is None:
             self._pixels = np.memmap(self.entry / PIXELS, dtype=np.uint8, mode="r")
         offset, h, w = (int(v) for v in self.index[i])
@@ -121,7 +127,15 @@ def estimate_bytes(paths: list[str], store, sample: int = 256) -> int:
 
 
 def _decode(store, path: str) -> np.ndarray:
-    return np.asarray(store(load_rgb(path)), dtype=np.uint8)  # [H, W, 3]: load_rgb gives RGB, resizing keeps it
+    """[H, W, 3] uint8 (load_rgb gives RGB, resizing keeps it); [0, 0, 3] for a file that no longer decodes
+    (stored so, replaced when read: DecodedImages)."""
+    try:
+        image = load_rgb(path)
+    except Exception as e:  # noqa: BLE001 - any decode failure: skipped and counted
+        log.warning("warning: %s: cannot be decoded (%s); replaced by the next image of its split and counted in "
+                    "metrics.json's unreadable_in_training", path, first_line(e))
+        return np.zeros((0, 0, 3), dtype=np.uint8)
+    return np.asarray(store(image), dtype=np.uint8)
 
 
 def build(entry: Path, paths: list[str], store, threads: int | None = None) -> int:

@@ -127,7 +127,7 @@ def _read_manifest(path: Path, option: str) -> LabeledFiles:
 
 
 def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], int]:
-    """Decode every file once; drop the unreadable ones from each set in place and log them.
+    """Check every file once (data.images.scan_images); drop the unreadable ones from each set in place and log them.
 
     Returns ((path, reason) for each skipped file, the number of files scanned).
     """
