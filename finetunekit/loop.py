@@ -154,13 +154,15 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             module, batches, validation = features if cached else (model, train_loader, val_loader)
             task.input_transform = None if cached else images_transform  # feature vectors are not images
             sampler = _epoch_batches(batches)
-            order = batches if hasattr(batches, "set_epoch") else sampler  # accelerate forwards it to ours
             params = [p for p in module.parameters() if p.requires_grad]
             if epoch > 0 or len(cfg.plan.phases) > 1:
                 log.info("epoch %d: training %s; %d tensors, lr x%g%s", epoch + 1, phase.description, len(params),
                          phase.lr_mult, ", on cached features" if cached else "")
         set_train_mode(module, inner if module is model else None)
-        order.set_epoch(epoch)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)  # accelerate's loader: its own count (it forwards it to ours on one process)
+        if sampler is not None:  # ours, directly: accelerate's BatchSamplerShard (2+ processes) does not forward it
+            sampler.set_epoch(epoch)
         if state.batch:
             sampler.skip(state.batch * accelerator.num_processes)  # each process trains every N-th batch
             log.info("resuming epoch %d at batch %d", epoch + 1, state.batch + 1)

@@ -119,17 +119,17 @@ def test_validation_and_evaluate_count_each_sample_once(images, tmp_path):
     r = torchrun(*_fit_args(images, run, 8, "--epochs", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert _metrics(run)["val"]["samples"] == 21
-    two = torchrun("evaluate", str(run), str(images["val"]), "--cpu", "--batch-size", "4", "--output",
+    two = torchrun("evaluate", str(run), "--data", str(images["val"]), "--cpu", "--batch-size", "4", "--output",
                    str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stderr[-3000:]
-    single = one("evaluate", str(run), str(images["val"]), "--cpu", "--batch-size", "4", "--output",
+    single = one("evaluate", str(run), "--data", str(images["val"]), "--cpu", "--batch-size", "4", "--output",
                  str(tmp_path / "one.json"))
     assert single.returncode == 0, single.stderr[-3000:]
     m2, m1 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert m2["samples"] == m1["samples"] == 21
     assert m2["accuracy"] == m1["accuracy"] and m2["macro_f1"] == pytest.approx(m1["macro_f1"], abs=1e-9)
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-6)
-    assert two.stdout.count("accuracy") == 1  # printed by process 0 alone
+    assert two.stdout.count("samples 21") == 1  # printed by process 0 alone
 
 
 def test_one_killed_process_then_resume_reproduces_the_uninterrupted_run(images, tmp_path):
@@ -142,7 +142,7 @@ def test_one_killed_process_then_resume_reproduces_the_uninterrupted_run(images,
     out = tmp_path / "run"
     killed = torchrun(*args(out), env={"FINETUNEKIT_FAULT": "batch@7", "FINETUNEKIT_FAULT_RANK": "1"})
     assert killed.returncode != 0
-    assert "Traceback" not in killed.stderr.split("torch.distributed.elastic")[0]  # ours: one line, no trace
+    assert killed.stderr.count("Traceback") == 1  # torchrun's own report (ChildFailedError); none from process 0
     assert (out / "checkpoints").is_dir()
     resumed = torchrun(*args(out, "--resume", str(out)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
