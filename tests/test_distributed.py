@@ -1,6 +1,7 @@
 """Training in two processes on the CPU (gloo), launched as users launch it: torchrun, or `fit --processes 2`.
 
-Marker `distributed` (excluded by default; `pytest -m distributed`): every test starts several processes.
+Marker `distributed` (excluded by default; `pytest -m distributed`) on every test that starts several processes;
+the few checks at the end run in one process, in the default suite.
 Each process gets OMP_NUM_THREADS=1. The model is timm's tiny test ViT (LayerNorm, no BatchNorm, no dropout):
 what remains between one process with the global batch and two with half of it each is the order of float
 reductions (docs/distributed.md has the measured differences).
@@ -20,8 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CIFAR, ROOT, SHARED_DATA, run_cli, save_tiny_bert, write_manifest
-
-pytestmark = pytest.mark.distributed
 
 SST2 = SHARED_DATA / "sst2"
 # one process with batch 16 against two with 8 each: the same samples in every update (data/order.py's batches
@@ -87,6 +86,7 @@ STRATEGIES = {"full": (), "freeze-unfreeze": (), "lp-ft": ("--head-epochs", "1")
               "gradual": ("--epochs", "3", "--unfreeze-every", "1")}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_processes_match_one_with_the_same_global_batch(images, tmp_path, strategy):
     """(a) both processes hold the same weights after training; (b) they match one process with the global
@@ -112,6 +112,7 @@ def test_two_processes_match_one_with_the_same_global_batch(images, tmp_path, st
         assert "training all parameters" in two.stderr or "down to" in two.stderr
 
 
+@pytest.mark.distributed
 def test_validation_and_evaluate_count_each_sample_once(images, tmp_path):
     """(d) 21 validation samples over two processes: gather_for_metrics drops the sampler's padding, so the
     metrics equal one process's exactly (the same saved model, scored both ways)."""
@@ -132,6 +133,7 @@ def test_validation_and_evaluate_count_each_sample_once(images, tmp_path):
     assert two.stdout.count("samples 21") == 1  # printed by process 0 alone
 
 
+@pytest.mark.distributed
 def test_one_killed_process_then_resume_reproduces_the_uninterrupted_run(images, tmp_path):
     """(e) kill -9 of process 1 mid-epoch 2, `--resume` with two processes: the final weights are exactly the
     uninterrupted two-process run's."""
@@ -152,6 +154,7 @@ def test_one_killed_process_then_resume_reproduces_the_uninterrupted_run(images,
         (tmp_path / "reference" / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.distributed
 def test_process_zero_alone_writes_the_run_and_logs_each_line_once(images, tmp_path):
     """(f) a new --out, then --overwrite of that run (the replaced run moved aside once, not by each process):
     one set of files, every log line once on stderr and in log.txt."""
@@ -168,6 +171,7 @@ def test_process_zero_alone_writes_the_run_and_logs_each_line_once(images, tmp_p
                                                      "split.json", "steps.csv", "tensorboard"]
 
 
+@pytest.mark.distributed
 def test_processes_option_starts_them_and_errors_stay_one_line(images, tmp_path):
     """`fit --processes 2` really starts two processes; a bad option stops before any starts (exit 2, one
     line); a failure of process 1 alone reaches process 0 as a line, not a gloo stack trace."""
@@ -186,6 +190,7 @@ def test_processes_option_starts_them_and_errors_stay_one_line(images, tmp_path)
     assert "fit --processes 2: process 1 stopped (exit code 1)" in oom.stderr
 
 
+@pytest.mark.distributed
 def test_two_nodes_on_localhost(images, tmp_path):
     """Multi-node through torchrun's rendezvous: two invocations, --nnodes 2 --node_rank 0/1, one process each."""
     import socket
@@ -204,6 +209,7 @@ def test_two_nodes_on_localhost(images, tmp_path):
     assert "processes: 2" in results[0][1] and "processes: 2" not in results[1][1]  # node 1 logs nothing
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not SST2.is_dir(), reason="../shared/data/sst2 not found")
 def test_text_two_processes_match_one(tmp_path):
     """A tiny BERT (from a config, the real MiniLM tokenizer) on 64 SST-2 rows: in step, and within PARITY of
@@ -226,3 +232,41 @@ def test_text_two_processes_match_one(tmp_path):
     diff = _max_diff(_final(tmp_path / "two"), _final(tmp_path / "one"))
     print(f"text: max |param(2 processes) - param(1 process)| = {diff:.3g}")
     assert diff < PARITY
+
+
+# ---- one process, default suite ----
+
+def test_sync_bn_is_refused_on_the_cpu_and_processes_must_match_the_launcher(images, tmp_path, monkeypatch):
+    from conftest import cli
+
+    code, _, err = cli(*_fit_args(images, tmp_path / "a", 8, "--sync-bn"))
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "--sync-bn: torch's SyncBatchNorm runs on GPUs only (it has no CPU kernel)" in err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli(*_fit_args(images, tmp_path / "b", 8, "--processes", "3"))
+    assert code == 2 and "--processes 3: this process was launched with 2 processes (WORLD_SIZE)" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_sync_bn_converts_batchnorm_and_keeps_the_optimizers_parameters():
+    from finetunekit.addons import ADDONS
+    from finetunekit.models import create_backbone
+
+    module = create_backbone("timm:test_efficientnet", 3, pretrained=False).module
+    before = [id(p) for p in module.parameters()]
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    assert ADDONS["sync-bn"](1).wrap_model(module) is module  # one process: nothing to synchronize
+    converted = ADDONS["sync-bn"](2).wrap_model(module)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == norms > 0
+    assert [id(p) for p in converted.parameters()] == before
+
+
+def test_text_evaluation_batches_are_a_sized_sampler():
+    """accelerate shards a sampler with `batch_size` into even batches (and gather_for_metrics drops the
+    padding); a plain list of batches it shards unevenly, and gloo's all-gather fails on the uneven sizes."""
+    from finetunekit.data.text import SortedBatches
+
+    batches = SortedBatches([5, 1, 3, 2, 4], 2)
+    assert (batches.batch_size, batches.drop_last, len(batches)) == (2, False, 3)
+    assert list(batches) == [[1, 3], [2, 4], [0]]
