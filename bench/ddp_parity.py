@@ -69,7 +69,8 @@ def main() -> None:
         fit(base / "one-1t", 16, [], 1)
         fit(base / "one-2t", 16, [], 2)
         two, one1, one2 = (final(base / n) for n in ("two", "one-1t", "one-2t"))
-        row = {"strategy": strategy, "two_vs_one_1thread": diff(two, one1), "two_vs_one_2threads": diff(two, one2),
+        opt = args.extra.split("--optimizer")[1].split()[0] if "--optimizer" in args.extra else "adamw"
+        row = {"strategy": strategy, "lr": args.lr, "optimizer": opt, "two_vs_one_1thread": diff(two, one1), "two_vs_one_2threads": diff(two, one2),
                "one_1thread_vs_2threads": diff(one1, one2),
                "in_step": json.loads((base / "two" / "metrics.json").read_text())["processes"]}
         print(json.dumps(row))
