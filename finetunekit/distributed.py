@@ -107,6 +107,15 @@ def check_backend(accelerator) -> None:
                         f"see docs/distributed.md")
 
 
+def check_compile(accelerator, strategy: str, compile: bool) -> None:
+    """--compile with several processes and a strategy whose phases change what trains: refused before the run
+    takes its folder (the compiled graph wraps the DDP wrapper that `for_phase` would have to rebuild)."""
+    if compile and accelerator.num_processes > 1 and strategy in ("freeze-unfreeze", "lp-ft", "gradual"):
+        raise UserError(f"--compile: not with --strategy {strategy} in {accelerator.num_processes} processes yet (its "
+                        f"phase changes rebuild the DDP wrapper that torch.compile would have captured); drop "
+                        f"--compile, or use full, linear-probe, bitfit or norm-head")
+
+
 def startup_line(accelerator, batch_size: int, grad_accum: int) -> str:
     """How many processes train, on what, and the global batch: the line that makes a silent single-process
     launch visible (`accelerate launch --cpu --num_processes 2` without --multi_cpu starts one process)."""

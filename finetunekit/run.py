@@ -101,6 +101,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
     accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
+    distributed.check_compile(accelerator, recipe.train.strategy, recipe.train.compile)
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
     teacher = build.teacher(recipe, inputs, accelerator)  # --teacher: checked against the student's classes
     if resume is None:  # data and model are good: the run takes its folder (process 0; the others wait for it)

@@ -270,3 +270,17 @@ def test_text_evaluation_batches_are_a_sized_sampler():
     batches = SortedBatches([5, 1, 3, 2, 4], 2)
     assert (batches.batch_size, batches.drop_last, len(batches)) == (2, False, 3)
     assert list(batches) == [[1, 3], [2, 4], [0]]
+
+
+def test_compile_with_a_staged_strategy_in_several_processes_is_refused():
+    from finetunekit.distributed import check_compile
+    from finetunekit.errors import UserError
+
+    class Accelerator:
+        num_processes = 2
+
+    with pytest.raises(UserError, match="--compile: not with --strategy gradual in 2 processes yet"):
+        check_compile(Accelerator(), "gradual", True)
+    check_compile(Accelerator(), "full", True)  # one wrapper for the whole run: fine
+    Accelerator.num_processes = 1
+    check_compile(Accelerator(), "gradual", True)
