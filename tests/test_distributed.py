@@ -284,3 +284,15 @@ def test_compile_with_a_staged_strategy_in_several_processes_is_refused():
     check_compile(Accelerator(), "full", True)  # one wrapper for the whole run: fine
     Accelerator.num_processes = 1
     check_compile(Accelerator(), "gradual", True)
+
+
+def test_detection_in_several_processes_is_refused():
+    from finetunekit.distributed import check_task
+    from finetunekit.errors import UserError
+
+    class Accelerator:
+        num_processes = 2
+
+    with pytest.raises(UserError, match="--task detection: not in 2 processes yet"):
+        check_task(Accelerator(), "detection")
+    check_task(Accelerator(), "image-classification")
