@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all test-distributed install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+test-distributed: $(STAMP)
+	$(BIN)/python -m pytest -m distributed tests/test_distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

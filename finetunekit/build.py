@@ -421,9 +421,11 @@ def _teacher_inputs(recipe: Recipe, inputs: Prepared, trained: Trained, teacher,
         PadCollate(tok.pad_token_id, tok.padding_side == "left", torch.float32)
 
 
-def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher=None) -> AddOns:
+def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher=None, processes: int = 1) -> AddOns:
     """The run's add-ons, in the order their hooks run."""
     out = AddOns()
+    if t.sync_bn:  # first: every later hook sees the model's final layers
+        out.append(ADDONS["sync-bn"](processes))
     if t.grad_checkpointing:
         out.append(ADDONS["grad-checkpointing"](backbone))
     if t.qat:  # first: the layers it swaps are the ones every later hook sees

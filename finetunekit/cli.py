@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin
 
 from .config import build_recipe, leaf_fields, read_yaml
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model folder (tests/test_registries.py)
@@ -328,6 +328,11 @@ def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
         from .preflight import preflight
 
         preflight(recipe)  # the instant checks come before torch and the libraries load
+    n = recipe.train.processes
+    if n and n > 1 and "RANK" not in os.environ:  # --processes N: this same command in N launched processes
+        from .distributed import launch
+
+        return launch(n, args.argv, cpu=recipe.train.cpu)
     from .run import fit
 
     fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
@@ -403,6 +408,8 @@ def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
     from .run import evaluate
 
     metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher: the metrics are every process's; the first says them
+        return 0
     _print_metrics(metrics)
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -576,10 +583,22 @@ COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "search": _se
 def run(argv: list[str]) -> int:
     parser, dests = _build_parser()
     args = _parse(parser, argv)
+    args.argv = list(argv)  # --processes hands the command on as given
     if args.command is None:
         parser.print_help()
         return 0
     return COMMANDS[args.command](args, dests)
+
+
+def _peer_stopped(e: BaseException) -> bool:
+    """Whether `e` is torch.distributed's error for a process of the same run that went away (gloo's
+    'Connection closed by peer', NCCL's remote errors, a barrier's timeout)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return False
+    names = {c.__name__ for c in type(e).__mro__}
+    text = str(e)
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -591,6 +610,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("finetunekit: interrupted", file=sys.stderr)
         code = 130
+    except Exception as e:  # noqa: BLE001 - one of several processes: a peer that stopped is one line, not a trace
+        if not _peer_stopped(e):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"finetunekit: process {rank}: stopped: another process of this run stopped first (its error, if "
+              f"any, is above; {first_line(e, 120)})", file=sys.stderr)
+        code = 1
     except BrokenPipeError:  # `finetunekit predict ... | head`: the reader left; stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         code = 141  # 128 + SIGPIPE

@@ -242,6 +242,13 @@ class TrainConfig(_Section):
                               "gradient", ge=1)
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
+    processes: int | None = _opt(None, "train in N processes on this machine, one per GPU (or N CPU processes "
+                                 "with --cpu), started by torch's elastic launcher as `torchrun --nproc_per_node N` "
+                                 "would; the global batch is N x batch-size x grad-accum (docs/distributed.md)",
+                                 ge=1, le=1024)
+    sync_bn: bool = _opt(False, "with several processes, turn BatchNorm layers into SyncBatchNorm: statistics over "
+                         "the global batch instead of each process's share (CNNs; GPUs only: torch's SyncBatchNorm "
+                         "has no CPU kernel)")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass instead of "
                                     "keeping them: less memory, about a third more compute (timm and "
                                     "transformers models)")

@@ -4,7 +4,8 @@
 `:enospc` the OSError of a full disk. Points: `batch`
 (after a training batch's backward pass, before the optimizer update), `update` (after an optimizer
 update), `after-eval` (after an epoch's validation, before its checkpoint), `checkpoint-write` (inside
-a checkpoint write, before its manifest). Unset, `point` costs one dictionary lookup."""
+a checkpoint write, before its manifest). With several processes, FINETUNEKIT_FAULT_RANK=<rank> limits it to
+that process (tests/test_distributed.py kills one of two). Unset, `point` costs one dictionary lookup."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ _counts: dict[str, int] = {}
 def _target() -> tuple[str, int, str] | None:
     spec = os.environ.get("FINETUNEKIT_FAULT")
     if not spec:
+        return None
+    only = os.environ.get("FINETUNEKIT_FAULT_RANK")  # several processes: the fault strikes this rank alone
+    if only is not None and os.environ.get("RANK", "0") != only:
         return None
     spec, _, action = spec.partition(":")
     name, _, n = spec.partition("@")

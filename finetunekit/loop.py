@@ -10,6 +10,7 @@ inside a batch or an output: the task does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import faults
+from . import distributed, faults
 from .errors import TrainingStopped
 from .data.order import EpochBatches
 from .addons.base import AddOns
@@ -149,17 +150,20 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         if cfg.plan.phase_at(epoch) is not phase:
             phase = cfg.plan.phase_at(epoch)
             apply_phase(phase, inner, optimizer)
+            model = distributed.for_phase(accelerator, model)  # DDP: a reducer over exactly the trainable ones
             cached = phase.on_features and features is not None
             module, batches, validation = features if cached else (model, train_loader, val_loader)
             task.input_transform = None if cached else images_transform  # feature vectors are not images
             sampler = _epoch_batches(batches)
-            order = batches if hasattr(batches, "set_epoch") else sampler  # accelerate forwards it to ours
             params = [p for p in module.parameters() if p.requires_grad]
             if epoch > 0 or len(cfg.plan.phases) > 1:
                 log.info("epoch %d: training %s; %d tensors, lr x%g%s", epoch + 1, phase.description, len(params),
                          phase.lr_mult, ", on cached features" if cached else "")
         set_train_mode(module, inner if module is model else None)
-        order.set_epoch(epoch)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)  # accelerate's loader: its own count (it forwards it to ours on one process)
+        if sampler is not None:  # ours, directly: accelerate's BatchSamplerShard (2+ processes) does not forward it
+            sampler.set_epoch(epoch)
         if state.batch:
             sampler.skip(state.batch * accelerator.num_processes)  # each process trains every N-th batch
             log.info("resuming epoch %d at batch %d", epoch + 1, state.batch + 1)
@@ -170,7 +174,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
         start = time.perf_counter() - state.epoch_seconds
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   initial=state.batch, total=len(sampler) if sampler is not None else None,
+                   initial=state.batch, total=len(batches) if hasattr(batches, "__len__") else None,
                    disable=cfg.quiet or not accelerator.is_local_main_process)
         for batch in bar:
             batch = task.prepare(batch)
@@ -222,7 +226,7 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
                 state.loss_sum, state.running = loss_sum.item(), running.item()
                 state.grad_norm_sum, state.grad_norms = norms.tolist()
                 state.epoch_seconds = time.perf_counter() - start
-                path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
+                path = checkpoints.save(_totals(accelerator, state), inner, optimizer, scheduler, addons.state_dict(),
                                         _flush(losses, state.step))
                 if checkpoints.stop_requested:
                     raise checkpoints.stopped(path)
@@ -231,13 +235,14 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         epoch_seconds = time.perf_counter() - start
         state.train_seconds += epoch_seconds  # includes the seconds before a resume (state.epoch_seconds)
         val, weights = _validate(accelerator, module, inner, addons, validation, task, cfg, epoch)
-        seen = state.seen
+        summed = _totals(accelerator, dataclasses.replace(state, loss_sum=loss_sum.item(), running=running.item()))
+        seen = summed.seen  # over every process
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"],  # the head's
-               "train_loss": loss_sum.item() / max(seen, 1),
-               f"train_{task.running_metric}": running.item() / max(seen, 1), "val_loss": val["loss"],
+               "train_loss": summed.loss_sum / max(seen, 1),
+               f"train_{task.running_metric}": summed.running / max(seen, 1), "val_loss": val["loss"],
                **{f"val_{k}": val[k] for k in task.headline},
                "grad_norm": norms[0].item() / max(norms[1].item(), 1.0),  # mean over its updates, before clipping
-               "train_samples_per_s": seen * accelerator.num_processes / epoch_seconds,
+               "train_samples_per_s": seen / epoch_seconds,
                "epoch_seconds": epoch_seconds}
         state.history.append(row)
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -271,6 +276,18 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             break
     task.input_transform = images_transform
     return state
+
+
+def _totals(accelerator: Accelerator, state: TrainState) -> TrainState:
+    """`state` with the epoch's running sums (loss, running metric, samples) summed over every process: what a
+    checkpoint saves (a resumed run's other processes start theirs at 0: resume.restore) and the epoch reports.
+    One process: `state` itself."""
+    if accelerator.num_processes == 1:
+        return state
+    sums = torch.tensor([state.loss_sum, state.running, float(state.seen)], dtype=torch.float64,
+                        device=accelerator.device)
+    loss_sum, running, seen = accelerator.reduce(sums, "sum").tolist()
+    return dataclasses.replace(state, loss_sum=loss_sum, running=running, seen=int(round(seen)))
 
 
 def _validate(accelerator: Accelerator, module, inner, addons: AddOns, loader, task, cfg: LoopConfig, epoch: int):

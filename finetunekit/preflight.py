@@ -100,6 +100,7 @@ def preflight(recipe: Recipe) -> None:
     from .models.heads import check_head
 
     check_head(m.head)
+    _distributed(recipe)
     parse_period(t.checkpoint_every)
 
     if modality == "image" and not detection and not shards:
@@ -170,6 +171,20 @@ def _peft_options(recipe: Recipe) -> None:
     if not m.pretrained and m.weights is None:
         raise UserError(f"--no-pretrained: --peft {m.peft} adapts pretrained weights, and its model folder keeps the "
                         f"adapter alone (a random base cannot be rebuilt); drop it or pass --weights FILE")
+
+
+def _distributed(recipe: Recipe) -> None:
+    """--sync-bn needs a GPU (torch's SyncBatchNorm has no CPU kernel); --processes inside a launcher must match it."""
+    import torch
+
+    from .distributed import check_world
+
+    t = recipe.train
+    if t.sync_bn and (t.cpu or not torch.cuda.is_available()):
+        raise UserError("--sync-bn: torch's SyncBatchNorm runs on GPUs only (it has no CPU kernel); on the CPU, "
+                        "drop it (each process normalizes over its own share of the batch), or use a model "
+                        "without BatchNorm")
+    check_world(t.processes)
 
 
 def _detection(recipe: Recipe) -> None:

@@ -105,7 +105,11 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
         accelerator.scaler.load_state_dict(meta["scaler"])
     checkpoints.addon_tensors = {k: v for k, v in tensors.items() if k not in checkpoint.CORE_FILES}
     checkpoints.best_name = meta.get("best_checkpoint")
-    checkpoint.truncate_steps(checkpoints.steps_csv, state.step)
+    if accelerator.is_main_process:
+        checkpoint.truncate_steps(checkpoints.steps_csv, state.step)
+    else:  # the epoch's running sums saved are every process's together: process 0 carries them on
+        state.loss_sum = state.running = 0.0
+        state.seen = 0
     log.info("resuming from %s: epoch %d, batch %d, %d updates done", resume.checkpoint, state.epoch + 1,
              state.batch, state.updates)
     return state, (tensors["rng.safetensors"], meta["rng"])

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, fastpath, loop, peft_methods, pruning
+from . import build, checkpoint, distributed, fastpath, loop, peft_methods, pruning
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
@@ -81,8 +81,9 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
             "--weights": recipe.model.weights, "--synonyms": d.synonyms,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
-        run_dir = RunDir(out)
-    with RunLog(out / "log.txt" if resume is not None else None, recipe.quiet) as run_log:
+        run_dir = RunDir(out) if distributed.is_main() else None  # process 0 alone writes the run directory
+    main = distributed.is_main()
+    with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main) as run_log:
         try:
             result = _train(recipe, out, resume, run_dir, run_log, addons)
         except BaseException:
@@ -100,14 +101,21 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     set_seed(recipe.train.seed)
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
     gpu = accelerator.device.type == "cuda"
+    distributed.check_backend(accelerator)
+    distributed.check_task(accelerator, recipe.task)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
     accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
+    distributed.check_compile(accelerator, recipe.train.strategy, recipe.train.compile)
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
     teacher = build.teacher(recipe, inputs, accelerator)  # --teacher: checked against the student's classes
-    if run_dir is not None:  # data and model are good: the run takes its folder
-        run_dir.claim()
-        run_log.attach(out / "log.txt")
+    if resume is None:  # data and model are good: the run takes its folder (process 0; the others wait for it)
+        accelerator.wait_for_everyone()  # every process has checked --out before any of it changes
+        if run_dir is not None:
+            run_dir.claim()
+            run_log.attach(out / "log.txt")
+        accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
     log.info("finetunekit: %s, fitting %s on %s -> %s", recipe.task, inputs.model_name, recipe.data.path, out)
     for line in inputs.summary:
         log.info("%s", line)
@@ -129,10 +137,11 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                     "scores will be optimistic)", leaked)
     # fused AdamW: one kernel per update on GPUs; on the CPU too (4.8 vs 21.1 ms per EfficientNet-Lite0 step)
     plan, optimizer = build.plan_and_optimizer(t, backbone, hyper.lr, fused=accelerator.device.type in ("cuda", "cpu"))
-    trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu,
-                                processes=accelerator.num_processes)
-    trained = build.teacher_logits(recipe, inputs, trained, teacher, split_hashes, accelerator.device)
-    addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher)
+    with accelerator.main_process_first():  # caches (features, decoded images, teacher logits): written once
+        trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu,
+                                    processes=accelerator.num_processes)
+        trained = build.teacher_logits(recipe, inputs, trained, teacher, split_hashes, accelerator.device)
+    addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher, accelerator.num_processes)
     addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
@@ -166,8 +175,10 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 optimizer, scheduler, checkpoints, accelerator)
     if state is not None and inputs.streamed:
         restart_cut_epoch(state)  # a stream cannot skip to a batch: data.shards
-    (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(), encoding="utf-8")
-    write_json(out / "split.json", inputs.split_record)
+    if main:
+        (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(),
+                                  encoding="utf-8")
+        write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)
 
     model_dir = out / "model"
@@ -203,8 +214,13 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 f"is {last.path if last else 'none yet'}; continue with a smaller batch and the same effective "
                 f"batch: `finetunekit fit --resume {out} --batch-size {max(1, t.batch_size // 2)} --grad-accum "
                 f"{t.grad_accum * 2} --resume-force`") from None
-    write_history(out / "history.csv", result.history)
-    if accelerator.is_main_process:  # finished: the best model is in model/; the last checkpoint can extend the run
+    spread = distributed.drift(accelerator, accelerator.unwrap_model(module, keep_torch_compile=False))
+    if spread is not None:
+        (log.info if spread == 0 else log.warning)("processes in step: the largest parameter difference between "
+                                                   "processes after training is %.3g", spread)
+    if main:
+        write_history(out / "history.csv", result.history)
+    if main:  # finished: the best model is in model/; the last checkpoint can extend the run
         checkpoint.prune(out / checkpoint.CHECKPOINTS, keep=1, protect=set())
     if result.best_epoch < 0:
         accelerator.end_training()
@@ -237,7 +253,10 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     if failed:
         log.warning("warning: %d image file(s) passed the start-up check but could not be decoded during the run; "
                     "each was replaced by the next image of its split", failed)
-    write_json(out / "metrics.json", metrics)
+    if spread is not None:
+        metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
+    if main:
+        write_json(out / "metrics.json", metrics)
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
@@ -254,6 +273,7 @@ def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, cached: bool,
     frozen += f", first {t.freeze_layers} layers frozen" if t.freeze_layers else ""
     frozen += f", frozen: {t.freeze}" if t.freeze else ""
     frozen += f", frozen types: {t.freeze_types}" if t.freeze_types else ""
+    log.info("%s", distributed.startup_line(accelerator, t.batch_size, t.grad_accum))
     log.info("model: %s (%s:%s), %.2fM parameters, %.2fM trainable (%s%s); %s; device %s, precision %s",
              inputs.model_name, backbone.source, backbone.architecture, total / 1e6, trainable / 1e6, t.strategy,
              frozen, inputs.input_desc, accelerator.device, accelerator.mixed_precision)

@@ -14,7 +14,8 @@ class RunLog:
     logged before `attach` (a run checks its data and model before it claims its folder) are kept and
     written to the file first."""
 
-    def __init__(self, path: Path | None, quiet: bool):
+    def __init__(self, path: Path | None, quiet: bool, main: bool = True):
+        self.main = main  # one of several processes but the first: errors only (the first logs each line once)
         self.handlers: list[logging.Handler] = []
         if not any(getattr(h, "_finetunekit", False) for h in log.handlers):
             console = logging.StreamHandler(sys.stderr)
@@ -43,7 +44,7 @@ class RunLog:
         for h in self.handlers:
             h._finetunekit = True  # type: ignore[attr-defined]
             log.addHandler(h)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.INFO if self.main else logging.ERROR)
         log.propagate = False
         return self
 

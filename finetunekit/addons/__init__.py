@@ -11,6 +11,7 @@ from .l1 import L1Penalty
 from .merge import Merge
 from .mixup import MixUp
 from .qat import QAT
+from .sync_bn import SyncBN
 from .tta import TTA
 
 __all__ = ["ADDONS", "AddOn", "AddOns"]
@@ -18,9 +19,9 @@ __all__ = ["ADDONS", "AddOn", "AddOns"]
 # name -> class; OPTIONS names the recipe option that switches each on (checked in tests/test_registries.py)
 ADDONS: dict[str, type[AddOn]] = {"ema": EMA, "mixup": MixUp, "l1": L1Penalty, "tta": TTA,
                                   "grad-checkpointing": GradCheckpointing, "qat": QAT, "distill": Distill,
-                                  "merge": Merge}
+                                  "merge": Merge, "sync-bn": SyncBN}
 OPTIONS = {"ema": ("train.ema",), "mixup": ("data.mixup", "data.cutmix"), "l1": ("train.l1_penalty",),
            "tta": ("data.tta",), "grad-checkpointing": ("train.grad_checkpointing",),
            "qat": ("train.qat", "train.max_accuracy_drop"),
            "distill": ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard", "train.kd_cache"),
-           "merge": ("train.merge",)}
+           "merge": ("train.merge",), "sync-bn": ("train.sync_bn",)}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
 from .order import EpochBatches, split_key
@@ -145,6 +145,22 @@ def make_text_loader(dataset: TextDataset, batch_size: int, *, train: bool, grou
         return DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, lengths=lengths),
                           collate_fn=collate, generator=torch.Generator().manual_seed(seed))
     # evaluation: sorted by length for the least padding; the loader restores nothing, metrics don't care
-    order = sorted(range(len(dataset)), key=dataset.lengths.__getitem__)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
+    return DataLoader(dataset, batch_sampler=SortedBatches(dataset.lengths, batch_size), collate_fn=collate,
+                      generator=torch.Generator())
+
+
+class SortedBatches(Sampler[list[int]]):
+    """Evaluation batches of indices sorted by length, all of `batch_size` but the last. A sampler with a
+    `batch_size` (not a plain list of batches), so that accelerate shards it across processes with even batches
+    and `gather_for_metrics` drops exactly the padding it added (each sample counted once)."""
+
+    def __init__(self, lengths, batch_size: int):
+        self.batch_size, self.drop_last = batch_size, False
+        self.order = sorted(range(len(lengths)), key=lengths.__getitem__)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.order), self.batch_size):
+            yield self.order[i:i + self.batch_size]
