@@ -378,6 +378,11 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
     opts, space = check(recipe, args.space, trials=args.trials, timeout=_seconds(args.timeout, "--timeout"),
                         pruner=args.pruner, storage=args.storage, study_name=args.study_name,
                         heartbeat=args.heartbeat)
+    n = recipe.train.processes
+    if n and n > 1 and "RANK" not in os.environ:  # --processes N: the search in N launched processes (ranks.py)
+        from .distributed import launch
+
+        return launch(n, args.argv, cpu=recipe.train.cpu)
     from .runlog import RunLog
     from .search import ranks
     from .search.study import search
@@ -620,6 +625,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `finetunekit predict ... | head`: the reader left; stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         code = 141  # 128 + SIGPIPE
+    dist = sys.modules.get("torch.distributed")  # loaded only if the command used torch
+    if code == 0 and dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # several processes: left at the end of the command, not of each run
     sys.exit(code)
 
 

@@ -144,7 +144,7 @@ def check_world(requested: int | None) -> None:
 
 
 def launch(processes: int, argv: Sequence[str], cpu: bool) -> int:
-    """`finetunekit fit ... --processes N`: the same command in N processes on this machine, started by torch's
+    """`finetunekit fit|search ... --processes N`: the same command in N processes on this machine, started by torch's
     elastic launcher (what `torchrun --nproc_per_node N` runs). Returns the exit code: 0, or a failed process's
     own code (2 for a bad input), after its one-line error."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -165,7 +165,15 @@ def launch(processes: int, argv: Sequence[str], cpu: bool) -> int:
     except ChildFailedError as e:
         _, first = e.get_first_failure()
         code = first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # -9: killed by SIGKILL
-        print(f"finetunekit: fit --processes {processes}: process {first.local_rank} stopped (exit code "
+        print(f"finetunekit: {argv[0] if argv else 'fit'} --processes {processes}: process {first.local_rank} stopped (exit code "
               f"{first.exitcode}){'' if code == 2 else '; its error is above'}", file=sys.stderr)
         return code
     return 0
+
+
+def end_trackers(accelerator) -> None:
+    """The end of a run: its trackers (tensorboard) finished. Not accelerate's end_training, which also destroys
+    the process group: a search trains its next trial in the same group (search/ranks.py); cli.main ends it at the command's exit."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+

@@ -223,7 +223,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     if main:  # finished: the best model is in model/; the last checkpoint can extend the run
         checkpoint.prune(out / checkpoint.CHECKPOINTS, keep=1, protect=set())
     if result.best_epoch < 0:
-        accelerator.end_training()
+        distributed.end_trackers(accelerator)
         raise UserError(f"training produced no finite validation {hyper.monitor}; no model was saved "
                         f"(try a lower --lr)")
 
@@ -247,7 +247,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         return evaluate_loader(accelerator, addons.eval_model(whole), loader, task, desc="val", quiet=recipe.quiet)
 
     metrics.update(addons.finish(best, model_dir if accelerator.is_main_process else None, score))
-    accelerator.end_training()
+    distributed.end_trackers(accelerator)
     metrics.update(_run_metrics(recipe, inputs, hyper, result, accelerator, started, resume))
     metrics["unreadable_in_training"] = failed = _unreadable(inputs, trained)
     if failed:

@@ -191,6 +191,47 @@ def test_processes_option_starts_them_and_errors_stay_one_line(images, tmp_path)
 
 
 @pytest.mark.distributed
+def test_a_search_in_two_processes_trains_each_trial_in_both(images, tmp_path):
+    """`search --processes 2`: rank 0 samples each trial and decides its pruning, rank 1 receives them; every
+    trial is a 2-process run whose processes end in step, and the process group outlives each trial's run."""
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    args = _fit_args(images, tmp_path / "study", 8, "--epochs", "2", *SGD, "--processes", "2")[1:]
+    r = run_cli("search", "--space", str(space), "--trials", "3", *args, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
+    assert len(rows) == 3 and {row["state"] for row in rows} <= {"complete", "pruned"}
+    for trial in sorted((tmp_path / "study" / "trials").iterdir()):
+        assert _metrics(trial)["processes"] == {"count": 2, "max_param_difference": 0.0}
+    assert r.stdout.count("| rank | trial |") == 1  # the table printed by process 0 alone
+
+
+@pytest.mark.distributed
+def test_shards_stream_in_two_processes(images, tmp_path):
+    """WebDataset shards in two processes: the training stream dealt to both, validation read by process 0 and
+    shared out, each validation sample counted once, the processes in step."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_shards
+
+    folders = tmp_path / "folders"
+    for split, src, n in (("train", "train", 20), ("val", "test", 7)):
+        for c in ("airplane", "cat", "dog"):
+            (folders / split / c).mkdir(parents=True)
+            for p in sorted((CIFAR / src / c).glob("*.jpg"))[:n]:
+                (folders / split / c / p.name).write_bytes(p.read_bytes())
+    for split, per in (("train", 15), ("val", 8)):
+        make_shards.write(folders / split, tmp_path / "shards" / split, prefix=split, per_shard=per, seed=0)
+    out = tmp_path / "run"
+    r = torchrun("fit", "--data", str(tmp_path / "shards" / "train"), "--val", str(tmp_path / "shards" / "val"),
+                 "--model", "timm:test_vit", "--no-pretrained", "--image-size", "32", "--epochs", "2",
+                 "--batch-size", "4", "--num-workers", "0", "--cpu", "--out", str(out), *SGD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(out)
+    assert m["processes"] == {"count": 2, "max_param_difference": 0.0}
+    assert m["val"]["samples"] == 21
+
+
+@pytest.mark.distributed
 def test_two_nodes_on_localhost(images, tmp_path):
     """Multi-node through torchrun's rendezvous: two invocations, --nnodes 2 --node_rank 0/1, one process each."""
     import socket
