@@ -126,7 +126,7 @@ def check_compile(accelerator, strategy: str, compile: bool) -> None:
 
 def startup_line(accelerator, batch_size: int, grad_accum: int) -> str:
     """How many processes train, on what, and the global batch: the line that makes a silent single-process
-    launch visible (`accelerate launch --cpu --num_processes 2` without --multi_cpu starts one process)."""
+    launch visible (`accelerate launch --cpu --num_processes 2` starts one process: accelerate's --cpu takes its single-process launcher)."""
     n = accelerator.num_processes
     backend = torch.distributed.get_backend() if n > 1 and torch.distributed.is_initialized() else None
     per = f"batch {batch_size}" + (f" x --grad-accum {grad_accum}" if grad_accum > 1 else "")
