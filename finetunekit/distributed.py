@@ -97,14 +97,6 @@ def drift(accelerator, model: nn.Module) -> float | None:
     return float(worst)
 
 
-def check_task(accelerator, task: str) -> None:
-    """Detection in several processes: refused (a 2-process CPU run on 6 raccoon images hung in its first epoch,
-    not yet diagnosed), before the data is read."""
-    if task == "detection" and accelerator.num_processes > 1:
-        raise UserError(f"--task detection: not in {accelerator.num_processes} processes yet (untested: a 2-process "
-                        f"run hung in its first epoch); train it in one process")
-
-
 def check_backend(accelerator) -> None:
     """Sharded training (FSDP, DeepSpeed, Megatron) from an accelerate config: refused, before the run takes its
     folder. Checkpoints, resume and the model folder read whole state dicts from the unwrapped model."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -24,7 +25,11 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=quiet or not accelerator.is_local_main_process):
         outputs, targets = task.eval_outputs(module, task.prepare(batch))
-        outputs, targets = accelerator.gather_for_metrics((outputs, targets))
+        if getattr(task, "gather_objects", False):  # per-sample outputs of different sizes (detections)
+            pairs = accelerator.gather_for_metrics(list(zip(outputs, targets)), use_gather_object=True)
+            outputs, targets = send_to_device(([o for o, _ in pairs], [t for _, t in pairs]), accelerator.device)
+        else:
+            outputs, targets = accelerator.gather_for_metrics((outputs, targets))
         batch_loss, n = task.update(metrics, outputs, targets)
         loss_sum += batch_loss
         count += n

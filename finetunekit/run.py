@@ -102,7 +102,6 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
     gpu = accelerator.device.type == "cuda"
     distributed.check_backend(accelerator)
-    distributed.check_task(accelerator, recipe.task)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
     accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs

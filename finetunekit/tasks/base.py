@@ -6,6 +6,8 @@ The loop knows a task only through these methods (it never unpacks a batch and n
     step(model, batch) -> Step            training: the loss to back-propagate, the batch size, the outputs
     running(outputs, batch) -> tensor     a cheap training figure, summed over the batch (`running_metric`)
     eval_outputs(model, batch)            evaluation: (outputs, targets), gathered across processes
+    gather_objects: bool                  (optional) outputs and targets are per-sample lists of different sizes:
+                                          gathered as pickled pairs (detection), not by all_gather
     metrics() / update(metrics, outputs, targets) -> (loss sum, count) / summarize(computed)
     predict(outputs, top_k) -> [dict]     one result per sample, as `predict` prints it
 

@@ -97,11 +97,17 @@ class Detection:
     def running(self, outputs: dict, batch) -> torch.Tensor:
         return outputs["loss_box_reg"] * len(batch[0])
 
+    # each image's detections and targets are a different size: evaluation gathers them across processes as
+    # pickled per-image records (accelerate's gather_object), not by all_gather of tensors, which needs one shape
+    # and hung a 2-process run in its first validation
+    gather_objects = True
+
     def eval_outputs(self, model: nn.Module, batch):
+        """Per image: its detections with its share of the batch's loss (the batch mean), and its target."""
         images, targets = batch
         detections, losses = detect_with_losses(model, images, targets)
-        loss = sum(losses.values()).detach().double() * len(images)
-        return {"detections": detections, "loss": loss.reshape(1)}, targets
+        loss = sum(losses.values()).detach().double()
+        return [{**d, "loss": loss.reshape(1)} for d in detections], targets
 
     def metrics(self):
         from torchmetrics.detection import MeanAveragePrecision
@@ -115,10 +121,10 @@ class Detection:
         return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend=name)
 
     def update(self, metrics, outputs: dict, targets: list[dict]):
-        metrics.update([{k: d[k] for k in ("boxes", "scores", "labels")} for d in outputs["detections"]],
+        metrics.update([{k: d[k] for k in ("boxes", "scores", "labels")} for d in outputs],
                        [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"].long()}
                         for t in targets])
-        return outputs["loss"].sum(), len(targets)
+        return sum(d["loss"].sum() for d in outputs), len(targets)
 
     def summarize(self, computed: dict) -> dict:
         out = {"map50": float(computed["map_50"]), "map": float(computed["map"]), "map75": float(computed["map_75"]),
