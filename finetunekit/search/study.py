@@ -198,10 +198,7 @@ def search(recipe: Recipe, space: list[Param], opts: Options) -> dict | None:
 
     def enough(study, trial) -> None:
         storages.reap_dead(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        S = optuna.trial.TrialState
-        finished = sum(s in (S.COMPLETE, S.PRUNED) for s in states)
-        if (finished >= opts.trials and S.WAITING not in states) or own["run"] >= 2 * opts.trials:
+        if _done(study, opts.trials) or own["run"] >= 2 * opts.trials:
             study.stop()
 
     try:
