@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,8 +38,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV -> RGB
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as upright 8-bit RGB."""
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Open an image file (a path, or a binary file object: a shard member's bytes) as upright 8-bit RGB."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)

@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError, first_line
-from ..imagefiles import to_rgb
+from ..imagefiles import load_rgb
 from ..shardfiles import (IMAGE_EXTS, LABEL_EXTS, ClassIndex, ShardLabels, class_index, declared_classes, key_and_ext,
                           parse_label, read_labels, shard_files, split_folders, tar_members)
 from . import die_with_parent, target
@@ -138,8 +137,7 @@ class ShardImages(IterableDataset):
             if limit is not None and yielded >= limit:
                 break
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    image = to_rgb(ImageOps.exif_transpose(im))
+                image = load_rgb(io.BytesIO(data))
             except Exception as e:  # noqa: BLE001 - any decode failure: skipped and counted
                 self.failed += 1
                 log.warning("warning: shard sample %s: cannot be decoded (%s); skipped, counted in metrics.json's "
