@@ -321,6 +321,17 @@ def _recipes(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _launched(recipe, args: argparse.Namespace) -> int | None:
+    """`--processes N` (N > 1) outside a launcher: this same command run in N launched processes, and their exit
+    code; None when this process is to do the work itself."""
+    n = recipe.train.processes
+    if not n or n < 2 or "RANK" in os.environ:
+        return None
+    from .distributed import launch
+
+    return launch(n, args.argv, cpu=recipe.train.cpu)
+
+
 def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit fit`: a recipe from the flags (and --config), validated before torch loads."""
     recipe = recipe_from_args(args, dests)  # validated before torch loads
@@ -328,11 +339,8 @@ def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
         from .preflight import preflight
 
         preflight(recipe)  # the instant checks come before torch and the libraries load
-    n = recipe.train.processes
-    if n and n > 1 and "RANK" not in os.environ:  # --processes N: this same command in N launched processes
-        from .distributed import launch
-
-        return launch(n, args.argv, cpu=recipe.train.cpu)
+    if (code := _launched(recipe, args)) is not None:
+        return code
     from .run import fit
 
     fit(recipe)  # its last log line (stderr, also under --quiet) names the run directory
@@ -378,11 +386,8 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
     opts, space = check(recipe, args.space, trials=args.trials, timeout=_seconds(args.timeout, "--timeout"),
                         pruner=args.pruner, storage=args.storage, study_name=args.study_name,
                         heartbeat=args.heartbeat)
-    n = recipe.train.processes
-    if n and n > 1 and "RANK" not in os.environ:  # --processes N: the search in N launched processes (ranks.py)
-        from .distributed import launch
-
-        return launch(n, args.argv, cpu=recipe.train.cpu)
+    if (code := _launched(recipe, args)) is not None:  # rank 0 samples, the others follow (search/ranks.py)
+        return code
     from .runlog import RunLog
     from .search import ranks
     from .search.study import search
