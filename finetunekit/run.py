@@ -75,14 +75,14 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
     preflight(recipe)
     out = recipe.out or default_out(recipe.model_name)
     run_dir = None
+    main = distributed.is_main()
     if resume is None:  # a new run: nothing at --out changes until its data and model have been checked
         d = recipe.data
         check_out(out, overwrite=recipe.overwrite, inputs={
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
             "--weights": recipe.model.weights, "--synonyms": d.synonyms,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
-        run_dir = RunDir(out) if distributed.is_main() else None  # process 0 alone writes the run directory
-    main = distributed.is_main()
+        run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
     with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main) as run_log:
         try:
             result = _train(recipe, out, resume, run_dir, run_log, addons)
@@ -217,9 +217,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     if spread is not None:
         (log.info if spread == 0 else log.warning)("processes in step: the largest parameter difference between "
                                                    "processes after training is %.3g", spread)
-    if main:
-        write_history(out / "history.csv", result.history)
     if main:  # finished: the best model is in model/; the last checkpoint can extend the run
+        write_history(out / "history.csv", result.history)
         checkpoint.prune(out / checkpoint.CHECKPOINTS, keep=1, protect=set())
     if result.best_epoch < 0:
         distributed.end_trackers(accelerator)
