@@ -83,8 +83,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     se.add_argument("--trials", type=int, default=20, metavar="N",
                     help="finished (complete or pruned) trials the study should hold (default: 20)")
     se.add_argument("--timeout", metavar="TIME", help="stop starting trials after this long: seconds, or 30m, 2h")
-    se.add_argument("--pruner", default="median", metavar="{median,halving,none}",
-                    help="stop unpromising trials after an epoch: median (default), halving (successive halving), none")
+    se.add_argument("--pruner", default="median", metavar="{median,halving,hyperband,none}",
+                    help="stop unpromising trials after an epoch: median (default), halving (successive halving), "
+                         "hyperband, none")
     se.add_argument("--storage", metavar="URL",
                     help="default: a journal file in the study folder; sqlite:///path (one machine) or "
                          "postgresql://user@host:port/db (several machines)")

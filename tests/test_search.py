@@ -56,7 +56,7 @@ def test_the_search_options_are_checked_before_any_work(tiny_train, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: [0.01, 0.1]\n")
     base = ("search", "--data", str(tiny_train), "--space", str(space), "--out", str(tmp_path / "study"))
-    for extra, error in [(("--pruner", "medain"), "--pruner medain: expected one of median, halving, none (did you "
+    for extra, error in [(("--pruner", "medain"), "--pruner medain: expected one of median, halving, hyperband, none (did you "
                                                   "mean 'median'?)"),
                          (("--trials", "0"), "--trials: expected a value >= 1, got 0"),
                          (("--timeout", "ten"), "--timeout ten: expected a time > 0: seconds, or 30m, 2h"),
@@ -71,6 +71,22 @@ def test_the_search_options_are_checked_before_any_work(tiny_train, tmp_path):
     assert code == 2 and err == (f"finetunekit: error: --out {tmp_path / 'mine'}: holds files that finetunekit did "
                                  f"not write; choose another --out\n")
     assert not (tmp_path / "study").exists()
+
+
+def test_each_pruner_is_optunas_with_the_runs_epochs():
+    import optuna
+
+    from finetunekit.search.check import PRUNERS
+    from finetunekit.search.study import _pruner
+
+    made = {name: _pruner(name, trials=16, epochs=6) for name in PRUNERS}
+    assert {n: type(p).__name__ for n, p in made.items()} == {
+        "median": "MedianPruner", "halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
+        "none": "NopPruner"}
+    assert made["median"]._n_startup_trials == 4
+    assert (made["hyperband"]._min_resource, made["hyperband"]._max_resource,
+            made["hyperband"]._reduction_factor) == (1, 6, 3)
+    assert isinstance(made["hyperband"], optuna.pruners.BasePruner)
 
 
 def test_a_journal_study_prunes_a_trial_and_writes_the_best_recipe(tiny_train, tmp_path):

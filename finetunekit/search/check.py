@@ -13,7 +13,7 @@ from ..rundir import is_run
 from .space import load_space
 
 MARKER = ".finetunekit-study.json"  # (study.py writes it)
-PRUNERS = ("median", "halving", "none")
+PRUNERS = ("median", "halving", "hyperband", "none")
 
 
 def check(recipe: Recipe, space_path: str, *, trials: int, timeout: float | None, pruner: str,

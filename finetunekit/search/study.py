@@ -58,14 +58,17 @@ def trial_dir(out: Path, number: int) -> Path:
     return out / "trials" / f"{number:04d}"
 
 
-def _pruner(name: str, trials: int):
+def _pruner(name: str, trials: int, epochs: int | None = None):
     """median: a trial stops after an epoch whose best value so far is worse than the median of the earlier
     trials' at that epoch, once min(5, trials / 4) trials (at least 1) have finished; halving: successive halving
-    (optuna's defaults: rungs at 1, 4, 16... epochs, the top quarter goes on)."""
+    (optuna's defaults: rungs at 1, 4, 16... epochs, the top quarter goes on); hyperband: several successive-halving
+    brackets from 1 epoch to the run's epochs, reduction factor 3 (optuna's HyperbandPruner)."""
     import optuna
 
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4)), n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs or "auto", reduction_factor=3)
     return optuna.pruners.SuccessiveHalvingPruner() if name == "halving" else optuna.pruners.NopPruner()
 
 
@@ -88,13 +91,14 @@ def open_study(recipe: Recipe, space: list[Param], opts: Options):
     store = storages.open_storage(opts.storage, opts.out, opts.heartbeat)
     created = True
     seed = recipe.train.seed
+    pruner = _pruner(opts.pruner, opts.trials, recipe.train.epochs)
     try:
         study = optuna.create_study(storage=store, study_name=opts.name, direction=direction,
-                                    sampler=optuna.samplers.TPESampler(seed=seed), pruner=_pruner(opts.pruner, opts.trials))
+                                    sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         created = False
         # a second worker: its own random stream, or it would sample the first worker's startup trials again
-        study = optuna.load_study(storage=store, study_name=opts.name, pruner=_pruner(opts.pruner, opts.trials),
+        study = optuna.load_study(storage=store, study_name=opts.name, pruner=pruner,
                                   sampler=optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32))
     mine = {"recipe": base_options(recipe), "space": {p.key: p.describe() for p in space}, "monitor": monitor}
     if created:
