@@ -34,7 +34,7 @@ from torch import nn
 from . import fastpath, faults, features
 from .addons import ADDONS
 from .addons.base import AddOns
-from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig
+from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig, absolute_paths
 from .data import make_loader
 from .errors import UserError
 from .inputs import Prepared, prepare_inputs
@@ -462,7 +462,7 @@ def resolved_recipe(recipe: Recipe, out: Path, hyper: Hyper, inputs: Prepared, t
         r.data.max_length = inputs.max_length
     if trained.cache_images is not None:
         r.data.cache_images = trained.cache_images
-    return r
+    return absolute_paths(r)  # the file names the same data wherever it is read from (--resume, --config)
 
 
 def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:

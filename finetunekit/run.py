@@ -83,7 +83,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
             "--weights": recipe.model.weights, "--synonyms": d.synonyms,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
-    with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main) as run_log:
+    with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main,
+                verbose=recipe.verbose) as run_log:
         try:
             result = _train(recipe, out, resume, run_dir, run_log, addons)
         except BaseException:

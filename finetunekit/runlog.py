@@ -14,12 +14,15 @@ class RunLog:
     logged before `attach` (a run checks its data and model before it claims its folder) are kept and
     written to the file first."""
 
-    def __init__(self, path: Path | None, quiet: bool, main: bool = True):
+    def __init__(self, path: Path | None, quiet: bool, main: bool = True, verbose: bool = False):
         self.main = main  # one of several processes but the first: errors only (the first logs each line once)
         self.handlers: list[logging.Handler] = []
         if not any(getattr(h, "_finetunekit", False) for h in log.handlers):
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(logging.Formatter("%(message)s"))
+            # detail lines (log.debug: cache keys, memory layout, the libraries' warnings) only with --verbose;
+            # log.txt holds them either way
+            console.setLevel(logging.DEBUG if verbose else logging.INFO)
             self.handlers.append(console)
         self.early = Buffer()
         self.handlers.append(self.early)
@@ -44,7 +47,7 @@ class RunLog:
         for h in self.handlers:
             h._finetunekit = True  # type: ignore[attr-defined]
             log.addHandler(h)
-        log.setLevel(logging.INFO if self.main else logging.ERROR)
+        log.setLevel(logging.DEBUG if self.main else logging.ERROR)
         log.propagate = False
         return self
 

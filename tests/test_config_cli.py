@@ -77,7 +77,8 @@ def test_flags_override_yaml_and_python_api_agree(tmp_path):
     path.write_text("data:\n  path: imgs\n  image_size: 96\ntrain:\n  epochs: 7\n  lr: 0.01\n")
     from_file = Recipe.load(path, {"train.epochs": "3"})
     assert (from_file.train.epochs, from_file.train.lr, from_file.data.image_size) == (3, 0.01, 96)
-    from_python = Recipe(data={"path": "imgs", "image_size": 96}, train={"epochs": 3, "lr": 0.01})
+    # the file's relative path is relative to the file's folder; the same from Python names it so
+    from_python = Recipe(data={"path": str(tmp_path / "imgs"), "image_size": 96}, train={"epochs": 3, "lr": 0.01})
     assert from_python == from_file
     # the resolved recipe round-trips through YAML
     again = build_recipe(yaml.safe_load(from_file.to_yaml()), {})
