@@ -218,7 +218,7 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
         else:
             log.info("head-only phase: features not cached: %s", reason)
     if inputs.streamed:  # shards: read as a stream every epoch (docs/data.md)
-        log.info("decoded images: not cached (shard data is streamed)")
+        log.debug("decoded images: not cached (shard data is streamed)")
         return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off",
                        cached_phases)
     if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes

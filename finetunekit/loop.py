@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import distributed, faults
 from .errors import TrainingStopped
 from .data.order import EpochBatches
 from .addons.base import AddOns
 from .evaluation import evaluate
+from .progress import Progress
 from .strategies import Plan, apply_phase, set_train_mode
 from .tasks import LOWER_IS_BETTER
 
@@ -173,9 +173,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         norms = torch.tensor([state.grad_norm_sum, state.grad_norms], device=device)  # finite norms: sum, count
         losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
         start = time.perf_counter() - state.epoch_seconds
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   initial=state.batch, total=len(batches) if hasattr(batches, "__len__") else None,
-                   disable=cfg.quiet or not accelerator.is_local_main_process)
+        # a bar on a terminal; piped: a line every few minutes (progress.py)
+        bar = Progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=state.batch,
+                       total=len(batches) if hasattr(batches, "__len__") else None, every=cfg.log_every,
+                       quiet=cfg.quiet, disable=not accelerator.is_local_main_process)
         for batch in bar:
             batch = task.prepare(batch)
             with accelerator.accumulate(module):
@@ -215,10 +216,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             losses.append(loss.detach())
             if state.batch % cfg.log_every == 0:
                 skips.check(state)
-            if not bar.disable and state.batch % cfg.log_every == 0:
-                bar.set_postfix({"loss": f"{loss_sum.item() / state.seen:.4f}",
-                                 task.running_metric: f"{running.item() / state.seen:.3f}",
-                                 "samples/s": f"{state.seen / max(time.perf_counter() - start, 1e-9):.0f}"})
+            if bar.due(state.batch):
+                bar.show({"loss": f"{loss_sum.item() / state.seen:.4f}",
+                          task.running_metric: f"{running.item() / state.seen:.3f}",
+                          "samples/s": f"{state.seen / max(time.perf_counter() - start, 1e-9):.0f}"}, state.batch)
             if update:
                 faults.point("update")
             if update and checkpoints is not None and checkpoints.due(state.updates):

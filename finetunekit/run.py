@@ -145,7 +145,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
-        log.info("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
+        log.debug("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, trained.train_loader,
                                                                       trained.val_loader)
     features = None

@@ -139,7 +139,7 @@ def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], in
             log.warning("  skipped %s: %s", p, reason)
     converted = {m: n for m, n in report.modes.items() if m != "RGB"}
     if converted:
-        log.info("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
+        log.debug("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
     readable = dict(zip(all_paths, report.ok))
     for f in sets:
         keep = [i for i, p in enumerate(f.paths) if readable[p]]
