@@ -371,6 +371,11 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{'class':<{width}}  precision  recall      f1")
         for c, v in per_class.items():
             print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
+    if metrics.get("confusion_matrix") and metrics.get("confusion_matrix_classes"):
+        from .confusion import table
+
+        print("\nconfusion matrix (rows: true class, columns: predicted)")
+        print(table(metrics["confusion_matrix"], metrics["confusion_matrix_classes"]), end="")
 
 
 def _at_least_1(value: int, flag: str) -> None:

@@ -115,7 +115,8 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
         val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict, torch.nn.Module], None],
         state: TrainState | None = None, checkpoints: Checkpoints | None = None,
-        addons: AddOns | None = None, features: tuple | None = None) -> TrainState:
+        addons: AddOns | None = None, features: tuple | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None) -> TrainState:
     """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
     each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or an
     add-on's candidate, e.g. its EMA, when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
@@ -131,7 +132,9 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
 
     `features` = (head, train loader, validation loader) over cached backbone features: the phases marked
     `on_features` (head-only phases before any other) train and validate the head on them; the head's
-    parameters are the model's own, so the optimizer, the checkpoints and `on_best` see the whole model."""
+    parameters are the model's own, so the optimizer, the checkpoints and `on_best` see the whole model.
+
+    `on_epoch(state)`: after each epoch's row, best and checkpoint (the run's history.csv and progress.json)."""
     state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
@@ -271,7 +274,11 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
                                     _flush(losses, state.step), best=improved)
             if checkpoints.stop_requested and state.epoch < cfg.epochs:
+                if on_epoch is not None:
+                    on_epoch(state)
                 raise checkpoints.stopped(path)
+        if on_epoch is not None:
+            on_epoch(state)
         if addons.after_epoch(state.epoch, val) and state.epoch < cfg.epochs:  # a search's pruner
             log.info("training stopped after epoch %d by an add-on", state.epoch)
             break

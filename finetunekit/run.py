@@ -18,11 +18,11 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, distributed, fastpath, loop, peft_methods, pruning
+from . import build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, pruning, runfiles
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
-from .errors import TrainingStopped, UserError
+from .errors import TrainingStopped, UserError, first_line
 from .evaluation import evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
@@ -87,7 +87,10 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
                 verbose=recipe.verbose) as run_log:
         try:
             result = _train(recipe, out, resume, run_dir, run_log, addons)
-        except BaseException:
+        except BaseException as e:
+            if main:  # progress.json (if an epoch wrote one) says how the run ended
+                stopped = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", 0) >= 128
+                runfiles.mark(out, "stopped" if stopped else "failed", first_line(e))
             if run_dir is not None:  # failed before its first checkpoint: the folder goes back as it was
                 run_dir.finish() if checkpoint.latest(out) is not None else run_dir.abort()
             raise
@@ -135,6 +138,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     if leaked:
         log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
                     "scores will be optimistic)", leaked)
+    _check_data(recipe, inputs)
     # fused AdamW: one kernel per update on GPUs; on the CPU too (4.8 vs 21.1 ms per EfficientNet-Lite0 step)
     plan, optimizer = build.plan_and_optimizer(t, backbone, hyper.lr, fused=accelerator.device.type in ("cuda", "cpu"))
     with accelerator.main_process_first():  # caches (features, decoded images, teacher logits): written once
@@ -201,12 +205,17 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,
                           patience=t.early_stopping, min_delta=t.early_stopping_delta, quiet=recipe.quiet,
                           max_nonfinite=t.max_nonfinite)
+    def on_epoch(state: loop.TrainState) -> None:  # files to watch the run by (runfiles)
+        if main:
+            runfiles.write_epoch(out, state, t.epochs, hyper.monitor, started)
+
     if rng is not None:
         checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
     with checkpoints:
         try:
             result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg,
-                              on_best, state=state, checkpoints=checkpoints, addons=addons, features=features)
+                              on_best, state=state, checkpoints=checkpoints, addons=addons, features=features,
+                              on_epoch=on_epoch)
         except torch.OutOfMemoryError:
             last = checkpoint.latest(out)
             raise TrainingStopped(
@@ -254,12 +263,27 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                     "each was replaced by the next image of its split", failed)
     if spread is not None:
         metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
+    metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
+        runfiles.mark(out, "done")
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
+
+
+def _check_data(recipe: Recipe, inputs) -> None:
+    """The data's warnings (datachecks): a tiny validation set or one missing a class, test images identical to
+    training images."""
+    try:
+        val_size = len(inputs.val_loader.dataset)
+    except TypeError:  # a stream without a length
+        val_size = len(inputs.val_targets)
+    datachecks.check_validation(inputs.task.kind, inputs.task.classes or [], inputs.train_targets,
+                                inputs.val_targets, val_size)
+    if not inputs.streamed:
+        datachecks.check_test_leakage(inputs.sources.get("train", []), inputs.test_paths)
 
 
 def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, cached: bool, accelerator,

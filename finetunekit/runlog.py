@@ -26,6 +26,8 @@ class RunLog:
             self.handlers.append(console)
         self.early = Buffer()
         self.handlers.append(self.early)
+        self.warned = Buffer(logging.WARNING)  # the run's warning lines, for metrics.json (`warnings`)
+        self.handlers.append(self.warned)
         if path is not None:
             self.attach(path)
 
@@ -51,6 +53,11 @@ class RunLog:
         log.propagate = False
         return self
 
+    @property
+    def warnings(self) -> list[str]:
+        """The warning lines logged so far (without their `warning: `), in order; errors are not among them."""
+        return [r.getMessage().removeprefix("warning: ") for r in self.warned.records if r.levelno == logging.WARNING]
+
     def __exit__(self, *exc):
         for h in self.handlers:
             log.removeHandler(h)
@@ -58,8 +65,8 @@ class RunLog:
 
 
 class Buffer(logging.Handler):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, level: int = logging.NOTSET):
+        super().__init__(level)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
