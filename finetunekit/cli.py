@@ -23,12 +23,17 @@ EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model fold
 
 
 class _Help(argparse.HelpFormatter):
-    """`--[no-]vflip` for an on/off option (one line, not two), and a wider flag column."""
+    """`--[no-]vflip` for an on/off option (one line, not two), a wider flag column, no line broken at a hyphen."""
 
     def __init__(self, prog: str):
         import shutil
 
         super().__init__(prog, max_help_position=32 if shutil.get_terminal_size().columns >= 100 else 24)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:  # never inside a name: image-classification
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if isinstance(action, argparse.BooleanOptionalAction):
@@ -668,10 +673,10 @@ def run(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .verbosity import configure
+    from .verbosity import libraries
 
-    configure(bool(getattr(args, "verbose", False)))  # fit, lr-find, search: the recipe's, once it is read
-    return COMMANDS[args.command](args, dests)
+    with libraries(bool(getattr(args, "verbose", False))):  # fit, lr-find, search: the recipe's, once it is read
+        return COMMANDS[args.command](args, dests)
 
 
 def _peer_stopped(e: BaseException) -> bool:

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, pruning, runfiles
+from . import build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, pruning, runfiles, tracking
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
@@ -103,11 +103,12 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
            extra_addons: Sequence[AddOn] = ()) -> RunResult:
     started = time.perf_counter()
     set_seed(recipe.train.seed)
-    accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
+    accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out,
+                                    log_with=recipe.trackers)
     gpu = accelerator.device.type == "cuda"
     distributed.check_backend(accelerator)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
-    accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
+    accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out, recipe.trackers)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     distributed.check_compile(accelerator, recipe.train.strategy, recipe.train.compile)
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
@@ -179,9 +180,9 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 optimizer, scheduler, checkpoints, accelerator)
     if state is not None and inputs.streamed:
         restart_cut_epoch(state)  # a stream cannot skip to a batch: data.shards
+    resolved = build.resolved_recipe(recipe, out, hyper, inputs, trained)
     if main:
-        (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(),
-                                  encoding="utf-8")
+        (out / RECIPE).write_text(resolved.to_yaml(), encoding="utf-8")
         write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)
 
@@ -201,7 +202,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                                   f"the last complete checkpoint is {last.path if last else 'none yet'}; make room "
                                   f"and continue with `finetunekit fit --resume {out}`") from None
 
-    accelerator.init_trackers("tensorboard")
+    accelerator.init_trackers(tracking.PROJECT, config=tracking.params(resolved))  # process 0 logs (tracking.py)
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,
                           patience=t.early_stopping, min_delta=t.early_stopping_delta, quiet=recipe.quiet,
                           max_nonfinite=t.max_nonfinite)

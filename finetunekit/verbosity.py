@@ -8,13 +8,14 @@ libraries as they are. finetunekit's own detail lines are `log.debug` (runlog.Ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 
 log = logging.getLogger("finetunekit")
 
-# the loggers of the libraries a run loads (transformers' own handler is quieted by TRANSFORMERS_VERBOSITY)
+# the loggers of the libraries a run loads (transformers' and MLflow's own handlers: QUIET_ENV)
 LIBRARIES = ("accelerate", "timm", "torch", "torchvision", "transformers", "huggingface_hub", "peft", "mlflow",
              "wandb", "PIL", "urllib3")
 _original_showwarning = warnings.showwarning
@@ -35,21 +36,24 @@ class _Forward(logging.Handler):
 
 
 _forward = _Forward()
-_set_transformers: str | bool = False  # whether configure set TRANSFORMERS_VERBOSITY (and may take it back)
+# read when each library sets up its logging (on import): transformers' own handler, MLflow's own handler
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_CONFIGURE_LOGGING": "false"}
+_set_env: set[str] = set()  # the ones configure set (and may take back)
 
 
 def configure(verbose: bool) -> None:
     """Quiet (verbose=False) or restore (True) the libraries' warnings on the console. Idempotent."""
-    global _set_transformers
     if verbose:
         warnings.showwarning = _original_showwarning
-        if _set_transformers:
-            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
-            _set_transformers = False
+        for name in _set_env:
+            os.environ.pop(name, None)
+        _set_env.clear()
     else:
         warnings.showwarning = _to_debug
-        if "TRANSFORMERS_VERBOSITY" not in os.environ:  # read when transformers configures its logger
-            os.environ["TRANSFORMERS_VERBOSITY"] = _set_transformers = "error"
+        for name, value in QUIET_ENV.items():
+            if name not in os.environ:
+                os.environ[name] = value
+                _set_env.add(name)
     for name in LIBRARIES:
         library = logging.getLogger(name)
         if verbose:
@@ -58,3 +62,26 @@ def configure(verbose: bool) -> None:
         elif _forward not in library.handlers:
             library.addHandler(_forward)
             library.propagate = False
+
+
+@contextlib.contextmanager
+def libraries(verbose: bool):
+    """`configure(verbose)` for the duration of a command, and everything as it was after (the CLI run in-process,
+    as tests and notebooks do, leaves no trace)."""
+    showwarning = warnings.showwarning
+    env = {name: os.environ.get(name) for name in QUIET_ENV}
+    loggers = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate) for name in LIBRARIES}
+    configure(verbose)
+    try:
+        yield
+    finally:
+        warnings.showwarning = showwarning
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _set_env.clear()
+        for name, (handlers, propagate) in loggers.items():
+            logging.getLogger(name).handlers[:] = handlers
+            logging.getLogger(name).propagate = propagate
