@@ -273,12 +273,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         if checkpoints is not None:
             path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
                                     _flush(losses, state.step), best=improved)
-            if checkpoints.stop_requested and state.epoch < cfg.epochs:
-                if on_epoch is not None:
-                    on_epoch(state)
-                raise checkpoints.stopped(path)
         if on_epoch is not None:
             on_epoch(state)
+        if checkpoints is not None and checkpoints.stop_requested and state.epoch < cfg.epochs:
+            raise checkpoints.stopped(path)
         if addons.after_epoch(state.epoch, val) and state.epoch < cfg.epochs:  # a search's pruner
             log.info("training stopped after epoch %d by an add-on", state.epoch)
             break

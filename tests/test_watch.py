@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import finetunekit
 from finetunekit import UserError
 from finetunekit.addons import AddOn
 
-from conftest import CIFAR, run_cli
+from conftest import CIFAR, cli
 
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 TINY = {"model": {"name": "timm:test_efficientnet", "pretrained": False},
@@ -103,13 +102,36 @@ def test_history_and_progress_after_every_epoch_and_the_warnings_counted(data, t
     # `finetunekit evaluate` prints the matrix under the per-class table
     from finetunekit.confusion import table
 
-    code = run_cli("evaluate", str(out), "--data", str(data["test"]))
-    assert code.returncode == 0, code.stderr
+    code, stdout, stderr = cli("evaluate", str(out), "--data", str(data["test"]))
+    assert code == 0, stderr
     scored = finetunekit.evaluate(out, data["test"])
     expected = ("\nconfusion matrix (rows: true class, columns: predicted)\n"
                 + table(scored["confusion_matrix"], CLASSES))
-    assert code.stdout.endswith(expected)
+    assert stdout.endswith(expected)
     assert expected.splitlines()[2].split() == ["true", "\\", "predicted", *CLASSES]
+
+
+def test_resume_reads_recipe_yaml_from_anywhere(data, tmp_path, monkeypatch):
+    """recipe.yaml's paths are absolute, so --resume finds the data from any directory; a run written before (its
+    paths relative to where it ran) still resolves them against the current directory."""
+    from finetunekit.resume import resume_recipe
+
+    monkeypatch.chdir(data["train"].parent)
+    out = tmp_path / "run"
+    finetunekit.fit({**TINY, "train": {**TINY["train"], "epochs": 1},
+                     "data": {**TINY["data"], "path": data["train"].name}, "out": str(out)})  # relative --data
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["data"]["path"] == str(data["train"]) and saved["out"] == str(out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe, resume = resume_recipe(finetunekit.Recipe(resume=str(out), train={"epochs": 2}))
+    assert recipe.data.path == data["train"] and recipe.train.epochs == 2 and resume is not None
+    saved["data"]["path"] = data["train"].name  # as a run before this release wrote it
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.chdir(data["train"].parent)
+    recipe, _ = resume_recipe(finetunekit.Recipe(resume=str(out)))
+    assert recipe.data.path == Path(data["train"].name) and recipe.data.path.is_file()
 
 
 def test_a_failed_run_says_so_in_progress_json(data, tmp_path):
@@ -154,7 +176,7 @@ def test_a_manifest_that_labels_one_file_twice(data, tmp_path):
         logging.getLogger("finetunekit").removeHandler(handler)
     assert len(splits.train) + len(splits.val) == 21
     assert [m for m in lines if "listed with the labels" in m] == [
-        f"warning: {table}: {first} is listed with the labels 'b' and 'a'; each row trains as a sample of its own "
+        f"warning: --data {table}: {first} is listed with the labels 'b' and 'a'; each row trains as a sample of its own "
         f"(to give one image several labels, list it once with its labels delimited)"]
 
 

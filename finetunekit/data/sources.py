@@ -254,7 +254,7 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
     target = targeter(task, classes, labels)
     splits = [Split(f.paths, [target(raw[i], t.origin) for i in f.labels]) for (f, raw, _), t in zip(read, tables)]
     for (f, raw, _), t in zip(read, tables):
-        _warn_relabelled(f.paths, [raw[i] for i in f.labels], t.origin)
+        _warn_relabelled(f.paths, [raw[i] for i in f.labels], t.origin, delimiter or "|")
     train, rest = splits[0], splits[1:]
     val_split = rest.pop(0) if val else None
     test_split = rest.pop(0) if test else None
@@ -287,7 +287,7 @@ def _image_rows(t, task: str, path_col: str, labels: list[str], delimiter: str, 
     return LabeledFiles(paths, list(range(len(paths))), t.origin), rows.labels, rows.bad
 
 
-def _warn_relabelled(paths: list[str], raw: list, origin: str) -> None:
+def _warn_relabelled(paths: list[str], raw: list, origin: str, delimiter: str) -> None:
     """A multi-label or regression table that lists one file in several rows with different labels: a warning
     (each row stays a sample of its own; list a file once, with all its labels, to mean one sample)."""
     first: dict[str, Any] = {}
@@ -296,7 +296,8 @@ def _warn_relabelled(paths: list[str], raw: list, origin: str) -> None:
         if first.setdefault(p, label) != label:
             differing.append((p, first[p], label))
     if differing:
-        p, a, b = differing[0]
+        p, a, b = (x if isinstance(x, str) else delimiter.join(map(str, x)) if isinstance(x, list) else str(x)
+                   for x in differing[0])
         files = len({d[0] for d in differing})
         log.warning("warning: %s: %s is listed with the labels %r and %r%s; each row trains as a sample of its own "
                     "(to give one image several labels, list it once with its labels delimited)", origin, p, a, b,
