@@ -83,14 +83,15 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
             "--weights": recipe.model.weights, "--synonyms": d.synonyms,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
+    files = runfiles.RunFiles(out, resumed=resume is not None) if main else None
     with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main,
                 verbose=recipe.verbose) as run_log:
         try:
-            result = _train(recipe, out, resume, run_dir, run_log, addons)
+            result = _train(recipe, out, resume, run_dir, run_log, files, addons)
         except BaseException as e:
-            if main:  # progress.json (if an epoch wrote one) says how the run ended
+            if files is not None:  # progress.json (this run's) says how the run ended
                 stopped = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", 0) >= 128
-                runfiles.mark(out, "stopped" if stopped else "failed", first_line(e))
+                files.mark("stopped" if stopped else "failed", first_line(e))
             if run_dir is not None:  # failed before its first checkpoint: the folder goes back as it was
                 run_dir.finish() if checkpoint.latest(out) is not None else run_dir.abort()
             raise
@@ -100,7 +101,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
 
 
 def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | None, run_log: RunLog,
-           extra_addons: Sequence[AddOn] = ()) -> RunResult:
+           files: runfiles.RunFiles | None, extra_addons: Sequence[AddOn] = ()) -> RunResult:
     started = time.perf_counter()
     set_seed(recipe.train.seed)
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out,
@@ -206,9 +207,9 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,
                           patience=t.early_stopping, min_delta=t.early_stopping_delta, quiet=recipe.quiet,
                           max_nonfinite=t.max_nonfinite)
-    def on_epoch(state: loop.TrainState) -> None:  # files to watch the run by (runfiles)
-        if main:
-            runfiles.write_epoch(out, state, t.epochs, hyper.monitor, started)
+    def on_epoch(state: loop.TrainState) -> None:  # files to watch the run by (process 0's: runfiles)
+        if files is not None:
+            files.epoch(state, t.epochs, hyper.monitor, started)
 
     if rng is not None:
         checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
@@ -267,7 +268,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
-        runfiles.mark(out, "done")
+    if files is not None:
+        files.mark("done")
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)

@@ -27,6 +27,23 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class RunFiles:
+    """A run's history.csv and progress.json. The final status goes only into a progress.json this run owns: one it
+    wrote (an epoch ended), or the one of the run it resumes. A new run that fails before its first epoch leaves
+    the folder's files alone (an --overwrite that fails puts the old run back as it was: rundir.py)."""
+
+    def __init__(self, out: Path, resumed: bool):
+        self.out, self.owned = out, resumed
+
+    def epoch(self, state, epochs: int, monitor: str, started: float) -> None:
+        write_epoch(self.out, state, epochs, monitor, started)
+        self.owned = True
+
+    def mark(self, status: str, error: str | None = None) -> None:
+        if self.owned:
+            mark(self.out, status, error)
+
+
 def write_epoch(out: Path, state, epochs: int, monitor: str, started: float) -> None:
     """After an epoch: history.csv with every epoch so far, and progress.json (status running)."""
     write_history(out / HISTORY, state.history)
