@@ -40,12 +40,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
+    """history.csv, replaced whole (runfiles rewrites it after every epoch: a reader never sees half of it)."""
     if not rows:
         return
-    with path.open("w", newline="", encoding="utf-8") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def save_model_folder(folder: Path, backbone: Backbone, classes: Sequence[str], spec: str,

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 from . import fastpath, faults, features
 from .addons import ADDONS
 from .addons.base import AddOns
-from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig
+from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig, absolute_paths
 from .data import make_loader
 from .errors import UserError
 from .inputs import Prepared, prepare_inputs
@@ -49,10 +50,11 @@ AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad
 # `auto_batch` where it has one: detection's 8)
 
 
-def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None, module: nn.Module | None = None):
+def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None, module: nn.Module | None = None,
+                log_with: Sequence[str] = ()):
     """accelerate's Accelerator. `--precision auto`: bf16 on GPUs that support it, else fp16; on the CPU bf16
     where `fastpath.cpu_bf16(module)` says it pays for this model, else fp32 (also while the model is not
-    built yet: `with_model_precision` decides once it is)."""
+    built yet: `with_model_precision` decides once it is). `log_with`: the run's trackers (tracking.py)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
@@ -69,20 +71,22 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
     if precision == "fp16" and not gpu:
         raise UserError("--precision fp16: needs a GPU; use bf16 or no on the CPU")
     kwargs: dict[str, Any] = {}
-    if run_dir is not None:
-        kwargs = dict(log_with="tensorboard", project_dir=str(run_dir))
+    if run_dir is not None and log_with:
+        from .tracking import trackers
+
+        kwargs = dict(log_with=trackers(list(log_with), run_dir), project_dir=str(run_dir))
     # on a GPU, batches go to the device without blocking the host (the image loaders pin their memory)
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
                        dataloader_config=DataLoaderConfiguration(non_blocking=gpu), **kwargs)
 
 
-def with_model_precision(accel, t: TrainConfig, module: nn.Module, run_dir: Path | None):
+def with_model_precision(accel, t: TrainConfig, module: nn.Module, run_dir: Path | None, log_with: Sequence[str] = ()):
     """The run's Accelerator once its model is built: `--precision auto` on the CPU decides per model (bf16
     for transformers on CPUs with bf16 instructions, fp32 for CNNs), so the one built before the model
     (fp32) is replaced where the model takes bf16. (`--batch-size auto` probed in fp32: bf16 needs less.)"""
     if t.precision != "auto" or accel.device.type != "cpu" or not fastpath.cpu_bf16(module):
         return accel
-    return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module)
+    return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module, log_with)
 
 
 def inputs(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
@@ -218,7 +222,7 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
         else:
             log.info("head-only phase: features not cached: %s", reason)
     if inputs.streamed:  # shards: read as a stream every epoch (docs/data.md)
-        log.info("decoded images: not cached (shard data is streamed)")
+        log.debug("decoded images: not cached (shard data is streamed)")
         return Trained(inputs.backbone.module, plan, inputs.train_loader, inputs.val_loader, False, "off",
                        cached_phases)
     if recipe.modality != "image" or not inputs.task.decoded_cache:  # detection: its samples carry their boxes
@@ -462,7 +466,7 @@ def resolved_recipe(recipe: Recipe, out: Path, hyper: Hyper, inputs: Prepared, t
         r.data.max_length = inputs.max_length
     if trained.cache_images is not None:
         r.data.cache_images = trained.cache_images
-    return r
+    return absolute_paths(r)  # the file names the same data wherever it is read from (--resume, --config)
 
 
 def auto_batch(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:

@@ -14,16 +14,37 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin
 
-from .config import build_recipe, leaf_fields, read_yaml
+from .config import GROUPS, build_recipe, leaf_fields, read_yaml, relative_to
+from . import __version__
 from .errors import UserError, did_you_mean, first_line
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model folder (tests/test_registries.py)
 
 
+class _Help(argparse.HelpFormatter):
+    """`--[no-]vflip` for an on/off option (one line, not two), a wider flag column, no line broken at a hyphen."""
+
+    def __init__(self, prog: str):
+        import shutil
+
+        super().__init__(prog, max_help_position=32 if shutil.get_terminal_size().columns >= 100 else 24)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:  # never inside a name: image-classification
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return action.option_strings[0].replace("--", "--[no-]", 1)
+        return super()._format_action_invocation(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("allow_abbrev", False)  # `--epoch` is a typo, not a prefix of --epochs
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -32,52 +53,86 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{command}: {message}" if command else message)
 
 
-def _metavar(annotation: Any) -> str | None:
+def _metavar(annotation: Any, name: str = "CHOICE") -> str | None:
     args = [annotation] if get_origin(annotation) in (Literal, Annotated) else \
         [a for a in get_args(annotation) if a is not type(None)] or [annotation]
     inner = args[0]
     if get_origin(inner) is Annotated:
         inner = get_args(inner)[0]
     if get_origin(inner) is Literal:
-        return "{" + ",".join(get_args(inner)) + "}"
+        listed = "{" + ",".join(get_args(inner)) + "}"
+        return listed if len(listed) <= 40 else name.upper()  # a long list: in the help text (_option_help)
     return {int: "N", float: "X", str: "TEXT"}.get(inner, "PATH")
 
 
+def _option_help(info: Any) -> str:
+    """An option's help: its description (with its choices when the metavar does not list them: see _metavar), and
+    its default where that says something (not None, which the description explains, nor an off switch or an
+    empty text)."""
+    default = info.default
+    text = info.description
+    choices = _literals(info)
+    if choices and not _metavar(info.annotation).startswith("{") and not all(c in text for c in choices):
+        text += f"; one of {', '.join(choices)}"
+    if default is True:
+        text += " (default: on)"
+    elif default is not None and default is not False and default != "" and "default:" not in text:
+        text += f" (default: {default})"
+    return text.replace("%", "%%")  # argparse formats help
+
+
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """One flag per leaf option of the Recipe; returns dest -> flag."""
+    """One flag per leaf option of the Recipe, in argument groups by topic (config.GROUPS); returns dest -> flag."""
+    fields = {key: (flag, info) for key, flag, info in leaf_fields()}
     dests = {}
-    for key, flag, info in leaf_fields():
-        dest = key.replace(".", "__")
-        default = info.default
-        help_text = f"{info.description} (default: {default})".replace("%", "%%")  # argparse formats help
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=dest, metavar=_metavar(info.annotation), default=argparse.SUPPRESS,
-                                help=help_text)
-        dests[dest] = flag
+    for title, keys in GROUPS:
+        group = parser.add_argument_group(title)
+        for key in keys:
+            flag, info = fields[key]
+            dest = key.replace(".", "__")
+            if info.annotation is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=_option_help(info))
+            else:
+                group.add_argument(flag, dest=dest, metavar=_metavar(info.annotation, flag[2:]),
+                                   default=argparse.SUPPRESS, help=_option_help(info))
+            dests[dest] = flag
     return dests
+
+
+RECIPE_USAGE = "%(prog)s [--config RECIPE] [OPTION ...]"
+CONFIG_HELP = ("a YAML recipe file (its relative paths are relative to its folder), or the name of a shipped recipe "
+               "(`finetunekit recipes`); flags win over it")
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show detail lines and the libraries' own warnings (transformers, timm, torch)")
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = _Parser(prog="finetunekit", description="Fine-tune pretrained models on your own data.")
+    parser.add_argument("--version", action="version", version=f"finetunekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    fit = sub.add_parser("fit", help="fine-tune a model (options from --config, overridden by flags)")
-    fit.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+    fit = sub.add_parser("fit", help="fine-tune a model (options from --config, overridden by flags)",
+                         usage=RECIPE_USAGE, description="Fine-tune a model. Options come from --config (a "
+                         "recipe's relative paths are relative to its folder) and flags, which win.")
+    fit.add_argument("--config", metavar="RECIPE", help=CONFIG_HELP)
     dests = _add_recipe_flags(fit)
 
-    lf = sub.add_parser("lr-find", help="the learning-rate range test: loss against lr, and a suggested lr")
-    lf.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+    lf = sub.add_parser("lr-find", help="the learning-rate range test: loss against lr, and a suggested lr",
+                        usage=RECIPE_USAGE)
+    lf.add_argument("--config", metavar="RECIPE", help=CONFIG_HELP)
     lf.add_argument("--steps", type=int, default=100, metavar="N", help="training steps (default: 100)")
     lf.add_argument("--start", type=float, default=1e-7, metavar="LR", help="first lr (default: 1e-7)")
     lf.add_argument("--end", type=float, default=10.0, metavar="LR", help="last lr (default: 10)")
     _add_recipe_flags(lf)
 
     se = sub.add_parser("search", help="hyperparameter search with optuna over recipe options (docs/search.md); "
-                        "--out is the study folder, each trial a run in it")
-    se.add_argument("--config", metavar="RECIPE", help="YAML recipe file, or the name of a shipped recipe")
+                        "--out is the study folder, each trial a run in it",
+                        usage="%(prog)s --space FILE [--config RECIPE] [OPTION ...]")
+    se.add_argument("--config", metavar="RECIPE", help=CONFIG_HELP)
     se.add_argument("--space", required=True, metavar="FILE",
                     help="YAML: recipe options by dotted name, each a list of choices or {low, high, log, step}")
     se.add_argument("--trials", type=int, default=20, metavar="N",
@@ -100,9 +155,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
     ev.add_argument("--data", required=True, metavar="PATH",
                     help="images: folder of class folders or CSV manifest; text: a table with the training columns")
-    ev.add_argument("--batch-size", type=int, default=64, metavar="N")
+    ev.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per batch (default: 64)")
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    _add_verbose(ev)
 
     pr = sub.add_parser("predict", help="predictions for images (files, folders) or texts (--text, files)")
     pr.add_argument("run", metavar="RUN", help="run directory (or model folder), or an ONNX export (its folder "
@@ -112,18 +168,22 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--text", action="append", metavar="TEXT", default=[],
                     help="a text to classify (repeatable; 'first ||| second' for a sentence pair)")
     pr.add_argument("--threshold", type=float, metavar="X", help="multi-label: override the saved threshold")
-    pr.add_argument("--format", choices=("csv", "json", "table"), default="table")
-    pr.add_argument("--top-k", type=int, default=1, metavar="K")
-    pr.add_argument("--batch-size", type=int, default=64, metavar="N")
+    pr.add_argument("--format", choices=("csv", "json", "table"), default="table",
+                    help="how the predictions are written (default: table)")
+    pr.add_argument("--top-k", type=int, default=1, metavar="K",
+                    help="classification: the K most likely classes of each input, with their scores (default: 1)")
+    pr.add_argument("--batch-size", type=int, default=64, metavar="N", help="inputs per batch (default: 64)")
     pr.add_argument("--output", metavar="FILE", help="write the predictions to FILE instead of stdout")
     pr.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR (PNG)")
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
+    _add_verbose(pr)
 
     ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch; "
                         "--merge: a --peft run's adapters folded into an ordinary model folder")
     ex.add_argument("run", metavar="RUN", help="run directory (or model folder)")
-    ex.add_argument("--format", metavar="{" + ",".join(EXPORT_FORMATS) + "}", help="(default: onnx)")
+    ex.add_argument("--format", metavar="{" + ",".join(EXPORT_FORMATS) + "}",
+                    help="the export format, checked against PyTorch on real inputs (default: onnx)")
     ex.add_argument("--merge", action="store_true",
                     help="a --peft lora/dora/ia3 run: fold the adapters into the weights and write an ordinary model "
                          "folder (default --out: RUN/merged) that plain timm/torchvision/transformers loads")
@@ -139,6 +199,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                     help="the parity gate's batch N, besides batch 1 (default: 8)")
     ex.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                     help="int8: warn when validation accuracy drops more than this many points (default: 1)")
+    _add_verbose(ex)
 
     be = sub.add_parser("benchmark", help="latency, throughput, memory, size and accuracy of the run's model: "
                         "eager PyTorch, ONNX Runtime fp32 and int8 (docs/export.md)")
@@ -157,22 +218,28 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     be.add_argument("--provider", default="cpu", metavar="{cpu,cuda,tensorrt}",
                     help="onnxruntime execution provider of the ONNX variants (default: cpu; cuda and tensorrt "
                          "need onnxruntime-gpu, untested)")
+    _add_verbose(be)
 
     demo = sub.add_parser("demo", help="fine-tune the offline EfficientNet-Lite0 on scikit-learn's digits")
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, default=None, metavar="N")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--epochs", type=int, default=None, metavar="N", help="training epochs (default: 6)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars, log lines only")
+    _add_verbose(demo)
 
     ins = sub.add_parser("inspect", help="a model's layer groups, and when each trains under a strategy")
     ins.add_argument("model", metavar="MODEL", help="a --model spec: efficientnet_lite0, timm:<name>, minilm, ...")
-    ins.add_argument("--strategy", default="full", metavar="STRATEGY", help="(default: full)")
-    ins.add_argument("--epochs", type=int, default=10, metavar="N", help="(default: 10)")
-    ins.add_argument("--head-epochs", type=int, metavar="N")
-    ins.add_argument("--unfreeze-every", type=int, default=1, metavar="N")
-    ins.add_argument("--freeze", metavar="PATTERNS")
-    ins.add_argument("--freeze-types", metavar="TYPES")
-    ins.add_argument("--freeze-layers", type=int, metavar="N")
-    ins.add_argument("--num-classes", type=int, default=2, metavar="N")
+    ins.add_argument("--strategy", default="full", metavar="STRATEGY",
+                     help="the fit --strategy whose phases to show (default: full)")
+    ins.add_argument("--epochs", type=int, default=10, metavar="N", help="the run's epochs (default: 10)")
+    ins.add_argument("--head-epochs", type=int, metavar="N", help="as fit --head-epochs (freeze-unfreeze, lp-ft)")
+    ins.add_argument("--unfreeze-every", type=int, default=1, metavar="N",
+                     help="as fit --unfreeze-every (gradual; default: 1)")
+    ins.add_argument("--freeze", metavar="PATTERNS", help="as fit --freeze: parameter-name globs kept frozen")
+    ins.add_argument("--freeze-types", metavar="TYPES", help="as fit --freeze-types: norm, embedding, conv, linear")
+    ins.add_argument("--freeze-layers", type=int, metavar="N", help="as fit --freeze-layers (transformers encoders)")
+    ins.add_argument("--num-classes", type=int, default=2, metavar="N",
+                     help="the head's outputs of the model shown (default: 2)")
+    _add_verbose(ins)
 
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser, dests
@@ -226,9 +293,13 @@ def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
     base, source, path = {}, "flags", None
     if args.config:
         path = resolve_config(args.config)
-        base, source = read_yaml(path), str(path)
+        base, source = relative_to(read_yaml(path), path.parent), str(path)  # the file's paths: from its folder
     recipe = build_recipe(base, overrides, source=source, override_names=names)
     recipe._config_path = path
+    if recipe.verbose:  # `verbose: true` in the recipe file
+        from .verbosity import configure
+
+        configure(True)
     return recipe
 
 
@@ -306,6 +377,11 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{'class':<{width}}  precision  recall      f1")
         for c, v in per_class.items():
             print(f"{c:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}")
+    if metrics.get("confusion_matrix") and metrics.get("confusion_matrix_classes"):
+        from .confusion import table
+
+        print("\nconfusion matrix (rows: true class, columns: predicted)")
+        print(table(metrics["confusion_matrix"], metrics["confusion_matrix_classes"]), end="")
 
 
 def _at_least_1(value: int, flag: str) -> None:
@@ -358,7 +434,7 @@ def _lr_find(args: argparse.Namespace, dests: dict[str, str]) -> int:
     out = recipe.out or default_out("lr-find-" + recipe.model_name)
     if (out / "lr_find.csv").exists() and not recipe.overwrite:
         raise UserError(f"--out {out}: already holds an lr-find result; choose another --out or pass --overwrite")
-    with RunLog(None, recipe.quiet):
+    with RunLog(None, recipe.quiet, verbose=recipe.verbose):
         result = lr_range_test(recipe, out, start=args.start, end=args.end, steps=args.steps)
     print(f"suggested lr: {result['suggested_lr']:.3g}  (lowest loss at {result['lowest_loss_lr']:.3g}; "
           f"plot: {out / 'lr_find.svg'})")
@@ -397,7 +473,7 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
     main = ranks.is_main()
     if main:
         opts.out.mkdir(parents=True, exist_ok=True)
-    with RunLog(opts.out / "search.log" if main else None, recipe.quiet):
+    with RunLog(opts.out / "search.log" if main else None, recipe.quiet, verbose=recipe.verbose):
         report = search(recipe, space, opts)
     if report is None:
         return 0
@@ -582,7 +658,7 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit demo`: the main job, offline."""
     from .demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet)
+    run_demo(Path(args.out), epochs=args.epochs, quiet=args.quiet, verbose=args.verbose)
     return 0
 
 
@@ -598,7 +674,10 @@ def run(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return COMMANDS[args.command](args, dests)
+    from .verbosity import libraries
+
+    with libraries(bool(getattr(args, "verbose", False))):  # fit, lr-find, search: the recipe's, once it is read
+        return COMMANDS[args.command](args, dests)
 
 
 def _peer_stopped(e: BaseException) -> bool:

@@ -9,12 +9,13 @@ This module must stay free of torch imports: the CLI validates a recipe before a
 
 from __future__ import annotations
 
+import os
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import UserError, did_you_mean
 
@@ -314,13 +315,38 @@ class Recipe(_Section):
     resume_force: bool = _opt(False, "resume even though the data or the recipe changed (what cannot be kept "
                               "is named and dropped)")
     quiet: bool = _opt(False, "no progress bars, log lines only")
+    verbose: bool = _opt(False, "also show the detail lines (cache keys, memory layout, timings of each stage) and "
+                         "the libraries' own warnings (transformers, timm, torch, accelerate); log.txt holds them "
+                         "either way")
+    log_with: str = _opt("tensorboard", "experiment trackers that get the recipe (as dotted params) and each epoch's "
+                         "metrics: tensorboard (in RUN/), mlflow, wandb, or none; comma-separated for several "
+                         "(tensorboard,mlflow); MLflow and W&B read their usual environment variables "
+                         "(MLFLOW_TRACKING_URI, WANDB_MODE=offline, ...: docs/tracking.md)", min_length=1)
     # the YAML file this recipe was read from, if any (a run must not write over it: see rundir.check_out)
     _config_path: Path | None = PrivateAttr(None)
 
+    @field_validator("log_with")
+    @classmethod
+    def _trackers(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        for name in names:
+            if name not in TRACKERS:
+                raise ValueError(f"expected a comma-separated list of {', '.join(TRACKERS)}"
+                                 f"{did_you_mean(name, TRACKERS)}")
+        if "none" in names and len(names) > 1:
+            raise ValueError("expected 'none' alone")
+        return ",".join(names)
+
+    @property
+    def trackers(self) -> list[str]:
+        """The --log-with trackers, 'none' dropped: ['tensorboard'], ['tensorboard', 'mlflow'], []."""
+        return [n for n in self.log_with.split(",") if n != "none"]
+
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-        """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file."""
-        recipe = build_recipe(read_yaml(path), overrides or {}, source=str(path))
+        """Read a YAML recipe; `overrides` ({'train.epochs': 3} or nested) win over the file. Relative paths in
+        the file are relative to the file's folder (PATH_KEYS); those in `overrides` stay as given."""
+        recipe = build_recipe(relative_to(read_yaml(path), Path(path).parent), overrides or {}, source=str(path))
         recipe._config_path = Path(path)
         return recipe
 
@@ -346,6 +372,73 @@ class Recipe(_Section):
 
 
 SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")  # --log-with (tracking.py: the pip extra of each)
+
+# The options that name files or folders. In a YAML recipe a relative one is relative to the recipe file's
+# folder (`relative_to`); on the command line, to the current directory. `train.teacher` also takes hf:<folder>.
+PATH_KEYS = ("data.path", "data.val", "data.test", "data.synonyms", "model.weights", "train.teacher", "out", "resume")
+
+# `fit --help` by topic: (title, keys). Every leaf option is in exactly one group (tests/test_config_cli.py).
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("task and data", ("task", "description", "data.path", "data.val", "data.test", "data.val_fraction",
+                       "data.label_column", "data.label_delimiter", "data.max_bad_fraction", "data.num_workers")),
+    ("model", ("model.name", "model.weights", "model.pretrained", "model.head", "model.dropout", "model.drop_path",
+               "model.prune", "model.trust_remote_code")),
+    ("what trains", ("train.strategy", "train.head_epochs", "train.unfreeze_every", "train.freeze",
+                     "train.freeze_types", "train.freeze_layers", "train.layer_decay", "train.head_lr_mult")),
+    ("training", ("train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.optimizer",
+                  "train.momentum", "train.weight_decay", "train.scheduler", "train.warmup", "train.min_lr_ratio",
+                  "train.restart_epochs", "train.clip_grad", "train.metric", "train.early_stopping",
+                  "train.early_stopping_delta", "train.ema", "train.seed")),
+    ("loss", ("train.loss", "train.label_smoothing", "train.class_weights", "train.focal_gamma", "train.threshold",
+              "train.l1_penalty")),
+    ("images", ("data.image_size", "data.augment", "data.mixup", "data.cutmix", "data.mixup_off_epoch",
+                "data.rotate", "data.elastic", "data.vflip", "data.tta", "data.cache_images", "data.cache_features",
+                "data.cache_views")),
+    ("text", ("data.text_column", "data.max_length", "data.group_by_length", "data.token_delete", "data.token_swap",
+              "data.token_mask", "data.synonyms", "data.synonym_prob")),
+    ("detection", ("model.anchor_sizes", "model.aspect_ratios", "model.anchors", "model.hard_examples",
+                   "model.nms_threshold", "model.score_threshold", "model.detections_per_image", "model.min_size",
+                   "model.max_size", "model.trainable_layers")),
+    ("parameter-efficient fine-tuning", ("model.peft", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
+                                         "model.lora_targets", "model.prompt_tokens", "train.merge")),
+    ("distillation", ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard",
+                      "train.kd_cache")),
+    ("devices, precision and memory", ("train.cpu", "train.precision", "train.processes", "train.sync_bn",
+                                       "train.grad_checkpointing", "train.compile", "train.qat",
+                                       "train.max_accuracy_drop")),
+    ("run directory, checkpoints and output", ("out", "overwrite", "resume", "resume_force", "train.checkpoint_every",
+                                               "train.keep_checkpoints", "train.max_nonfinite", "log_with", "quiet",
+                                               "verbose")),
+)
+
+
+def relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A recipe file's values with its relative paths (PATH_KEYS) made relative to `folder`, the file's folder:
+    `data: {path: ../data/x}` in recipes/r.yaml names recipes/../data/x wherever the command runs."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        holder = out.get(section) if section else out
+        if not isinstance(holder, dict) or not isinstance(holder.get(leaf), str):
+            continue
+        value = holder[leaf]
+        prefix = "hf:" if key == "train.teacher" and value.startswith("hf:") else ""
+        rest = value[len(prefix):]
+        if not rest or rest.lower() in ("none", "null", "auto") or ":" in rest or Path(rest).expanduser().is_absolute():
+            continue  # unset, a tracker-style name (timm:x), or absolute
+        holder[leaf] = prefix + os.path.normpath(folder / rest)
+    return out
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """`recipe` with its relative paths made absolute (against the current directory): what a run writes as its
+    recipe.yaml (and a search as best.yaml), so the file names the same files wherever it is read from."""
+    cwd = Path.cwd()
+    data = relative_to(recipe.model_dump(mode="json"), cwd)
+    absolute = Recipe.model_validate(data)
+    absolute._config_path = recipe.config_path
+    return absolute
 
 
 def leaf_fields() -> list[tuple[str, str, Any]]:

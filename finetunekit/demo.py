@@ -43,14 +43,14 @@ def write_digits(root: Path) -> Path:
     return root
 
 
-def run_demo(out: Path, epochs: int | None = None, quiet: bool = False):
+def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, verbose: bool = False):
     data = write_digits(Path("runs") / ".data" / "digits")
     replacing = is_run(out)
     if replacing:
         print(f"replacing the previous demo run in {out}")
     recipe = {**DEMO_RECIPE, "data": {**DEMO_RECIPE["data"], "path": str(data)},
               "train": {**DEMO_RECIPE["train"], **({"epochs": epochs} if epochs else {})},
-              "out": str(out), "overwrite": replacing, "quiet": quiet}
+              "out": str(out), "overwrite": replacing, "quiet": quiet, "verbose": verbose}
     result = fit(recipe)
     test = result.metrics["test"]
     print(f"\ndemo: test accuracy {test['accuracy']:.4f} (macro-F1 {test['macro_f1']:.4f}) on "

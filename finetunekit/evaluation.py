@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+from .progress import Progress
 
 
 @torch.inference_mode()
@@ -22,8 +23,9 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
     metrics = task.metrics().to(accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = 0
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                      disable=quiet or not accelerator.is_local_main_process):
+    passes = Progress(loader, desc=desc, total=len(loader) if hasattr(loader, "__len__") else None, quiet=quiet,
+                      disable=not accelerator.is_local_main_process)
+    for batch in passes:
         outputs, targets = task.eval_outputs(module, task.prepare(batch))
         if getattr(task, "gather_objects", False):  # per-sample outputs of different sizes (detections)
             pairs = accelerator.gather_for_metrics(list(zip(outputs, targets)), use_gather_object=True)
@@ -33,6 +35,9 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
         batch_loss, n = task.update(metrics, outputs, targets)
         loss_sum += batch_loss
         count += n
+        if passes.due(passes.count + 1):
+            passes.show()
+    passes.close()
     out = task.summarize(metrics.compute())
     out["loss"] = loss_sum.item() / max(count, 1)
     out["samples"] = count

@@ -44,6 +44,8 @@ class Prepared:
     sources: dict[str, list[Path]] = field(default_factory=dict)  # split -> the files training reads (hashed:
     # resume's drift guard; byte-identical images across train and val are reported as leakage)
     train_targets: list = field(default_factory=list)  # per training sample: what --strategy auto counts
+    val_targets: list = field(default_factory=list)  # per validation sample (datachecks: a class missing from it)
+    test_paths: list[Path] = field(default_factory=list)  # the test files (datachecks: identical to training ones)
     streamed: bool = False  # shard data: an IterableDataset per split; no decoded-image or feature cache
 
 
@@ -137,7 +139,8 @@ def prepare_images(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig
                         **({"threshold": t.threshold} if task_name == "image-multilabel" else {})},
                     sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
                              "tables": [p for p in (d.path, d.val) if p is not None and p.is_file()]},
-                    train_targets=list(splits.train.labels))
+                    train_targets=list(splits.train.labels), val_targets=list(splits.val.labels),
+                    test_paths=[Path(p) for p in splits.test.paths] if splits.test is not None else [])
 
 
 def prepare_image_shards(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
@@ -171,7 +174,8 @@ def prepare_image_shards(task_name: str, d: DataConfig, m: ModelConfig, t: Train
                     loader(splits.test, eval_tf, False) if splits.test is not None else None,
                     {"classes": splits.classes, **splits.record, "skipped": []}, 0, name, workers, size, None,
                     f"input {size}px", summary, extra_config={"head_type": m.head} if m.head != "linear" else {},
-                    sources={}, train_targets=list(splits.train.labels), streamed=True)
+                    sources={}, train_targets=list(splits.train.labels), val_targets=list(splits.val.labels),
+                    streamed=True)
 
 
 def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
@@ -229,7 +233,7 @@ def prepare_text(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, 
                     loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
                     name, 0, None, max_length, f"max {max_length} tokens", summary, extra_config=text,
                     sources={"tables": [p for p in (d.path, d.val, d.synonyms) if p is not None]},
-                    train_targets=list(splits.train.targets))
+                    train_targets=list(splits.train.targets), val_targets=list(splits.val.targets))
 
 
 def parse_numbers(spec: str | None, flag: str, kind=float) -> tuple | None:
@@ -318,7 +322,8 @@ def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainCon
                     name, workers, None, None, f"shorter side {args['min_size']}px (longer at most "
                     f"{args['max_size']}px)", summary,
                     sources={"train": [Path(p) for p in splits.train.paths], "val": [Path(p) for p in splits.val.paths],
-                             "tables": [Path(p) for p in splits.annotations]})
+                             "tables": [Path(p) for p in splits.annotations]},
+                    test_paths=[Path(p) for p in splits.test.paths] if splits.test is not None else [])
 
 
 # task name -> the stage that reads its data and builds its model, task and loaders (a new task with data of

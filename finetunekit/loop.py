@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import distributed, faults
 from .errors import TrainingStopped
 from .data.order import EpochBatches
 from .addons.base import AddOns
 from .evaluation import evaluate
+from .progress import Progress
 from .strategies import Plan, apply_phase, set_train_mode
 from .tasks import LOWER_IS_BETTER
 
@@ -115,7 +115,8 @@ def _better(score: tuple[float, float], best: tuple[float, float] | None) -> boo
 def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, train_loader: DataLoader,
         val_loader: DataLoader, task, cfg: LoopConfig, on_best: Callable[[int, dict, torch.nn.Module], None],
         state: TrainState | None = None, checkpoints: Checkpoints | None = None,
-        addons: AddOns | None = None, features: tuple | None = None) -> TrainState:
+        addons: AddOns | None = None, features: tuple | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None) -> TrainState:
     """Train to `cfg.epochs` from `state` (a fresh run, or one restored from a checkpoint), evaluate after
     each epoch, call `on_best(epoch, val, weights)` on improvement (`weights`: the trained module, or an
     add-on's candidate, e.g. its EMA, when that scored better). With `checkpoints`, a checkpoint is written at its period (only at an
@@ -131,7 +132,9 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
 
     `features` = (head, train loader, validation loader) over cached backbone features: the phases marked
     `on_features` (head-only phases before any other) train and validate the head on them; the head's
-    parameters are the model's own, so the optimizer, the checkpoints and `on_best` see the whole model."""
+    parameters are the model's own, so the optimizer, the checkpoints and `on_best` see the whole model.
+
+    `on_epoch(state)`: after each epoch's row, best and checkpoint (the run's history.csv and progress.json)."""
     state = state or TrainState()
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     stopper.reference = tuple(state.stop_reference) if state.stop_reference else None
@@ -173,9 +176,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         norms = torch.tensor([state.grad_norm_sum, state.grad_norms], device=device)  # finite norms: sum, count
         losses: list[torch.Tensor] = []  # per batch, for steps.csv (fetched from the device at checkpoints)
         start = time.perf_counter() - state.epoch_seconds
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   initial=state.batch, total=len(batches) if hasattr(batches, "__len__") else None,
-                   disable=cfg.quiet or not accelerator.is_local_main_process)
+        # a bar on a terminal; piped: a line every few minutes (progress.py)
+        bar = Progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=state.batch,
+                       total=len(batches) if hasattr(batches, "__len__") else None, every=cfg.log_every,
+                       quiet=cfg.quiet, disable=not accelerator.is_local_main_process)
         for batch in bar:
             batch = task.prepare(batch)
             with accelerator.accumulate(module):
@@ -215,10 +219,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
             losses.append(loss.detach())
             if state.batch % cfg.log_every == 0:
                 skips.check(state)
-            if not bar.disable and state.batch % cfg.log_every == 0:
-                bar.set_postfix({"loss": f"{loss_sum.item() / state.seen:.4f}",
-                                 task.running_metric: f"{running.item() / state.seen:.3f}",
-                                 "samples/s": f"{state.seen / max(time.perf_counter() - start, 1e-9):.0f}"})
+            if bar.due(state.batch):
+                bar.show({"loss": f"{loss_sum.item() / state.seen:.4f}",
+                          task.running_metric: f"{running.item() / state.seen:.3f}",
+                          "samples/s": f"{state.seen / max(time.perf_counter() - start, 1e-9):.0f}"}, state.batch)
             if update:
                 faults.point("update")
             if update and checkpoints is not None and checkpoints.due(state.updates):
@@ -269,8 +273,10 @@ def fit(accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler,
         if checkpoints is not None:
             path = checkpoints.save(state, inner, optimizer, scheduler, addons.state_dict(),
                                     _flush(losses, state.step), best=improved)
-            if checkpoints.stop_requested and state.epoch < cfg.epochs:
-                raise checkpoints.stopped(path)
+        if on_epoch is not None:
+            on_epoch(state)
+        if checkpoints is not None and checkpoints.stop_requested and state.epoch < cfg.epochs:
+            raise checkpoints.stopped(path)
         if addons.after_epoch(state.epoch, val) and state.epoch < cfg.epochs:  # a search's pruner
             log.info("training stopped after epoch %d by an add-on", state.epoch)
             break

@@ -9,6 +9,7 @@ import importlib.util
 
 from .config import TASK_KIND, TASKS, Recipe
 from .errors import UserError
+from .tracking import check as check_trackers
 from .shardfiles import is_shards, shard_files
 
 
@@ -56,6 +57,7 @@ def preflight(recipe: Recipe) -> None:
         raise UserError("--data: required: " + ("a folder of class folders, a folder with train/ and val/, "
                                                 "or a CSV manifest path,label" if modality == "image" else
                                                 "a CSV, TSV, JSONL or Parquet table"))
+    check_trackers(recipe.trackers)  # --log-with mlflow without mlflow installed: one line naming the extra
     shards = recipe.task == "image-classification" and is_shards(d.path)
     for flag, path in (("--data", d.path), ("--val", d.val), ("--test", d.test), ("--weights", m.weights),
                        ("--synonyms", d.synonyms)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .config import Recipe, build_recipe, flatten
+from .config import Recipe, build_recipe, flatten, read_yaml
 from .errors import UserError
 from .fastpath import match_param_layout
 from .loop import TrainState
@@ -53,7 +53,8 @@ def resume_recipe(recipe: Recipe) -> tuple[Recipe, Resume | None]:
         if auto and not (run / checkpoint.CHECKPOINTS).exists():
             return recipe.model_copy(update={"resume": None}), None  # refused later unless --overwrite
         raise UserError(f"--resume {run}: no complete checkpoint in {run / checkpoint.CHECKPOINTS}")
-    saved = Recipe.load(run / RECIPE)
+    # recipe.yaml's paths are absolute; a run written before they were holds paths relative to where it ran
+    saved = build_recipe(read_yaml(run / RECIPE), {}, source=str(run / RECIPE))
     given = {k: v for k, v in recipe.model_dump(mode="json", exclude_unset=True).items() if k not in _RUN_KEYS}
     merged = build_recipe(saved.model_dump(mode="json"), given) if given else saved
     before, after = flatten(saved.model_dump(mode="json")), flatten(merged.model_dump(mode="json"))

@@ -18,11 +18,11 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, distributed, fastpath, loop, peft_methods, pruning
+from . import build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, pruning, runfiles, tracking
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
-from .errors import TrainingStopped, UserError
+from .errors import TrainingStopped, UserError, first_line
 from .evaluation import evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
@@ -83,10 +83,15 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
             "--weights": recipe.model.weights, "--synonyms": d.synonyms,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
-    with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main) as run_log:
+    files = runfiles.RunFiles(out, resumed=resume is not None) if main else None
+    with RunLog(out / "log.txt" if resume is not None and main else None, recipe.quiet, main=main,
+                verbose=recipe.verbose) as run_log:
         try:
-            result = _train(recipe, out, resume, run_dir, run_log, addons)
-        except BaseException:
+            result = _train(recipe, out, resume, run_dir, run_log, files, addons)
+        except BaseException as e:
+            if files is not None:  # progress.json (this run's) says how the run ended
+                stopped = isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", 0) >= 128
+                files.mark("stopped" if stopped else "failed", first_line(e))
             if run_dir is not None:  # failed before its first checkpoint: the folder goes back as it was
                 run_dir.finish() if checkpoint.latest(out) is not None else run_dir.abort()
             raise
@@ -96,14 +101,15 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
 
 
 def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | None, run_log: RunLog,
-           extra_addons: Sequence[AddOn] = ()) -> RunResult:
+           files: runfiles.RunFiles | None, extra_addons: Sequence[AddOn] = ()) -> RunResult:
     started = time.perf_counter()
     set_seed(recipe.train.seed)
-    accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out)
+    accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out,
+                                    log_with=recipe.trackers)
     gpu = accelerator.device.type == "cuda"
     distributed.check_backend(accelerator)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
-    accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out)
+    accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out, recipe.trackers)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     distributed.check_compile(accelerator, recipe.train.strategy, recipe.train.compile)
     t, backbone, task = recipe.train, inputs.backbone, inputs.task
@@ -134,6 +140,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     if leaked:
         log.warning("warning: %d validation images are byte-identical to training images (leakage: validation "
                     "scores will be optimistic)", leaked)
+    _check_data(recipe, inputs)
     # fused AdamW: one kernel per update on GPUs; on the CPU too (4.8 vs 21.1 ms per EfficientNet-Lite0 step)
     plan, optimizer = build.plan_and_optimizer(t, backbone, hyper.lr, fused=accelerator.device.type in ("cuda", "cpu"))
     with accelerator.main_process_first():  # caches (features, decoded images, teacher logits): written once
@@ -144,7 +151,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
     if recipe.modality == "image" and fastpath.channels_last(module):
-        log.info("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
+        log.debug("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, trained.train_loader,
                                                                       trained.val_loader)
     features = None
@@ -174,9 +181,9 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 optimizer, scheduler, checkpoints, accelerator)
     if state is not None and inputs.streamed:
         restart_cut_epoch(state)  # a stream cannot skip to a batch: data.shards
+    resolved = build.resolved_recipe(recipe, out, hyper, inputs, trained)
     if main:
-        (out / RECIPE).write_text(build.resolved_recipe(recipe, out, hyper, inputs, trained).to_yaml(),
-                                  encoding="utf-8")
+        (out / RECIPE).write_text(resolved.to_yaml(), encoding="utf-8")
         write_json(out / "split.json", inputs.split_record)
     _log_setup(recipe, inputs, hyper, module, trained.cached, accelerator, updates_per_epoch)
 
@@ -196,16 +203,21 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                                   f"the last complete checkpoint is {last.path if last else 'none yet'}; make room "
                                   f"and continue with `finetunekit fit --resume {out}`") from None
 
-    accelerator.init_trackers("tensorboard")
+    accelerator.init_trackers(tracking.PROJECT, config=tracking.params(resolved))  # process 0 logs (tracking.py)
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,
                           patience=t.early_stopping, min_delta=t.early_stopping_delta, quiet=recipe.quiet,
                           max_nonfinite=t.max_nonfinite)
+    def on_epoch(state: loop.TrainState) -> None:  # files to watch the run by (process 0's: runfiles)
+        if files is not None:
+            files.epoch(state, t.epochs, hyper.monitor, started)
+
     if rng is not None:
         checkpoint.restore_rng(*rng)  # last: nothing between here and the first batch draws a random number
     with checkpoints:
         try:
             result = loop.fit(accelerator, module, optimizer, scheduler, train_loader, val_loader, task, cfg,
-                              on_best, state=state, checkpoints=checkpoints, addons=addons, features=features)
+                              on_best, state=state, checkpoints=checkpoints, addons=addons, features=features,
+                              on_epoch=on_epoch)
         except torch.OutOfMemoryError:
             last = checkpoint.latest(out)
             raise TrainingStopped(
@@ -253,12 +265,28 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                     "each was replaced by the next image of its split", failed)
     if spread is not None:
         metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
+    metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
+    if files is not None:
+        files.mark("done")
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)
     return RunResult(out, metrics)
+
+
+def _check_data(recipe: Recipe, inputs) -> None:
+    """The data's warnings (datachecks): a tiny validation set or one missing a class, test images identical to
+    training images."""
+    try:
+        val_size = len(inputs.val_loader.dataset)
+    except TypeError:  # a stream without a length
+        val_size = len(inputs.val_targets)
+    datachecks.check_validation(inputs.task.kind, inputs.task.classes or [], inputs.train_targets,
+                                inputs.val_targets, val_size)
+    if not inputs.streamed:
+        datachecks.check_test_leakage(inputs.sources.get("train", []), inputs.test_paths)
 
 
 def _log_setup(recipe: Recipe, inputs, hyper: build.Hyper, module, cached: bool, accelerator,

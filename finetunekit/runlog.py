@@ -14,15 +14,20 @@ class RunLog:
     logged before `attach` (a run checks its data and model before it claims its folder) are kept and
     written to the file first."""
 
-    def __init__(self, path: Path | None, quiet: bool, main: bool = True):
+    def __init__(self, path: Path | None, quiet: bool, main: bool = True, verbose: bool = False):
         self.main = main  # one of several processes but the first: errors only (the first logs each line once)
         self.handlers: list[logging.Handler] = []
         if not any(getattr(h, "_finetunekit", False) for h in log.handlers):
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(logging.Formatter("%(message)s"))
+            # detail lines (log.debug: cache keys, memory layout, the libraries' warnings) only with --verbose;
+            # log.txt holds them either way
+            console.setLevel(logging.DEBUG if verbose else logging.INFO)
             self.handlers.append(console)
         self.early = Buffer()
         self.handlers.append(self.early)
+        self.warned = Buffer(logging.WARNING)  # the run's warning lines, for metrics.json (`warnings`)
+        self.handlers.append(self.warned)
         if path is not None:
             self.attach(path)
 
@@ -44,9 +49,14 @@ class RunLog:
         for h in self.handlers:
             h._finetunekit = True  # type: ignore[attr-defined]
             log.addHandler(h)
-        log.setLevel(logging.INFO if self.main else logging.ERROR)
+        log.setLevel(logging.DEBUG if self.main else logging.ERROR)
         log.propagate = False
         return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """The warning lines logged so far (without their `warning: `), in order; errors are not among them."""
+        return [r.getMessage().removeprefix("warning: ") for r in self.warned.records if r.levelno == logging.WARNING]
 
     def __exit__(self, *exc):
         for h in self.handlers:
@@ -55,8 +65,8 @@ class RunLog:
 
 
 class Buffer(logging.Handler):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, level: int = logging.NOTSET):
+        super().__init__(level)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -12,7 +12,7 @@ from finetunekit import Recipe, UserError
 from finetunekit.cli import RECIPES_DIR
 from finetunekit.config import build_recipe, leaf_fields
 
-from conftest import run_cli
+from conftest import cli, run_cli
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -31,6 +31,9 @@ from conftest import run_cli
     (["predict", "/no/run", "x.jpg"], "/no/run: not a finetunekit run or model folder"),
     # checked before the data is read ("." holds no images: reading it would fail first)
     (["fit", "--data", ".", "--checkpoint-every", "10x"], "--checkpoint-every 10x: expected a number of updates"),
+    (["fit", "--log-with", "mlfow"], "--log-with: expected a comma-separated list of tensorboard, mlflow, wandb, none "
+                                     "(did you mean 'mlflow'?), got 'mlfow'"),
+    (["fit", "--log-with", "none,mlflow"], "--log-with: expected 'none' alone"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
     start = time.perf_counter()
@@ -77,7 +80,8 @@ def test_flags_override_yaml_and_python_api_agree(tmp_path):
     path.write_text("data:\n  path: imgs\n  image_size: 96\ntrain:\n  epochs: 7\n  lr: 0.01\n")
     from_file = Recipe.load(path, {"train.epochs": "3"})
     assert (from_file.train.epochs, from_file.train.lr, from_file.data.image_size) == (3, 0.01, 96)
-    from_python = Recipe(data={"path": "imgs", "image_size": 96}, train={"epochs": 3, "lr": 0.01})
+    # the file's relative path is relative to the file's folder; the same from Python names it so
+    from_python = Recipe(data={"path": str(tmp_path / "imgs"), "image_size": 96}, train={"epochs": 3, "lr": 0.01})
     assert from_python == from_file
     # the resolved recipe round-trips through YAML
     again = build_recipe(yaml.safe_load(from_file.to_yaml()), {})
@@ -106,3 +110,68 @@ def test_shipped_recipes_parse_and_are_listed():
 
         check_spec(recipe.model_name)  # the hub-only recipes name real models (hub ids: well-formed)
         assert modality(recipe.model_name) == recipe.modality, path.name  # the hub-only recipes name real models
+
+
+def _parser():
+    from finetunekit.cli import _build_parser
+
+    return _build_parser()[0]
+
+
+def test_fit_help_is_grouped_by_topic_with_meaningful_defaults_only():
+    from finetunekit.config import GROUPS
+
+    grouped = [key for _, keys in GROUPS for key in keys]
+    assert sorted(grouped) == sorted(key for key, _, _ in leaf_fields()), "an option in no group, or in two"
+    assert len(grouped) == len(set(grouped))
+    code, text, _ = cli("fit", "--help")
+    assert code == 0
+    assert text.startswith("usage: finetunekit fit [--config RECIPE] [OPTION ...]\n")
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options"] + [title for title, _ in GROUPS]
+    assert "(default: None)" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    assert "--[no-]pretrained start from the source's pretrained weights (off: random init) (default: on)" in flat
+    assert "--epochs N training epochs; default: 10 for images, 3 for text" in flat
+    assert "--batch-size N samples per step on one device" in flat and "(default: 32)" in flat
+    assert "--task TASK what to learn" in flat and "one of image-classification, image-multilabel" in flat
+
+
+def test_every_option_of_every_command_has_help_and_version():
+    parser = _parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings or action.dest not in ("help",):
+                assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+    from finetunekit import __version__
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out == f"finetunekit {__version__}\n"
+
+
+def test_a_recipe_files_paths_are_relative_to_it_and_flags_to_the_cwd(tmp_path):
+    from finetunekit.cli import recipe_from_args
+
+    (tmp_path / "exp").mkdir()
+    path = tmp_path / "exp" / "r.yaml"
+    path.write_text("data:\n  path: ../data/train\n  val: /abs/val\n  test: test.csv\nmodel:\n  weights: w.safetensors\n"
+                    "train:\n  teacher: hf:../teacher\nout: ../runs/a\n")
+    from finetunekit.cli import _build_parser
+
+    parser, dests = _build_parser()
+    recipe = recipe_from_args(parser.parse_args(["fit", "--config", str(path)]), dests)
+    assert recipe.data.path == tmp_path / "data" / "train"
+    assert recipe.data.val == Path("/abs/val") and recipe.data.test == tmp_path / "exp" / "test.csv"
+    assert recipe.model.weights == tmp_path / "exp" / "w.safetensors"
+    assert recipe.train.teacher == f"hf:{tmp_path / 'teacher'}" and recipe.out == tmp_path / "runs" / "a"
+    # a flag stays as typed: relative to the current directory
+    recipe = recipe_from_args(parser.parse_args(["fit", "--config", str(path), "--data", "here/train"]), dests)
+    assert recipe.data.path == Path("here/train") and recipe.data.test == tmp_path / "exp" / "test.csv"
+    # the shipped recipes name the shared data from their own folder, wherever the command runs
+    from conftest import SHARED_DATA
+
+    sst2 = Recipe.load(RECIPES_DIR / "sst2-minilm.yaml")
+    assert sst2.data.path.resolve() == (SHARED_DATA / "sst2" / "train.tsv").resolve()
+    cifar = recipe_from_args(parser.parse_args(["fit", "--config", "cifar10-lite0-full"]), dests)
+    assert cifar.data.path.resolve() == (SHARED_DATA / "cifar10-mini").resolve()

@@ -84,7 +84,7 @@ def test_training_crops_follow_the_sample_seed_and_stored_images_are_never_enlar
 
 def test_a_changed_file_builds_a_new_entry_and_a_second_run_reads_the_cache(cifar_subset, tmp_path, caplog):
     split = _images(tmp_path / "img", cifar_subset)
-    with caplog.at_level(logging.INFO, logger="finetunekit"):
+    with caplog.at_level(logging.DEBUG, logger="finetunekit"):  # the cache's lines are detail (--verbose)
         first = _cached(split)["train"]
         again = _cached(split)["train"]
     assert again.entry == first.entry
@@ -97,7 +97,7 @@ def test_a_changed_file_builds_a_new_entry_and_a_second_run_reads_the_cache(cifa
 
 def test_auto_skips_one_epoch_and_an_over_budget_cache(cifar_subset, tmp_path, monkeypatch, caplog):
     split = _images(tmp_path / "img", cifar_subset)
-    with caplog.at_level(logging.INFO, logger="finetunekit"):
+    with caplog.at_level(logging.DEBUG, logger="finetunekit"):
         assert _cached(split, mode="auto", epochs=1) is None
         assert "1 epoch" in caplog.text
         assert _cached(split, mode="off") is None

@@ -238,12 +238,15 @@ def test_epoch_counts_are_singular_or_plural():
 
 # 7. evaluate: pinned metrics of the tiny model (evaluate must give these whatever runs it)
 
-PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]], "samples": 6,
+PINNED = {"accuracy": 0.3333333432674408, "macro_f1": 0.25, "confusion_matrix": [[0, 3], [1, 2]],
+          "confusion_matrix_classes": ["cat", "dog"], "samples": 6,
           "per_class": {"cat": {"precision": 0.0, "recall": 0.0, "f1": 0.0},
                         "dog": {"precision": 0.4000000059604645, "recall": 0.6666666865348816, "f1": 0.5}}}
 PINNED_LOSS = 0.6952621936798096
 PRINTED = ["accuracy 0.3333  macro_f1 0.2500  loss 0.6953  samples 6", "class  precision  recall      f1",
-           "cat     0.0000  0.0000  0.0000", "dog     0.4000  0.6667  0.5000"]
+           "cat     0.0000  0.0000  0.0000", "dog     0.4000  0.6667  0.5000", "",
+           "confusion matrix (rows: true class, columns: predicted)", "true \\ predicted  cat  dog",
+           "cat                 0    3", "dog                 1    2"]
 
 
 @pytest.mark.parametrize("batch_size", ["4", "64"])

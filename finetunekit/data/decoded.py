@@ -166,7 +166,7 @@ def prepare(split_name: str, entry: Path, paths: list[str], store, *, budget: in
     """The cache entry for a split: found, or built when its estimated size is within `budget` bytes
     (None: no limit). None when it is not there and cannot be built (the reason is logged)."""
     if complete(entry):
-        log.info("decoded images (%s): %d read from the cache %s", split_name, len(paths), entry)
+        log.debug("decoded images (%s): %d read from the cache %s", split_name, len(paths), entry)
         return entry
     need = estimate_bytes(paths, store)
     if budget is not None and need > budget:
@@ -180,7 +180,7 @@ def prepare(split_name: str, entry: Path, paths: list[str], store, *, budget: in
     except OSError as e:  # read-only, not a folder, full
         cache_unwritable("decoded images", entry.parent, e, "reading the files instead")
         return None
-    log.info("decoded images (%s): %d decoded into the cache in %.1fs (%.0f MB at %s)", split_name, len(paths),
+    log.debug("decoded images (%s): %d decoded into the cache in %.1fs (%.0f MB at %s)", split_name, len(paths),
              time.perf_counter() - started, written / 2**20, entry)
     return entry
 
@@ -210,7 +210,7 @@ def decoded_datasets(datasets: dict[str, Any], contents: dict[str, str], *, mode
     plan = {"train": (train_store, train_tf), "val": (eval_store, None)}
     entries = {s: entry_for(contents[s], plan[s][0]) for s in datasets}
     if mode == "auto" and epochs < 2 and not all(complete(e) for e in entries.values()):
-        log.info("decoded images: not cached (1 epoch: each image is decoded once either way; --cache-images on "
+        log.debug("decoded images: not cached (1 epoch: each image is decoded once either way; --cache-images on "
                  "caches it for later runs)")
         return None
     budget = None if mode == "on" else free_budget()

@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .images import scan_images
@@ -109,6 +110,7 @@ def _read_manifest(path: Path, option: str) -> LabeledFiles:
                 raise UserError(f"{option} {path}: a manifest needs columns 'path' and 'label', "
                                 f"found {list(columns) or 'no header'}")
             paths, labels = [], []
+            first: dict[str, tuple[str, int]] = {}  # file -> (its label, the line that gave it)
             for row in reader:
                 file, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
                 if not file or not label:
@@ -117,6 +119,11 @@ def _read_manifest(path: Path, option: str) -> LabeledFiles:
                 p = Path(file)
                 paths.append(str(p if p.is_absolute() else path.parent / p))
                 labels.append(label)
+                seen = first.setdefault(paths[-1], (label, reader.line_num))
+                if seen[0] != label:  # one image, one class: which one is meant is for the user to say
+                    raise UserError(f"{option} {path}, line {reader.line_num}: {file} is labelled {label!r} here "
+                                    f"and {seen[0]!r} on line {seen[1]}; a single-label manifest gives each file one "
+                                    f"label (for several labels per image: --task image-multilabel)")
     except UnicodeDecodeError as e:
         raise UserError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
@@ -139,7 +146,7 @@ def drop_unreadable(sets: list[LabeledFiles]) -> tuple[list[tuple[str, str]], in
             log.warning("  skipped %s: %s", p, reason)
     converted = {m: n for m, n in report.modes.items() if m != "RGB"}
     if converted:
-        log.info("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
+        log.debug("image modes converted to RGB: %s", ", ".join(f"{n} {m}" for m, n in converted.items()))
     readable = dict(zip(all_paths, report.ok))
     for f in sets:
         keep = [i for i, p in enumerate(f.paths) if readable[p]]
@@ -246,6 +253,8 @@ def resolve_table_splits(task: str, path: Path | None, val: Path | None, test: P
     classes = class_names(task, labels, [read[0][1][i] for i in read[0][0].labels], tables[0])
     target = targeter(task, classes, labels)
     splits = [Split(f.paths, [target(raw[i], t.origin) for i in f.labels]) for (f, raw, _), t in zip(read, tables)]
+    for (f, raw, _), t in zip(read, tables):
+        _warn_relabelled(f.paths, [raw[i] for i in f.labels], t.origin, delimiter or "|")
     train, rest = splits[0], splits[1:]
     val_split = rest.pop(0) if val else None
     test_split = rest.pop(0) if test else None
@@ -276,6 +285,23 @@ def _image_rows(t, task: str, path_col: str, labels: list[str], delimiter: str, 
     check_bad(rows, t, max_bad_fraction)
     paths = [str(p if (p := Path(x[0])).is_absolute() else t.path.parent / p) for x in rows.texts]
     return LabeledFiles(paths, list(range(len(paths))), t.origin), rows.labels, rows.bad
+
+
+def _warn_relabelled(paths: list[str], raw: list, origin: str, delimiter: str) -> None:
+    """A multi-label or regression table that lists one file in several rows with different labels: a warning
+    (each row stays a sample of its own; list a file once, with all its labels, to mean one sample)."""
+    first: dict[str, Any] = {}
+    differing = []
+    for p, label in zip(paths, raw):
+        if first.setdefault(p, label) != label:
+            differing.append((p, first[p], label))
+    if differing:
+        p, a, b = (x if isinstance(x, str) else delimiter.join(map(str, x)) if isinstance(x, list) else str(x)
+                   for x in differing[0])
+        files = len({d[0] for d in differing})
+        log.warning("warning: %s: %s is listed with the labels %r and %r%s; each row trains as a sample of its own "
+                    "(to give one image several labels, list it once with its labels delimited)", origin, p, a, b,
+                    f" ({files} files listed with differing labels)" if files > 1 else "")
 
 
 def _drop_checked(sets: list[LabeledFiles], max_bad_fraction: float, where: Path) -> list[tuple[str, str]]:

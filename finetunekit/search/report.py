@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe
+from ..config import Recipe, absolute_paths
 from .space import Param
 
 
@@ -97,7 +97,7 @@ def write_report(study, recipe: Recipe, space: list[Param], monitor: str, out: P
                                           + "\n", encoding="utf-8")
     best = best_recipe(study, recipe, monitor)
     if best is not None:
-        (out / "best.yaml").write_text(best.to_yaml(), encoding="utf-8")
+        (out / "best.yaml").write_text(absolute_paths(best).to_yaml(), encoding="utf-8")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

@@ -91,7 +91,9 @@ class Classification(LogitsTask):
         out["per_class"] = {c: {"precision": float(p), "recall": float(r), "f1": float(f)}
                             for c, p, r, f in zip(self.classes, computed["precision"], computed["recall"],
                                                   computed["f1"])}
+        # rows: the true class, columns: the predicted one, both in the order of confusion_matrix_classes
         out["confusion_matrix"] = computed["confusion_matrix"].int().tolist()
+        out["confusion_matrix_classes"] = list(self.classes)
         return out
 
     def predict(self, logits: torch.Tensor, top_k: int = 1) -> list[dict]:
