@@ -240,6 +240,9 @@ class TrainConfig(_Section):
                                  "once a newer one is complete)", ge=2, le=1000)
     max_nonfinite: int = _opt(10, "stop after this many updates in a row skipped for a non-finite loss or "
                               "gradient", ge=1)
+    calibration: bool = _opt(True, "after training, fit a temperature on the validation set so that predicted "
+                             "probabilities match accuracy (model/calibration.json; predict, evaluate and exports "
+                             "apply it; classification and multi-label; docs/calibration.md)")
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
     processes: int | None = _opt(None, "train in N processes on this machine, one per GPU (or N CPU processes "
