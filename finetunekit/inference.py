@@ -73,8 +73,8 @@ class FineTunedModel(Predictor):
 
     def _check_mc(self) -> None:
         if not dropout_layers(self.module, train=False):
-            raise UserError("--mc-dropout: this model has no dropout layers (for an image model, fine-tune with "
-                            "--dropout P to give its head one)")
+            raise UserError("--mc-dropout: this model has no dropout layers to sample with (nn.Dropout with p > 0, "
+                            "or a timm head's drop_rate > 0)")
 
     def _mc_scores(self, items: list[Any], batch_size: int, skip: bool, passes: int) -> torch.Tensor:
         """[passes, N, C] logits with the dropout layers in train mode (BatchNorm and the rest in eval mode);

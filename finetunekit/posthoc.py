@@ -29,15 +29,16 @@ class Scored:
     metrics: dict
     outputs: Any  # logits [N, C] (or a list of detections), in loader order
     targets: Any
+    seconds: float = 0.0  # the pass's wall time
 
 
 def score_best(accelerator, module: torch.nn.Module, loaders: dict, task, quiet: bool) -> dict[str, Scored]:
     """Each split's metrics and gathered outputs, from one evaluation pass of `module` (the best weights)."""
     out = {}
     for split, loader in loaders.items():
-        kept = Outputs()
+        kept, started = Outputs(), time.perf_counter()
         metrics = evaluate(accelerator, module, loader, task, desc=split, quiet=quiet, keep=kept)
-        out[split] = Scored(metrics, *kept.joined())
+        out[split] = Scored(metrics, *kept.joined(), seconds=time.perf_counter() - started)
     return out
 
 
@@ -63,8 +64,10 @@ def finish(scored: dict[str, Scored], task, originals: dict, run_dir: Path | Non
             path = run_dir / predictions.FILES[split]
             predictions.write(path, task, predictions.items_of(originals[split]), outputs, targets, temperature)
             written.append(path.name)
-    if written:
-        log.info("predictions: %s (%.1fs with the calibration)", ", ".join(written), time.perf_counter() - started)
+    if written:  # the validation pass is this stage's own (the test set was always scored once)
+        val, rest = scored["val"].seconds, time.perf_counter() - started
+        log.info("predictions: %s; %.1fs added (the best model's validation pass %.1fs, calibration and files "
+                 "%.1fs)", ", ".join(written), val + rest, val, rest)
     return {"calibration": entry} if entry else {}
 
 

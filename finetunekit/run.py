@@ -238,6 +238,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         metrics["test"] = scored["test"].metrics
     metrics.update(posthoc.finish(scored, task, {"val": inputs.val_loader, "test": inputs.test_loader},
                                   out if main else None, model_dir if main else None, calibrate=t.calibration))
+
     def best() -> torch.nn.Module:  # the whole model with the saved best weights
         whole = accelerator.unwrap_model(accelerator.prepare(backbone.module) if trained.cached else module,
                                          keep_torch_compile=False)
