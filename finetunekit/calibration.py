@@ -46,8 +46,9 @@ def scale(logits: Any, temperature: float | list[float] | None) -> Any:
 
 def fit(kind: str, logits, targets) -> float | list[float]:
     """The temperature minimising the validation NLL: one float (classification, targets class indices [N]) or
-    one per class (multi-label, targets multi-hot [N, C]; a class whose validation labels are all equal keeps
-    T = 1: its NLL would push T to a bound)."""
+    one per class (multi-label, targets multi-hot [N, C]; a class whose validation labels are all equal, or
+    whose fit ends at a bound, keeps T = 1). A single-label T at a bound (`at_bound`) is returned as is: the
+    caller decides (posthoc.py does not calibrate then)."""
     import torch
 
     z = logits.detach().double().cpu()
@@ -68,8 +69,14 @@ def fit(kind: str, logits, targets) -> float | list[float]:
 
         temperature = 1.0 / _bisect(slope, z.shape[1])
         mixed = (y > 0.5).any(0) & (y < 0.5).any(0)
-        return [float(t) if m else 1.0 for t, m in zip(temperature, mixed)]
+        return [float(t) if m and not at_bound(float(t)) else 1.0 for t, m in zip(temperature, mixed)]
     raise ValueError(f"no temperature scaling for {kind} tasks")
+
+
+def at_bound(temperature: float) -> bool:
+    """Whether a fitted T is T_MIN or T_MAX: the NLL kept falling towards the bound, so the data does not fix T
+    (every validation sample right and the NLL going to 0 as T -> 0, as on `finetunekit demo`'s digits)."""
+    return any(abs(math.log(temperature / b)) < 1e-6 for b in (T_MIN, T_MAX))
 
 
 def _bisect(slope, n: int):

@@ -85,6 +85,11 @@ def _calibration(task, ordered: dict, calibrate: bool) -> dict:
                  len(targets), calibration.MIN_SAMPLES)
         return {}
     entry = calibration.calibrate(kind, logits, targets)
+    if isinstance(entry["temperature"], float) and calibration.at_bound(entry["temperature"]):
+        log.info("calibration: skipped: the validation NLL keeps falling towards T = %g (%s); the data does not fix "
+                 "a temperature", entry["temperature"],
+                 "every validation sample is right" if entry["nll_after"] < 1e-3 else "a bound of the search")
+        return {}
     if kind == "classification":
         from .uncertainty import fit_ood
 

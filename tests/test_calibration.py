@@ -279,3 +279,21 @@ def test_ood_threshold_keeps_95_percent_of_validation():
     for score in uncertainty.SCORES:
         kept = (uncertainty.ood_score(z, score) >= fitted["thresholds"][score]).mean()
         assert kept == pytest.approx(0.95, abs=0.001)
+
+
+def test_a_temperature_at_a_bound_is_not_used(run, tmp_path):
+    """Validation samples that are all right (as on the demo's digits): the NLL falls towards T -> 0, T ends at
+    its lower bound, and the run keeps its probabilities as they are (no calibration.json)."""
+    from finetunekit.posthoc import Scored, finish
+
+    paths = run["paths"] + [row["path"] for row in csv.DictReader(run["test"].open())]
+    logits = finetunekit.load(run["run"]).logits(paths)
+    y = torch.tensor([CLASSES.index(Path(p).parent.name) for p in paths])
+    right = logits.argmax(-1) == y
+    assert int(right.sum()) >= calibration.MIN_SAMPLES
+    assert calibration.at_bound(calibration.fit("classification", logits[right], y[right]))
+    loader = torch.utils.data.DataLoader(list(range(int(right.sum()))))
+    entry = finish({"val": Scored({}, logits[right], y[right])}, Classification(CLASSES), {"val": loader}, tmp_path,
+                   tmp_path, calibrate=True)
+    assert entry == {} and not (tmp_path / calibration.FILE).exists()
+    assert (tmp_path / "val_predictions.csv").is_file()
