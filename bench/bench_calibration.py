@@ -7,6 +7,9 @@ the temperature, validation ECE/NLL before and after (the data T was fitted on),
 when the run had a test set, and validation/test accuracy (argmax-invariant: the same before and after).
 
 --dev-halves (for a run whose validation set is also the set you report on, as SST-2 dev): the fair figure.
+--scale X: a deliberately over-confident model, the run's validation logits times X; T fitted and scored on
+validation (the fitted T is X times the run's own).
+
 The dev logits are recomputed with the saved model, T is fitted on the even-indexed half of the validation
 samples and ECE/NLL measured on the odd-indexed half (and the other way round); one more row per run.
 """
@@ -70,10 +73,32 @@ def _dev_halves(run: Path) -> dict:
     return out
 
 
+def _scaled(run: Path, factor: float) -> dict:
+    """A deliberately over-confident version of the run's model: its validation logits times `factor`."""
+    import csv
+
+    import torch
+
+    import finetunekit
+    from finetunekit import calibration
+
+    model = finetunekit.load(run)
+    rows = list(csv.DictReader((run / "val_predictions.csv").open(encoding="utf-8", newline="")))
+    items = [tuple(r["item"].split(" [SEP] ")) for r in rows] if hasattr(model, "tokenizer") else \
+        [r["item"] for r in rows]
+    logits = model.logits(items).double() * factor
+    y = torch.tensor([model.classes.index(r["label"]) for r in rows])
+    entry = calibration.calibrate("classification", logits, y)
+    return {"run": str(run), "protocol": f"validation logits x{factor:g} (over-confident), T fitted and scored on "
+                                         f"validation", **{k: entry[k] for k in ("temperature", "samples", "ece_before",
+                                                                                "ece_after", "nll_before", "nll_after")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--dev-halves", action="store_true")
+    parser.add_argument("--scale", type=float, help="also: the validation logits times this (over-confident)")
     args = parser.parse_args()
     import torch
 
@@ -81,7 +106,10 @@ def main() -> None:
            "load_1min": os.getloadavg()[0]}
     with OUT.open("a", encoding="utf-8") as f:
         for run in args.runs:
-            for row in [_row(run)] + ([_dev_halves(run)] if args.dev_halves else []):
+            rows = [_row(run)] if not args.scale else []  # --scale: the scaled row alone
+            rows += [_dev_halves(run)] if args.dev_halves else []
+            rows += [_scaled(run, args.scale)] if args.scale else []
+            for row in rows:
                 row = {**row, **env}
                 print(json.dumps(row))
                 f.write(json.dumps(row) + "\n")
