@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, calibration
 from .errors import UserError
 from .models import Backbone, load_folder
 from .models.folder import read_weights
@@ -110,5 +110,8 @@ def load(path: str | os.PathLike):
     if task.kind == "detection":
         return DetectionModel(backbone, task, folder)
     if backbone.adapter.modality == "text":
-        return TextModel(backbone, task, folder, ours, task_name)
-    return ImageModel(backbone, task, folder, tta=ours.get("tta", "none"), table=ours)
+        model = TextModel(backbone, task, folder, ours, task_name)
+    else:
+        model = ImageModel(backbone, task, folder, tta=ours.get("tta", "none"), table=ours)
+    model.calibration = calibration.read(folder)  # predict applies it (predictor.py)
+    return model

@@ -177,6 +177,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--draw", metavar="DIR", help="detection: write each image with its boxes drawn to DIR (PNG)")
     pr.add_argument("--strict", action="store_true",
                     help="fail (exit 2) at the first unreadable image instead of skipping it with a warning")
+    pr.add_argument("--uncertainty", action="store_true",
+                    help="classification: also each item's calibrated max probability, predictive entropy and "
+                         "out-of-distribution flag (docs/calibration.md)")
+    pr.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                    help="with --uncertainty: N Monte-Carlo dropout passes (dropout layers in train mode): mean "
+                         "probability, its entropy, mutual information, variance")
+    pr.add_argument("--ood-score", metavar="{energy,msp}",
+                    help="with --uncertainty: the out-of-distribution score (default: energy)")
     _add_verbose(pr)
 
     ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch; "
@@ -330,13 +338,22 @@ def _rows(preds: list[dict], top_k: int, key: str, kind: str, error_column: bool
     else:
         cols = ["label", "score"] + [f"{w}{i}" for i in range(2, top_k + 1) for w in ("label", "score")]
 
+        more = [k for k in UNCERTAINTY_COLUMNS if any(k in p for p in preds)]  # predict --uncertainty
+        cols += more
+
         def cells(p: dict) -> list[str]:
-            return [v for alt in p["top_k"] for v in (alt["label"], f"{alt['score']:.4f}")]
+            return [v for alt in p["top_k"] for v in (alt["label"], f"{alt['score']:.4f}")] + [
+                str(p[k]).lower() if isinstance(p[k], bool) else p[k] if isinstance(p[k], str) else f"{p[k]:.4f}"
+                for k in more]
     rows = []
     for s, p in zip(source, preds):
         row = [s] + (cells(p) if "error" not in p else [""] * len(cols))
         rows.append(row + ([p.get("error", "")] if error_column else []))
     return [key, *cols] + (["error"] if error_column else []), rows
+
+
+UNCERTAINTY_COLUMNS = ("max_prob", "entropy", "ood_score", "ood", "mc_label", "mc_probability", "mc_entropy",
+                       "mutual_information", "mc_variance")  # uncertainty.describe's fields, in table order
 
 
 def _format_predictions(preds: list[dict], fmt: str, top_k: int, key: str, kind: str) -> str:
@@ -541,11 +558,19 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     if kind == "label" and top_k > len(model.classes):  # one rectangular table: as many columns as classes
         top_k = len(model.classes)
         print(f"warning: --top-k {args.top_k}: the model has {top_k} classes; showing {top_k}", file=sys.stderr)
+    extra = {}
+    if args.uncertainty or args.mc_dropout or args.ood_score:
+        if not args.uncertainty:
+            raise UserError(f"{'--mc-dropout' if args.mc_dropout else '--ood-score'}: goes with --uncertainty")
+        from .uncertainty import SCORES
+
+        extra = dict(uncertainty=True, mc_dropout=args.mc_dropout, ood_score=args.ood_score)
+        model._check_uncertainty(args.mc_dropout, args.ood_score, SCORES)  # one line before any image is read
     if is_text:
         texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
-        preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k) if texts else []
+        preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k, **extra) if texts else []
         for item in args.inputs:
-            preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k)
+            preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k, **extra)
     else:
         from .imagefiles import expand_inputs, no_images
 
@@ -556,7 +581,7 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         for item in empty:
             print(f"warning: {no_images(item)}", file=sys.stderr)
         preds = model.predict([f for files in found.values() for f in files], batch_size=args.batch_size,
-                              top_k=top_k, errors="raise" if args.strict else "skip")
+                              top_k=top_k, errors="raise" if args.strict else "skip", **extra)
     failed = [p for p in preds if "error" in p]
     if args.draw:
         from .inference import draw

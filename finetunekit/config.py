@@ -241,6 +241,9 @@ class TrainConfig(_Section):
                                  "once a newer one is complete)", ge=2, le=1000)
     max_nonfinite: int = _opt(10, "stop after this many updates in a row skipped for a non-finite loss or "
                               "gradient", ge=1)
+    calibration: bool = _opt(True, "after training, fit a temperature on the validation set so that predicted "
+                             "probabilities match accuracy (model/calibration.json; predict, evaluate and exports "
+                             "apply it; classification and multi-label; docs/calibration.md)")
     seed: int = _opt(0, "random seed (data split, init, order, augmentation)", ge=0, le=2**32 - 1)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
     processes: int | None = _opt(None, "train in N processes on this machine, one per GPU (or N CPU processes "
@@ -389,7 +392,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.optimizer",
                   "train.momentum", "train.weight_decay", "train.scheduler", "train.warmup", "train.min_lr_ratio",
                   "train.restart_epochs", "train.clip_grad", "train.metric", "train.early_stopping",
-                  "train.early_stopping_delta", "train.ema", "train.seed")),
+                  "train.early_stopping_delta", "train.ema", "train.seed", "train.calibration")),
     ("loss", ("train.loss", "train.label_smoothing", "train.class_weights", "train.focal_gamma", "train.threshold",
               "train.l1_penalty")),
     ("images", ("data.image_size", "data.augment", "data.mixup", "data.cutmix", "data.mixup_off_epoch",

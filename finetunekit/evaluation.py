@@ -14,11 +14,30 @@ from torch.utils.data import DataLoader
 from .progress import Progress
 
 
+class Outputs:
+    """A split's gathered outputs and targets, batch by batch, on the CPU: tensors (logits [N, C], targets) or,
+    for tasks that gather objects (detection), lists of per-sample dicts."""
+
+    def __init__(self):
+        self.outputs: list = []
+        self.targets: list = []
+
+    def add(self, outputs, targets) -> None:
+        self.outputs.append(send_to_device(outputs, "cpu"))
+        self.targets.append(send_to_device(targets, "cpu"))
+
+    def joined(self) -> tuple:
+        if self.outputs and isinstance(self.outputs[0], torch.Tensor):
+            return torch.cat(self.outputs), torch.cat(self.targets)
+        return [o for batch in self.outputs for o in batch], [t for batch in self.targets for t in batch]
+
+
 @torch.inference_mode()
 def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoader, task, desc: str = "evaluate",
-             quiet: bool = False) -> dict:
+             quiet: bool = False, keep: Outputs | None = None) -> dict:
     """Metrics of `task` over `loader` (`module`: the model to score, e.g. wrapped for test-time
-    augmentation), plus "loss" (the mean plain loss) and "samples"."""
+    augmentation), plus "loss" (the mean plain loss) and "samples". `keep`: collects the gathered outputs and
+    targets on the CPU, in loader order (calibration and the predictions files: posthoc.py)."""
     module.eval()
     metrics = task.metrics().to(accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -32,6 +51,8 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, loader: DataLoad
             outputs, targets = send_to_device(([o for o, _ in pairs], [t for _, t in pairs]), accelerator.device)
         else:
             outputs, targets = accelerator.gather_for_metrics((outputs, targets))
+        if keep is not None:
+            keep.add(outputs, targets)
         batch_loss, n = task.update(metrics, outputs, targets)
         loss_sum += batch_loss
         count += n

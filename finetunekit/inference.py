@@ -63,6 +63,46 @@ class FineTunedModel(Predictor):
         """Logits of the items that read, in order, and {index: reason} for those that did not (skip)."""
         return self.logits(items, batch_size), {}
 
+    _stochastic = False  # Monte-Carlo dropout passes: the dropout layers in train mode
+
+    def _eval_mode(self) -> None:
+        """Everything in eval mode; during Monte-Carlo dropout passes the dropout layers in train mode."""
+        self.module.eval()
+        if self._stochastic:
+            dropout_layers(self.module, train=True)
+
+    def _check_mc(self) -> None:
+        if not dropout_layers(self.module, train=False):
+            raise UserError("--mc-dropout: this model has no dropout layers to sample with (nn.Dropout with p > 0, "
+                            "or a timm head's drop_rate > 0)")
+
+    def _mc_scores(self, items: list[Any], batch_size: int, skip: bool, passes: int) -> torch.Tensor:
+        """[passes, N, C] logits with the dropout layers in train mode (BatchNorm and the rest in eval mode);
+        seeded, so a prediction repeats exactly."""
+        self._check_mc()
+        self._stochastic = True
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return torch.stack([self._scores(items, batch_size, skip)[0] for _ in range(passes)])
+        finally:
+            self._stochastic = False
+            self.module.eval()
+
+
+def dropout_layers(module: torch.nn.Module, train: bool) -> int:
+    """How many dropout layers `module` has (nn.Dropout and its kin with p > 0, and timm's head dropout: a module
+    whose float `drop_rate` > 0 drops in its own forward while it is training); `train`: put them, and only them,
+    in train mode."""
+    count = 0
+    for m in module.modules():
+        functional = isinstance(getattr(m, "drop_rate", None), float) and m.drop_rate > 0
+        if (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0) or functional:
+            count += 1
+            if train:
+                m.training = True  # this module alone: its children (BatchNorm...) stay in eval mode
+    return count
+
 
 class UnreadableImage(UserError):
     """An input that does not decode as an image: `path: reason`."""
@@ -110,7 +150,7 @@ class ImageModel(FineTunedModel):
 
     @torch.inference_mode()
     def _scores(self, images: Sequence[Any], batch_size: int, skip: bool) -> tuple[torch.Tensor, dict[int, str]]:
-        self.module.eval()
+        self._eval_mode()
         out, failed = [], {}
         for xs in self._read_batches(images, batch_size, skip, self.transform, failed):
             # [B, 3, H, W]: the batch less its unreadable images
@@ -159,7 +199,7 @@ class TextModel(FineTunedModel):
         """[N, num_outputs] logits; batches are formed by length (least padding), results in input order."""
         from .data.text import PadCollate, tokenize
 
-        self.module.eval()
+        self._eval_mode()
         if not texts:
             return torch.empty(0, self.task.num_outputs)
         enc = tokenize(self.tokenizer, texts, self.max_length)

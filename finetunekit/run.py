@@ -18,12 +18,13 @@ import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from . import build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, pruning, runfiles, tracking
+from . import (build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, posthoc, pruning, runfiles,
+               tracking)
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
 from .errors import TrainingStopped, UserError, first_line
-from .evaluation import evaluate as evaluate_loader
+from .evaluation import Outputs, evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
 from .preflight import preflight
@@ -237,15 +238,20 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         raise UserError(f"training produced no finite validation {hyper.monitor}; no model was saved "
                         f"(try a lower --lr)")
 
-    metrics: dict[str, Any] = {"val": result.best_val}  # the saved weights': no second validation pass
-    if inputs.test_loader is not None:
-        # the test set is scored once, by the best checkpoint exactly as saved
-        accelerator.wait_for_everyone()
-        scorer = accelerator.prepare(backbone.module) if trained.cached else module  # the whole model
-        load_weights_file(accelerator.unwrap_model(scorer, keep_torch_compile=False), model_dir)
-        test_loader = accelerator.prepare(inputs.test_loader)
-        metrics["test"] = evaluate_loader(accelerator, addons.eval_model(scorer), test_loader, task, desc="test",
-                                          quiet=recipe.quiet)
+    metrics: dict[str, Any] = {"val": result.best_val}  # the loop's figures of the saved weights
+    # the best checkpoint exactly as saved scores validation (for the calibration and val_predictions.csv) and
+    # the test set, once each (posthoc.py)
+    accelerator.wait_for_everyone()
+    scorer = accelerator.prepare(backbone.module) if trained.cached else module  # the whole model
+    load_weights_file(accelerator.unwrap_model(scorer, keep_torch_compile=False), model_dir)
+    splits = {"val": accelerator.prepare(inputs.val_loader) if trained.cached else val_loader,
+              **({"test": accelerator.prepare(inputs.test_loader)} if inputs.test_loader is not None else {})}
+    scored = posthoc.score_best(accelerator, addons.eval_model(scorer), splits, task, recipe.quiet)
+    if "test" in scored:
+        metrics["test"] = scored["test"].metrics
+    metrics.update(posthoc.finish(scored, task, {"val": inputs.val_loader, "test": inputs.test_loader},
+                                  out if main else None, model_dir if main else None, calibrate=t.calibration))
+
     def best() -> torch.nn.Module:  # the whole model with the saved best weights
         whole = accelerator.unwrap_model(accelerator.prepare(backbone.module) if trained.cached else module,
                                          keep_torch_compile=False)
@@ -348,11 +354,21 @@ def _run_metrics(recipe: Recipe, inputs, hyper: build.Hyper, result, accelerator
 def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: bool = True,
              cpu: bool = False) -> dict:
     """Metrics of a saved model on labelled data in the form it was trained on (image folder or manifest;
-    a table with the same columns for text). Labels must be the model's."""
+    a table with the same columns for text). Labels must be the model's. A calibrated model's also carry
+    ece and nll (with its temperature), ece_uncalibrated, nll_uncalibrated and the temperature."""
     model = load(run)
     loader, skipped = model.labelled_loader(Path(data), batch_size)
     accelerator = build.accelerator("auto", 1, cpu, None, model.module)  # fit's precision for this model
     module, loader = accelerator.prepare(model.module, loader)
-    metrics = evaluate_loader(accelerator, model.eval_module(module), loader, model.task, quiet=quiet)
+    kept = Outputs() if model.calibration is not None else None
+    metrics = evaluate_loader(accelerator, model.eval_module(module), loader, model.task, quiet=quiet, keep=kept)
+    if kept is not None and kept.outputs:  # a calibrated model: its ECE and NLL with and without the temperature
+        from .calibration import figures
+
+        logits, targets = kept.joined()
+        after, before = figures(model.task.kind, logits, targets, model.temperature), \
+            figures(model.task.kind, logits, targets)
+        metrics.update(ece=after["ece"], nll=after["nll"], ece_uncalibrated=before["ece"],
+                       nll_uncalibrated=before["nll"], temperature=model.temperature)
     metrics["skipped"] = skipped
     return metrics

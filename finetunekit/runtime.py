@@ -82,6 +82,7 @@ class RuntimeModel(Predictor):
 
         self.folder, self.config = folder, config
         self.task = Task(config["kind"], list(config["classes"]), float(config.get("threshold", 0.5)))
+        self.calibration = config.get("calibration")  # predict divides the graph's logits by its temperature
         self.session = ort.InferenceSession(str(model_file), sess_options=session_options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         self.inputs = list(config["inputs"])

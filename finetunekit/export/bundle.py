@@ -1,7 +1,8 @@
 """`finetunekit export RUN --format onnx|torchscript`: a run's best model as a self-describing folder.
 
     RUN/export/model.onnx (or model.pt)   takes normalized NCHW float32 pixels, or int64 token ids; gives logits
-    RUN/export/config.json                task, classes, preprocessing (or max length), the parity figures
+    RUN/export/config.json                task, classes, preprocessing (or max length), the parity figures,
+                                          the calibration (the temperature predict divides the logits by)
     RUN/export/tokenizer.json ...         text: the tokenizer files (the `tokenizers` library reads them)
 
 The folder is written beside its place and moved in once complete; an existing one is kept unless
@@ -127,6 +128,8 @@ def describe_model(model: Any, fmt: str, result: dict, folder: Path) -> dict:
     }
     if task.kind == "multilabel":
         config["threshold"] = float(task.threshold)
+    if getattr(model, "calibration", None):  # model/calibration.json: the graph gives raw logits; the runtime
+        config["calibration"] = model.calibration  # divides them by its temperature (docs/calibration.md)
     if model.backbone.adapter.modality == "text":
         tok = model.tokenizer
         config["modality"] = "text"

@@ -75,6 +75,10 @@ def merge_run(run: str | Path, out: str | Path | None = None, overwrite: bool = 
     if out.exists():
         shutil.rmtree(out)
     save_model_folder(out, model.backbone, model.classes, adapted.base["model"], ours["task"], extra)
+    if model.calibration is not None:  # the same function as the adapter model: its temperature holds
+        from ..calibration import write
+
+        write(out, model.calibration)
     log.info("--merge: %s folded into the weights: %s (largest logit difference %.2g)", adapted.method, out,
              difference)
     return {"folder": str(out), "method": adapted.method, "max_logit_difference": difference}
