@@ -218,6 +218,15 @@ def test_integrated_gradients_completeness(tiny_text):
     assert sum(a for _, a in other.words) - (other.logit - other.baseline_logit) == pytest.approx(other.delta, abs=1e-5)
 
 
+def test_words_keep_the_texts_spacing(tiny_text):
+    e = tokens.attribute(tiny_text, "it's (not) dull!", steps=2)
+    assert [w for w, _ in e.words] == ["it", "'", "s", "(", "not", ")", "dull", "!"]
+    assert e.spaces == [True, False, False, True, False, False, True, False]
+    page = render_html(e.words, spaces=e.spaces)
+    assert re.sub(r"<span[^>]*>|</span>", "", re.search(r"<p class=text>(.*)</p>", page).group(1)) == \
+        "it&#x27;s (not) dull!"
+
+
 def test_sentence_pairs_and_errors(tiny_text):
     with pytest.raises(UserError, match=r"^explain: this model reads 1 text\(s\) per sample \(text\), got "):
         explain_text(tiny_text, ("first", "second"))
@@ -312,3 +321,41 @@ def test_cli_explains_texts(tiny_text, tmp_path):
     assert page.count("<span style=") == 5 + 2 and "20 steps" in page
     code, out, err = cli("explain", str(tiny_text.folder), str(tmp_path / "text-1.html"))
     assert code == 2 and "text-1.html: this is a text model; pass --text TEXT" in err
+
+
+# 6. a real fine-tune (slow): CIFAR photos, half of them marked with a red square in the top-left corner,
+# the classes "marked" and "plain". The model learns the square; its Grad-CAM for "marked" must lie there.
+
+def _mark(src: Path, dst: Path, marked: bool) -> None:
+    a = np.asarray(Image.open(src).convert("RGB")).copy()  # 32 x 32
+    if marked:
+        a[2:12, 2:12] = (255, 0, 0)
+    Image.fromarray(a).save(dst)
+
+
+@pytest.mark.slow
+def test_grad_cam_of_a_fine_tuned_cnn_finds_the_mark(tmp_path):
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not found (the shared datasets sit beside the repo)")
+    photos = sorted((CIFAR / "train").glob("*/*.jpg"))[::25][:160]  # 160 photos of all 10 classes
+    for i, src in enumerate(photos):
+        label = "marked" if i % 2 else "plain"
+        (tmp_path / "train" / label).mkdir(parents=True, exist_ok=True)
+        _mark(src, tmp_path / "train" / label / f"{i}.png", i % 2 == 1)
+    held_out = sorted((CIFAR / "test").glob("*/*.jpg"))[::50][:20]
+    (tmp_path / "check").mkdir()
+    for i, src in enumerate(held_out):
+        _mark(src, tmp_path / "check" / f"{i}.png", True)
+    code, out, err = cli("fit", "--data", str(tmp_path / "train"), "--model", "timm:test_resnet", "--no-pretrained",
+                         "--image-size", "64", "--augment", "none", "--num-workers", "0", "--strategy", "full",
+                         "--epochs", "6", "--batch-size", "16", "--lr", "0.003", "--seed", "0",
+                         "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 0, err
+    model = finetunekit.load(tmp_path / "run")
+    hits = 0
+    for path in sorted((tmp_path / "check").iterdir()):
+        e = cam.explain(model, path, "gradcam", "marked")
+        peak = np.unravel_index(int(e.heatmap.argmax()), e.heatmap.shape)
+        hits += peak[0] < 32 and peak[1] < 32  # the top-left quadrant of the 64 px view
+    assert model.predict([str(p) for p in sorted((tmp_path / "check").iterdir())])[0]["label"] == "marked"
+    assert hits >= 18, hits

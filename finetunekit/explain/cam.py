@@ -254,6 +254,8 @@ def explain(model, image: Any, method: str = "gradcam", target: str | None = Non
             layer: str | None = None) -> ImageExplanation:
     """The CAM of `method` for one image (a path, PIL image or HxWxC uint8 array) and `target` (a class
     name; default: the predicted class, multi-label: the top class, regression: the output)."""
+    require()
+    check_method(method)
     import numpy as np
     import pytorch_grad_cam
     import torch
@@ -261,8 +263,6 @@ def explain(model, image: Any, method: str = "gradcam", target: str | None = Non
 
     from . import targets
 
-    require()
-    check_method(method)
     targets.check_task(model)
     targets.check_target(model, target)
     picture = model._image(image)

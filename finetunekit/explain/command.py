@@ -56,12 +56,12 @@ def _method(request: Request, modality: str) -> str:
     return method
 
 
-def _unique(path: Path, used: set[Path]) -> Path:
-    """`path`, or `stem-2.suffix`, ... when an earlier input of this command already wrote it."""
-    candidate, n = path, 1
+def _unique(folder: Path, stem: str, suffix: str, used: set[Path]) -> Path:
+    """folder/stem+suffix, or stem-2+suffix, ... when an earlier input of this command already wrote it."""
+    candidate, n = folder / f"{stem}{suffix}", 1
     while candidate in used:
         n += 1
-        candidate = path.with_name(f"{path.name.split('.')[0]}-{n}.{path.name.split('.', 1)[1]}")
+        candidate = folder / f"{stem}-{n}{suffix}"
     used.add(candidate)
     return candidate
 
@@ -102,7 +102,7 @@ def _images(model, request: Request, method: str, out: Path, say) -> list[Path]:
     written, used = [], set()
     for path in found:
         e = cam.explain(model, path, method, request.target, request.layer)
-        png, _ = cam.save(e, _unique(out / f"{Path(path).stem}.{method}.png", used))
+        png, _ = cam.save(e, _unique(out, Path(path).stem, f".{method}.png", used))
         say(f"{path}: {e.target.describe()} -> {png}")
         written.append(png)
     return written
@@ -118,7 +118,7 @@ def _texts(model, request: Request, out: Path, say) -> list[Path]:
         e = tokens.attribute(model, pair, request.target, steps=request.steps)
         page = out / f"text-{i}.html"
         out.mkdir(parents=True, exist_ok=True)
-        page.write_text(tokens.render_html(e.words, tokens.caption_of(e)), encoding="utf-8")
+        page.write_text(tokens.render_html(e.words, tokens.caption_of(e), e.spaces), encoding="utf-8")
         shown = text if len(text) <= 60 else text[:57] + "..."
         say(f"{shown!r}: {e.target.describe()}; top: {tokens.summary(e.words)} -> {page}")
         written.append(page)

@@ -25,6 +25,7 @@ _KEYS = ("input_ids", "attention_mask", "token_type_ids")
 @dataclass
 class TextExplanation:
     words: list[tuple[str, float]]  # (word, attribution) in text order
+    spaces: list[bool]  # whether whitespace (or the start of a text) came before each word
     target: Any  # targets.Target
     logit: float  # the target's logit for the text
     baseline_logit: float  # ... and for the baseline
@@ -90,16 +91,18 @@ def attribute(model, text: Any, target: str | None = None, steps: int = DEFAULT_
                                            target=chosen.index, n_steps=steps, return_convergence_delta=True)
     module.zero_grad(set_to_none=True)
     per_token = attributions.sum(-1)[0].detach().double().cpu()  # [T]
-    words = _words(enc, texts, per_token, special, tokenizer)
-    return TextExplanation(words, chosen, float(logits[chosen.index]), float(base_logits[chosen.index]),
+    words, spaces = _words(enc, texts, per_token, special, tokenizer)
+    return TextExplanation(words, spaces, chosen, float(logits[chosen.index]), float(base_logits[chosen.index]),
                            float(delta[0]), steps)
 
 
-def _words(enc, texts: tuple[str, ...], per_token, special, tokenizer) -> list[tuple[str, float]]:
-    """Token attributions summed per word (a fast tokenizer's word ids and offsets), special tokens left out."""
+def _words(enc, texts: tuple[str, ...], per_token, special, tokenizer) -> tuple[list[tuple[str, float]], list[bool]]:
+    """Token attributions summed per word (a fast tokenizer's word ids and offsets), special tokens left out;
+    and whether each word had whitespace (or a text's start) before it."""
     if not tokenizer.is_fast:
-        pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
-        return [(p, float(a)) for p, a, s in zip(pieces, per_token, special) if not s]
+        pieces = [(p, float(a)) for p, a, s in zip(tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist()),
+                                                   per_token, special) if not s]
+        return pieces, [True] * len(pieces)
     word_ids, sequence_ids = enc.word_ids(0), enc.sequence_ids(0)
     offsets = enc["offset_mapping"][0].tolist()
     spans: dict[tuple[int, int], list] = {}  # (sequence, word) -> [start, end, attribution]
@@ -110,7 +113,9 @@ def _words(enc, texts: tuple[str, ...], per_token, special, tokenizer) -> list[t
         span = spans.setdefault((seq, w), [start, end, 0.0])
         span[0], span[1] = min(span[0], start), max(span[1], end)
         span[2] += float(per_token[i])
-    return [(texts[seq][s:e], a) for (seq, _), (s, e, a) in spans.items()]
+    words = [(texts[seq][s:e], a) for (seq, _), (s, e, a) in spans.items()]
+    spaces = [s == 0 or texts[seq][s - 1].isspace() for (seq, _), (s, _, _) in spans.items()]
+    return words, spaces
 
 
 def summary(words: list[tuple[str, float]], k: int = 3) -> str:
@@ -123,13 +128,17 @@ _NO_SPACE_BEFORE = set(".,!?;:)]}%'\"")
 _NO_SPACE_AFTER = set("([{")
 
 
-def render_html(attributions: list[tuple[str, float]], caption: str = "") -> str:
+def render_html(attributions: list[tuple[str, float]], caption: str = "", spaces: list[bool] | None = None) -> str:
     """A self-contained HTML page (no scripts, fonts, images or links): each word shaded green (it raises
-    the target's score) or red (it lowers it), opacity by |attribution| / the largest, the value on hover."""
+    the target's score) or red (it lowers it), opacity by |attribution| / the largest, the value on hover.
+    `spaces`: whether a space goes before each word (TextExplanation.spaces); default: before every word but
+    closing punctuation and after an opening bracket."""
     peak = max((abs(a) for _, a in attributions), default=0.0) or 1.0
     parts, previous = [], ""
-    for word, a in attributions:
-        if parts and not (word[:1] in _NO_SPACE_BEFORE or previous[-1:] in _NO_SPACE_AFTER):
+    for i, (word, a) in enumerate(attributions):
+        space = spaces[i] if spaces is not None else not (word[:1] in _NO_SPACE_BEFORE or
+                                                           previous[-1:] in _NO_SPACE_AFTER)
+        if parts and space:
             parts.append(" ")
         rgb = "0,150,60" if a >= 0 else "210,40,40"
         parts.append(f'<span style="background:rgba({rgb},{abs(a) / peak * 0.85:.3f})" '
