@@ -323,7 +323,7 @@ def test_cli_explains_texts(tiny_text, tmp_path):
     assert code == 2 and "text-1.html: this is a text model; pass --text TEXT" in err
 
 
-# 6. a real fine-tune (slow): CIFAR photos, half of them marked with a red square in the top-left corner,
+# 6. a real fine-tune (2-7 s): CIFAR photos, half of them marked with a red square in the top-left corner,
 # the classes "marked" and "plain". The model learns the square; its Grad-CAM for "marked" must lie there.
 
 def _mark(src: Path, dst: Path, marked: bool) -> None:
@@ -333,7 +333,6 @@ def _mark(src: Path, dst: Path, marked: bool) -> None:
     Image.fromarray(a).save(dst)
 
 
-@pytest.mark.slow
 def test_grad_cam_of_a_fine_tuned_cnn_finds_the_mark(tmp_path):
     if not CIFAR.is_dir():
         pytest.skip(f"{CIFAR} not found (the shared datasets sit beside the repo)")
