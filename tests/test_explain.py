@@ -140,6 +140,19 @@ def test_explain_image_returns_the_overlay_enlarged_and_predicts_by_default(dete
         explain_image(detectors, picture, method="gradcm")
 
 
+def test_a_missing_library_is_one_line_naming_the_extra(detectors, tiny_text, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "captum", None)
+    with pytest.raises(UserError, match=r"^explain: image explanations need the grad-cam package \(pip install "
+                                        r"'finetunekit\[explain\]'\)$"):
+        explain_image(detectors, _patches())
+    with pytest.raises(UserError, match=r"^explain: text explanations need captum \(pip install "
+                                        r"'finetunekit\[explain\]'\)$"):
+        explain_text(tiny_text, "fine")
+
+
 # 3. the target layer of real architectures, and --layer
 
 @pytest.mark.parametrize("spec, size, expected", [

@@ -56,13 +56,13 @@ def _texts(model, text: Any) -> tuple[str, ...]:
 
 def attribute(model, text: Any, target: str | None = None, steps: int = DEFAULT_STEPS) -> TextExplanation:
     """Integrated gradients of one text (or a sentence pair) for `target` (module docstring)."""
+    require()
+    check_steps(steps)
     import torch
     from captum.attr import LayerIntegratedGradients
 
     from . import targets
 
-    require()
-    check_steps(steps)
     targets.check_task(model)
     targets.check_target(model, target)
     texts = _texts(model, text)
