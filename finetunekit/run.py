@@ -27,6 +27,7 @@ from .evaluation import evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
 from .preflight import preflight
+from .report import write_after_fit as write_report
 from .resume import RECIPE, Resume, restart_cut_epoch, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
@@ -255,6 +256,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
     if main:
         write_json(out / "metrics.json", metrics)
+        write_report(out)  # report.html; a failure is a warning
     final = metrics.get("test", metrics["val"])
     log.info("done in %.0fs: best epoch %d; %s %s; run: %s", metrics["wall_seconds"], result.best_epoch,
              "test" if "test" in metrics else "val", ", ".join(f"{k} {final[k]:.4f}" for k in task.headline), out)

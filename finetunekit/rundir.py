@@ -31,8 +31,8 @@ log = logging.getLogger("finetunekit")
 MARKER = ".finetunekit-run.json"
 REPLACED_PREFIX = ".replaced-"
 # every top-level entry a fit writes into its run directory
-OWNED = (MARKER, "recipe.yaml", "split.json", "log.txt", "metrics.json", "history.csv", "steps.csv", "model",
-         "model.partial", "model.old", "checkpoints", "tensorboard")
+OWNED = (MARKER, "recipe.yaml", "split.json", "log.txt", "metrics.json", "history.csv", "steps.csv", "report.html",
+         "model", "model.partial", "model.old", "checkpoints", "tensorboard")
 
 
 def is_run(path: Path) -> bool:
