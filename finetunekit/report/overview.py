@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-from .page import Section, cards, esc, table
+from .page import Section, cards, esc, kv
 from .run_files import HEADLINE, RunFiles
 
 PACKAGES = ("finetunekit", "torch", "torchvision", "timm", "transformers", "accelerate", "torchmetrics", "peft")
@@ -31,7 +31,7 @@ def versions() -> list[tuple[str, str]]:
 
 def section(run: RunFiles) -> Section:
     parts = []
-    m = run.metrics
+    m, run_table = run.metrics, ""
     if m is None:
         parts.append(f'<p class="note">Scores and run facts omitted: {esc(run.note("metrics.json"))}.</p>')
     else:
@@ -44,9 +44,9 @@ def section(run: RunFiles) -> Section:
         rss = m.get("peak_rss_mb")
         if isinstance(rss, dict) and rss.get("process") is not None:
             facts.append(("peak memory (MB)", rss["process"]))
-        parts.append("<h3>Run</h3>" + table(["", ""], facts, digits=2))
-    parts.append("<h3>Versions</h3>" + table(["package", "version"], versions()) +
-                 '<p class="note">Installed when this report was written.</p>')
+        run_table = "<div><h3>Run</h3>" + kv(facts) + "</div>"
+    parts.append('<div class="side">' + run_table + "<div><h3>Versions</h3>" + kv(versions()) +
+                 '<p class="note">Installed when this report was written.</p></div></div>')
     if run.recipe_text is None:
         parts.append(f'<p class="note">Recipe omitted: {esc(run.note("recipe.yaml"))}.</p>')
     else:

@@ -46,6 +46,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 10px; font-size: 12px;
       max-height: 360px; overflow: auto; }
 details summary { cursor: pointer; color: var(--accent); }
+.side { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
+th { font-weight: 600; }
 .figs { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
 .figs svg { max-width: 100%; height: auto; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
@@ -102,6 +104,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4)
                 cells.append(f"<td>{esc(fmt(v, digits))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def kv(rows: Iterable[tuple[str, Any]], digits: int = 2) -> str:
+    """A two-column table of names and values, without a header."""
+    num = ' class="num"'
+    body = "".join(f"<tr><th>{esc(k)}</th><td{num if isinstance(v, (int, float)) and not isinstance(v, bool) else ''}>"
+                   f"{esc(fmt(v, digits))}</td></tr>" for k, v in rows)
+    return f'<div class="scroll"><table><tbody>{body}</tbody></table></div>'
 
 
 class Raw(str):

@@ -3,6 +3,7 @@ each returned as inline SVG text (text kept as text, not glyph paths: smaller fi
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from collections.abc import Sequence
@@ -15,16 +16,23 @@ RC = {"svg.fonttype": "none", "svg.hashsalt": "finetunekit", "font.size": 9, "ax
 COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#0a7b83", "#e16f24", "#57606a"]
 
 
+def styled(draw):
+    """Run a figure function under RC: axes read the style when they are made, text when it is drawn."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(RC):
+            return draw(*args, **kwargs)
+    return wrapper
+
+
 def figure(width: float = 5.0, height: float = 3.2) -> Figure:
-    with matplotlib.rc_context(RC):
-        return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def svg(fig: Figure) -> str:
     """The figure as an inline <svg> element (no XML prolog, no DOCTYPE, no comments)."""
     buf = io.StringIO()
-    with matplotlib.rc_context(RC):
-        fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", bbox_inches="tight", pad_inches=0.05)
     text = buf.getvalue()
     text = re.sub(r"<\?xml[^>]*\?>|<!DOCTYPE[^>]*>|<!--.*?-->", "", text, flags=re.S)
     return text.strip()
@@ -50,12 +58,14 @@ def lines(ax, series: Sequence[tuple[str, Sequence[float], Sequence[float | None
         ax.legend(fontsize=8, frameon=False)
 
 
+@styled
 def line_chart(series, title: str, ylabel: str, log: bool = False, width: float = 4.6, height: float = 3.0) -> str:
     fig = figure(width, height)
     lines(fig.add_subplot(), series, title, ylabel, log)
     return svg(fig)
 
 
+@styled
 def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], title: str, counts: bool) -> str:
     """A confusion matrix: rows true, columns predicted; cell text when there are at most 20 classes."""
     import numpy as np
@@ -87,6 +97,7 @@ def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], title: str
     return svg(fig)
 
 
+@styled
 def reliability(panels: Sequence[tuple[str, list[dict]]]) -> str:
     """Side by side, one per (title, bins): bars of accuracy per confidence bin against the diagonal, and
     the samples per bin below."""
@@ -114,6 +125,7 @@ def reliability(panels: Sequence[tuple[str, list[dict]]]) -> str:
     return svg(fig)
 
 
+@styled
 def scatter(true: Sequence[float], pred: Sequence[float], title: str) -> str:
     fig = figure(4.2, 3.6)
     ax = fig.add_subplot()
@@ -126,6 +138,7 @@ def scatter(true: Sequence[float], pred: Sequence[float], title: str) -> str:
     return svg(fig)
 
 
+@styled
 def histogram(values: Sequence[float], title: str, xlabel: str) -> str:
     fig = figure(4.2, 3.6)
     ax = fig.add_subplot()
