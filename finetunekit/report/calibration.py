@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from . import plots
 from .labels import label_set
-from .page import Section, esc, table
+from .page import Section, esc, kv
 from .run_files import RunFiles, number
 
 ID, TITLE = "calibration", "Calibration"
@@ -70,8 +70,8 @@ def section(run: RunFiles) -> Section | None:
     parts = []
     recorded = (run.metrics or {}).get("calibration")
     if isinstance(recorded, dict) and recorded:
-        rows = [[NAMES.get(k, k), v] for k, v in recorded.items() if isinstance(v, (int, float, str))]
-        parts.append("<h3>Recorded by the run (metrics.json)</h3>" + table(["", ""], rows, 4))
+        rows = [(NAMES.get(k, k), v) for k, v in recorded.items() if isinstance(v, (int, float, str))]
+        parts.append("<h3>Recorded by the run (metrics.json)</h3>" + kv(rows, 4))
     else:
         parts.append('<p class="note">metrics.json has no calibration figures (no temperature scaling recorded).</p>')
     drawn = False

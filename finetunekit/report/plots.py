@@ -110,8 +110,8 @@ def reliability(panels: Sequence[tuple[str, list[dict]]]) -> str:
         ax.bar([b["low"] for b in used], [b["accuracy"] for b in used], width=width, align="edge",
                color=COLORS[0], alpha=0.8, edgecolor="white", label="accuracy")
         ax.bar([b["low"] for b in used], [b["confidence"] - b["accuracy"] for b in used], width=width, align="edge",
-               bottom=[b["accuracy"] for b in used], color=COLORS[1], alpha=0.25, edgecolor=COLORS[1],
-               label="gap to confidence")
+               bottom=[b["accuracy"] for b in used], fill=False, hatch="////", edgecolor=COLORS[1], linewidth=0.8,
+               label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "--", color="#57606a", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
