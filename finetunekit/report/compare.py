@@ -52,8 +52,12 @@ def collect(paths: list[str | Path]) -> Comparison:
     return Comparison(header, rows, runs, [str(p) for p in paths], metric)
 
 
+def _digits(c: Comparison) -> list[int]:
+    return [4 if h.startswith(("val ", "test ")) else 1 for h in c.header]
+
+
 def text_table(c: Comparison) -> str:
-    digits = [4 if h.startswith(("val ", "test ")) else 1 for h in c.header]
+    digits = _digits(c)
     cells = [c.header] + [[_cell(v, d) for v, d in zip(row, digits)] for row in c.rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(c.header))]
     lines = ["  ".join(v.rjust(w) if i >= 4 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
@@ -79,10 +83,10 @@ def write_html(c: Comparison, out: Path) -> Path:
         return series
 
     missing = [n for n, r in zip(c.names, c.runs) if not r.history]
-    figs = [plots.line_chart(curve(f"val_{c.metric}"), f"val {c.metric}", c.metric, width=5.6, height=3.6),
-            plots.line_chart(curve("val_loss"), "val loss", "loss", width=5.6, height=3.6)]
+    figs = [plots.line_chart(curve(f"val_{c.metric}"), f"val {c.metric}", c.metric, width=4.8, height=3.4),
+            plots.line_chart(curve("val_loss"), "val loss", "loss", width=4.8, height=3.4)]
     note = f'<p class="note">No history.csv (no curves): {esc(", ".join(missing))}.</p>' if missing else ""
-    sections = [Section("table", "Runs", table(c.header, c.rows, 4)),
+    sections = [Section("table", "Runs", table(c.header, c.rows, _digits(c))),
                 Section("curves", "Learning curves", '<div class="figs">' + "".join(figs) + "</div>" + note)]
     text = render(f"finetunekit compare: {len(c.runs)} runs", c.runs[0].task or "", sections)
     out.write_text(text, encoding="utf-8")

@@ -46,5 +46,6 @@ def section(run: RunFiles) -> Section:
     if "grad_norm" in columns:
         figs.append(plots.line_chart([curve("grad norm", "grad_norm")], "Gradient norm (before clipping)", "norm"))
     best = (run.metrics or {}).get("best_epoch")
-    note = f'<p>{len(rows)} epochs; the saved model is from epoch {best}.</p>' if best else f"<p>{len(rows)} epochs.</p>"
+    count = f"{len(rows)} epoch{'' if len(rows) == 1 else 's'}"
+    note = f"<p>{count}; the saved model is from epoch {best}.</p>" if best else f"<p>{count}.</p>"
     return Section(ID, TITLE, note + '<div class="figs">' + "".join(figs) + "</div>")

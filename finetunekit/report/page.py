@@ -88,14 +88,15 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4) -> str:
-    """An HTML table; numbers right-aligned, formatted to `digits` decimals; a cell already HTML is
-    given as `Raw`."""
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int | Sequence[int] = 4) -> str:
+    """An HTML table; numbers right-aligned, formatted to `digits` decimals (one for all columns, or one per
+    column); a cell already HTML is given as `Raw`."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    per_column = [digits] * len(header) if isinstance(digits, int) else list(digits)
     body = []
     for row in rows:
         cells = []
-        for v in row:
+        for v, digits in zip(row, per_column):
             if isinstance(v, Raw):
                 cells.append(f"<td>{v}</td>")
             elif isinstance(v, (int, float)) and not isinstance(v, bool):

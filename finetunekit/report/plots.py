@@ -53,7 +53,12 @@ def lines(ax, series: Sequence[tuple[str, Sequence[float], Sequence[float | None
     ax.set_ylabel(ylabel)
     if log and all(b is None or b > 0 for _, _, y, _ in series for b in y):
         ax.set_yscale("log")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    epochs = sorted({a for _, x, _, _ in series for a in x})
+    if 0 < len(epochs) <= 12:  # few epochs: a tick at each (one epoch: a point in the middle, not at 0.96..1.04)
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     if any(any(v is not None for v in y) for _, _, y, _ in series):
         ax.legend(fontsize=8, frameon=False)
 
