@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -146,8 +147,25 @@ def test_missing_and_damaged_inputs_each_omit_their_sections_with_a_note(image_r
     (run / "metrics.json").unlink()
     (run / "val_predictions.csv").unlink()
     (run / "split.json").unlink()
+    (run / ".finetunekit-run.json").unlink()  # the run marker
     with pytest.raises(finetunekit.UserError, match="not a finetunekit run directory"):
         finetunekit.report.build(run)
+
+
+def test_ema_columns_are_drawn_dashed_beside_the_raw_ones(image_run, tmp_path):
+    """history.csv gains val_ema_* columns where a run records them (the contract): a copy of the real history
+    with two such columns added."""
+    run = tmp_path / "run"
+    shutil.copytree(image_run, run, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "model"))
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    with (run / "history.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "val_ema_loss", "val_ema_accuracy"])
+        w.writeheader()
+        w.writerows({**r, "val_ema_loss": float(r["val_loss"]) * 1.01, "val_ema_accuracy": 0.5} for r in rows)
+    curves = _section(finetunekit.report.build(run).read_text(), "curves")
+    assert "val ema loss" in curves and "val ema accuracy" in curves and "val accuracy" in curves
+    before = _section(finetunekit.report.build(image_run, tmp_path / "before.html").read_text(), "curves")
+    assert curves.count("stroke-dasharray") == before.count("stroke-dasharray") + 4  # 2 lines, 2 legend keys
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +391,8 @@ def test_report_renders_in_chromium_with_every_image_and_no_request(kind, reques
     assert all(w > 0 and complete for _, w, complete in seen["images"]), seen["images"]
     assert len(seen["svgs"]) >= 4 and all(w > 50 and h > 50 for w, h in seen["svgs"]), seen["svgs"]
     assert Image.open(shot).size == (1280, seen["height"])
-    small = shrink(shot, tmp_path / "small.png")
+    keep = os.environ.get("FINETUNEKIT_REPORT_SHOTS")  # a folder: the docs' screenshots (docs/report.md)
+    small = shrink(shot, Path(keep) / f"report-{kind}.png" if keep else tmp_path / "small.png")
     assert small.stat().st_size < 600_000
 
 
