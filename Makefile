@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-distributed install clean
+.PHONY: demo test test-all test-distributed test-browser install clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test-all: $(STAMP)
 
 test-distributed: $(STAMP)
 	$(BIN)/python -m pytest -m distributed tests/test_distributed.py
+
+# report.html in headless Chromium: needs a chromium binary (Debian: apt install chromium; or $CHROMIUM)
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest -m browser tests/test_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

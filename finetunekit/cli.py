@@ -1,4 +1,4 @@
-"""`finetunekit fit|lr-find|search|evaluate|predict|explain|export|benchmark|inspect|demo|recipes`. The `fit` (and `lr-find`) flags are
+"""`finetunekit fit|lr-find|search|evaluate|predict|explain|export|benchmark|inspect|demo|report|compare|recipes`. The `fit` (and `lr-find`) flags are
 generated from the Recipe schema.
 
 Options are validated before torch is imported, so a typo fails in well under a second, as one line
@@ -267,6 +267,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     ins.add_argument("--num-classes", type=int, default=2, metavar="N",
                      help="the head's outputs of the model shown (default: 2)")
     _add_verbose(ins)
+
+    rep = sub.add_parser("report", help="(re)write a run's report.html: curves, confusion matrix, top losses, "
+                         "calibration (docs/report.md); prints its path")
+    rep.add_argument("run", metavar="RUN", help="run directory")
+    rep.add_argument("--out", metavar="FILE", help="write the page here instead of RUN/report.html")
+
+    cmp = sub.add_parser("compare", help="runs of one task side by side: a table (printed) and overlaid learning "
+                         "curves in compare.html (docs/report.md)")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    cmp.add_argument("--out", metavar="FILE", help="the page (default: compare.html in the current folder)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser, dests
@@ -717,9 +727,30 @@ def _demo(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit report RUN`: the run's report.html, written again; prints its path."""
+    from .report import build
+
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UserError(f"--out {args.out}: its folder {Path(args.out).parent} does not exist")
+    print(build(args.run, args.out))
+    return 0
+
+
+def _compare(args: argparse.Namespace, dests: dict[str, str]) -> int:
+    """`finetunekit compare RUN...`: the table printed, the page written."""
+    from .report.compare import compare
+
+    text, path = compare(args.runs, args.out)
+    print(text, end="")
+    print(f"written: {path}")
+    return 0
+
+
 # command -> its function; tests/test_registries.py checks the keys against the parser's subcommands
 COMMANDS = {"recipes": _recipes, "fit": _fit, "lr-find": _lr_find, "search": _search, "evaluate": _evaluate, "predict": _predict,
-            "explain": _explain, "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo}
+            "explain": _explain, "export": _export, "benchmark": _benchmark, "inspect": _inspect, "demo": _demo,
+            "report": _report, "compare": _compare}
 
 
 def run(argv: list[str]) -> int:

@@ -57,4 +57,6 @@ def run_demo(out: Path, epochs: int | None = None, quiet: bool = False, verbose:
           f"{test['samples']} held-out digits, in {result.metrics['wall_seconds']:.0f}s")
     print(f"model:   {result.model_dir}   (finetunekit predict {out} IMAGE...)")
     print(f"metrics: {out / 'metrics.json'}")
+    if (out / "report.html").is_file():
+        print(f"report:  {out / 'report.html'}   (open it in a browser; finetunekit report {out} writes it again)")
     return result

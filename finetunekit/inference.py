@@ -290,17 +290,27 @@ class DetectionModel(ImageModel):
             len(skipped)
 
 
-def draw(path: str, prediction: dict, out_dir: Path, min_score: float = 0.0) -> Path:
-    """The image at `path` with its predicted boxes drawn (torchvision's draw_bounding_boxes), as PNG in out_dir."""
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str] | None = None,
+               color: str = "red", width: int | None = None) -> Image.Image:
+    """`image` with `boxes` ([x1, y1, x2, y2] px) drawn and labelled (torchvision's draw_bounding_boxes)."""
     from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
     from torchvision.utils import draw_bounding_boxes
 
-    image = pil_to_tensor(load_rgb(path))
+    tensor = pil_to_tensor(image)
+    if not len(boxes):
+        return image
+    drawn = draw_bounding_boxes(tensor, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                labels=list(labels) if labels is not None else None, colors=color,
+                                width=width or max(2, tensor.shape[-1] // 300))
+    return to_pil_image(drawn)
+
+
+def draw(path: str, prediction: dict, out_dir: Path, min_score: float = 0.0) -> Path:
+    """The image at `path` with its predicted boxes drawn, as PNG in out_dir."""
     keep = [i for i, s in enumerate(prediction["scores"]) if s >= min_score]
-    boxes = torch.tensor([prediction["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
-    labels = [f"{prediction['labels'][i]} {prediction['scores'][i]:.2f}" for i in keep]
-    drawn = draw_bounding_boxes(image, boxes, labels=labels, colors="red", width=max(2, image.shape[-1] // 300))
+    drawn = draw_boxes(load_rgb(path), [prediction["boxes"][i] for i in keep],
+                       [f"{prediction['labels'][i]} {prediction['scores'][i]:.2f}" for i in keep])
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / (Path(path).stem + ".png")
-    to_pil_image(drawn).save(target)
+    drawn.save(target)
     return target

@@ -28,6 +28,7 @@ from .evaluation import Outputs, evaluate as evaluate_loader
 from .export import EXPORTERS
 from .optim import build_scheduler
 from .preflight import preflight
+from .report import write_after_fit as write_report
 from .resume import RECIPE, Resume, restart_cut_epoch, restore, resume_recipe
 from .rundir import RunDir, check_out
 from .runlog import RunLog
@@ -274,6 +275,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
+        write_report(out)  # report.html; a failure is a warning
     if files is not None:
         files.mark("done")
     final = metrics.get("test", metrics["val"])

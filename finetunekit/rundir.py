@@ -32,7 +32,8 @@ MARKER = ".finetunekit-run.json"
 REPLACED_PREFIX = ".replaced-"
 # every top-level entry a fit writes into its run directory
 OWNED = (MARKER, "recipe.yaml", "split.json", "log.txt", "metrics.json", "progress.json", "history.csv", "steps.csv",
-         "model", "model.partial", "model.old", "checkpoints", "tensorboard", "val_predictions.csv", "test_predictions.csv")
+         "report.html", "model", "model.partial", "model.old", "checkpoints", "tensorboard", "val_predictions.csv",
+         "test_predictions.csv")
 
 
 def is_run(path: Path) -> bool:
