@@ -185,6 +185,30 @@ def _distributed(recipe: Recipe) -> None:
                         "drop it (each process normalizes over its own share of the batch), or use a model "
                         "without BatchNorm")
     check_world(t.processes)
+    if t.fsdp:
+        _fsdp(recipe)
+
+
+# options that do not work on a sharded model, and why (each tried in 2 CPU processes: docs/distributed.md)
+_NOT_FSDP = {
+    "--ema": ("train.ema", "its average is a copy of the model that FSDP's hooks do not cover"),
+    "--l1-penalty": ("train.l1_penalty", "it holds the head's weights from before they were sharded"),
+    "--qat": ("train.qat", "its int8 conversion reads the whole model in one process"),
+    "--compile": ("train.compile", "torch.compile of the fully_shard-ed model is not supported here"),
+    "--peft": ("model.peft", "its adapters' model folder and merge read unsharded weights"),
+}
+
+
+def _fsdp(recipe: Recipe) -> None:
+    """--fsdp with an option that does not work on a sharded model: one line, before any process starts."""
+    from .config import flatten
+
+    values = flatten(recipe.model_dump())
+    for flag, (key, why) in _NOT_FSDP.items():
+        if values.get(key):
+            raise UserError(f"--fsdp: not with {flag} ({why}); drop one of them")
+    if recipe.task == "detection":
+        raise UserError("--fsdp: not with --task detection (torchvision's detectors are not sharded here); drop it")
 
 
 def _detection(recipe: Recipe) -> None:
