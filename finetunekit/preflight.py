@@ -191,11 +191,12 @@ def _distributed(recipe: Recipe) -> None:
 
 # options that do not work on a sharded model, and why (each tried in 2 CPU processes: docs/distributed.md)
 _NOT_FSDP = {
-    "--ema": ("train.ema", "its average is a copy of the model that FSDP's hooks do not cover"),
-    "--l1-penalty": ("train.l1_penalty", "it holds the head's weights from before they were sharded"),
-    "--qat": ("train.qat", "its int8 conversion reads the whole model in one process"),
-    "--compile": ("train.compile", "torch.compile of the fully_shard-ed model is not supported here"),
-    "--peft": ("model.peft", "its adapters' model folder and merge read unsharded weights"),
+    "--ema": ("train.ema", "its average is a deep copy of the model, and FSDP does not support deepcopy"),
+    "--l1-penalty": ("train.l1_penalty", "it would hold the head's weights from before they were sharded, and "
+                                         "penalize nothing"),
+    "--qat": ("train.qat", "its int8 conversion reads the whole model in process 0 alone"),
+    "--peft": ("model.peft", "its adapter's reload for the test set and --merge are not verified on sharded "
+                             "weights"),
 }
 
 
