@@ -189,7 +189,8 @@ def for_accelerate(accelerator, module: nn.Module, groups) -> Sharding:
     plugin = accelerator.state.fsdp_plugin
     if getattr(module, "_no_split_modules", None) is None and not plugin.transformer_cls_names_to_wrap:
         generic = ("Sequential", "ModuleList", "ModuleDict")
-        names = sorted({type(sub).__name__ for _, sub in units(module, groups)} - set(generic))
+        body = [g for g in groups if not g.is_head]  # a Linear head's class would wrap every Linear
+        names = sorted({type(sub).__name__ for _, sub in units(module, body)} - set(generic))
         if names:
             plugin.transformer_cls_names_to_wrap = names
     return Sharding(_meta_copy(module) if accelerator.is_main_process else None, "accelerate")

@@ -148,3 +148,26 @@ def test_fsdp_units_are_the_layer_groups_that_are_one_submodule():
     backbone = create_backbone("timm:test_vit", 3, pretrained=False)
     names = [n for n, _ in units(backbone.module, backbone.adapter.layer_groups(backbone))]
     assert names == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "head"]  # blocks.5 + norm: root
+
+
+def test_on_gpus_accelerate_wraps_the_blocks_and_process_0_keeps_a_weightless_skeleton():
+    """The GPU path's preparation (accelerate's FSDP2 plugin shards in prepare; not run here, no GPU): timm's
+    blocks become the transformer-based wrap policy's classes (not the head's Linear, which would wrap every
+    Linear), and process 0's copy of the model for the model folder holds no weights until an export."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from finetunekit.models import create_backbone
+    from finetunekit.sharding import for_accelerate
+
+    class Accelerator:
+        is_main_process = True
+
+        class state:
+            fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+
+    backbone = create_backbone("timm:test_vit", 3, pretrained=False)
+    shards = for_accelerate(Accelerator(), backbone.module, backbone.adapter.layer_groups(backbone))
+    assert Accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap == ["Block"]
+    assert shards.engine == "accelerate" and type(shards.skeleton) is type(backbone.module)
+    assert all(p.is_meta for p in shards.skeleton.parameters())
+    assert not any(p.is_meta for p in backbone.module.parameters())
