@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
 
 test-distributed: $(STAMP)
-	$(BIN)/python -m pytest -m distributed tests/test_distributed.py
+	$(BIN)/python -m pytest -m distributed tests/test_distributed.py tests/test_fsdp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

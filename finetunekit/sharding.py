@@ -14,7 +14,7 @@ Whole state dicts (torch.distributed.checkpoint.state_dict): every process takes
 receives the full tensors (`full_state_dict=True, cpu_offload=True`). The optimizer's comes keyed by parameter
 name; it is re-keyed by position, as `optimizer.state_dict()` keys it, so a checkpoint of a sharded run has the
 format of an unsharded one (and resumes in one process). Loading goes the other way: every process reads the
-full tensors and keeps its shard (`set_model_state_dict`, `set_optimizer_state_dict`).
+full tensors and keeps its shard (`set_model_state_dict`; the optimizer's moments cut like their parameters).
 
 The model folder needs a whole module of the source library's own class to save: `shard` keeps, on process 0,
 a copy of the model's structure whose parameters are on the meta device (no memory), and `gathered` fills it
@@ -110,15 +110,22 @@ class Sharding:
         return load_whole(module, state, strict)
 
     def load_optimizer(self, module: nn.Module, optimizer, state: dict) -> None:
-        """Every process: a whole optimizer state dict keyed by position (a checkpoint's) into its shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        """Every process: a whole optimizer state dict keyed by position (a checkpoint's) into its shards. Each
+        state tensor shaped like its parameter is cut as the parameter is (`distribute_tensor` of the local copy,
+        no communication: every process read the same checkpoint), then the optimizer's own `load_state_dict`.
+        (torch's `set_optimizer_state_dict` maps the saved param groups onto the live ones key by key, and a
+        live group does not have the keys a phase change adds yet: KeyError 'param_groups.0.base_lr_scale'.)"""
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
         base = _base(optimizer)
-        names = {id(p): n for n, p in module.named_parameters()}
-        fqns = [names[id(p)] for g in base.param_groups for p in g["params"]]
-        osd = {"state": {fqns[int(i)]: v for i, v in state["state"].items()},
-               "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
-        set_optimizer_state_dict(module, base, osd, options=StateDictOptions(full_state_dict=True))
+        params = [p for g in base.param_groups for p in g["params"]]
+        cut: dict[int, dict] = {}
+        for i, entry in state["state"].items():
+            p = params[int(i)]
+            cut[int(i)] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                           if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                           for k, v in entry.items()}
+        base.load_state_dict({"state": cut, "param_groups": state["param_groups"]})
 
     def gathered(self, module: nn.Module) -> nn.Module | None:
         """Process 0: the unsharded model (the source library's class) holding `module`'s whole weights, for the
