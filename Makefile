@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
 
 test-distributed: $(STAMP)
-	$(BIN)/python -m pytest -m distributed tests/test_distributed.py
+	$(BIN)/python -m pytest -m distributed tests/test_distributed.py tests/test_fsdp.py
 
 # report.html in headless Chromium: needs a chromium binary (Debian: apt install chromium; or $CHROMIUM)
 test-browser: $(STAMP)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, calibration
+from . import __version__, calibration, sharding
 from .errors import UserError
 from .models import Backbone, load_folder
 from .models.folder import read_weights
@@ -81,7 +81,10 @@ def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
         adapter_folder.load_tensors(module, folder)
         return
     state = read_weights(folder)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    if sharding.is_sharded(module):  # --fsdp: every process keeps its shards of the whole tensors
+        missing, unexpected = sharding.load_whole(module, state, strict=False)
+    else:
+        missing, unexpected = module.load_state_dict(state, strict=False)
     # transformers leaves out tied or non-persistent tensors; anything else missing is a real mismatch
     tied = set(getattr(module, "all_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fastpath, faults, features
+from . import distributed, fastpath, faults, features
 from .addons import ADDONS
 from .addons.base import AddOns
 from .config import TASK_KIND, DataConfig, ModelConfig, Recipe, TrainConfig, absolute_paths
@@ -51,10 +51,12 @@ AUTO_BATCH = 32  # --batch-size auto aims at an effective batch of this x --grad
 
 
 def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None, module: nn.Module | None = None,
-                log_with: Sequence[str] = ()):
+                log_with: Sequence[str] = (), fsdp: bool = False):
     """accelerate's Accelerator. `--precision auto`: bf16 on GPUs that support it, else fp16; on the CPU bf16
     where `fastpath.cpu_bf16(module)` says it pays for this model, else fp32 (also while the model is not
-    built yet: `with_model_precision` decides once it is). `log_with`: the run's trackers (tracking.py)."""
+    built yet: `with_model_precision` decides once it is). `log_with`: the run's trackers (tracking.py). `--fsdp`
+    on several GPUs: accelerate's FSDP2 plugin (whole state dicts for the model folder; on the CPU accelerate
+    cannot shard: finetunekit.sharding does)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
@@ -75,6 +77,12 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
         from .tracking import trackers
 
         kwargs = dict(log_with=trackers(list(log_with), run_dir), project_dir=str(run_dir))
+    if fsdp and gpu and distributed.world_size() > 1:  # the wrap policy's classes are set once the model is built
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+            reshard_after_forward=True, cpu_ram_efficient_loading=False)
     # on a GPU, batches go to the device without blocking the host (the image loaders pin their memory)
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
                        dataloader_config=DataLoaderConfiguration(non_blocking=gpu), **kwargs)
@@ -86,7 +94,7 @@ def with_model_precision(accel, t: TrainConfig, module: nn.Module, run_dir: Path
     (fp32) is replaced where the model takes bf16. (`--batch-size auto` probed in fp32: bf16 needs less.)"""
     if t.precision != "auto" or accel.device.type != "cpu" or not fastpath.cpu_bf16(module):
         return accel
-    return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module, log_with)
+    return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module, log_with, fsdp=t.fsdp)
 
 
 def inputs(recipe: Recipe, accelerator) -> tuple[Recipe, Prepared]:
@@ -200,7 +208,8 @@ def fast_inputs(recipe: Recipe, inputs: Prepared, plan: Plan, split_hashes: dict
         ("shard data is streamed: nothing is cached" if inputs.streamed else None) or \
         ("--qat trains through the fake-quantized backbone" if t.qat else None) or \
         ("--kd-cache off: the teacher reads the images of every batch" if t.teacher and t.kd_cache == "off" else None) or \
-        (f"--peft {recipe.model.peft}: the head is peft's trained copy inside the model" if recipe.model.peft else None)
+        (f"--peft {recipe.model.peft}: the head is peft's trained copy inside the model" if recipe.model.peft else None) or \
+        ("--fsdp: the whole model is sharded across the processes" if t.fsdp and processes > 1 else None)
     if t.strategy == "linear-probe":
         if reason is None:
             head, train, val = cached_features(d, recipe.model, t, inputs, split_hashes, device)

@@ -143,10 +143,10 @@ def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]
 # ---- pieces of state -------------------------------------------------------------------------------------
 
 def optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state dict as tensors (safetensors) plus everything else (JSON). Tensors may sit in the
-    per-parameter state (moments) and in the param groups (timm's Lamb keeps its step count there): group
-    tensors are stored as `param_groups.<group>.<key>`, with their device, and put back where they were."""
-    sd = optimizer.state_dict()
+    """An optimizer's state dict (or the optimizer) as tensors (safetensors) plus everything else (JSON). Tensors
+    may sit in the per-parameter state (moments) and in the param groups (timm's Lamb keeps its step count there):
+    group tensors are stored as `param_groups.<group>.<key>`, with their device, and put back where they were."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
@@ -264,10 +264,11 @@ class Checkpoints:
     SIGTERM/SIGINT turned into "checkpoint at the next update, then stop"."""
 
     def __init__(self, run_dir: Path, *, every: str | None, keep: int, fingerprint: dict[str, Any],
-                 scaler=None, is_main: bool = True):
+                 scaler=None, is_main: bool = True, sharding=None):
         self.root, self.steps_csv = run_dir / CHECKPOINTS, run_dir / "steps.csv"
         self.every_updates, self.every_seconds = parse_period(every)
         self.keep, self.fingerprint, self.scaler, self.is_main = keep, fingerprint, scaler, is_main
+        self.sharding = sharding  # --fsdp (finetunekit.sharding): whole state dicts gathered by every process
         self.last_time = time.monotonic()
         self.best_name: str | None = None
         # add-ons' tensors (file name -> state dict) from the checkpoint a run resumes, e.g. the EMA's
@@ -276,16 +277,28 @@ class Checkpoints:
         self._previous: dict[int, Any] = {}
 
     def due(self, updates: int) -> bool:
-        return bool(self.stop_requested
-                    or (self.every_updates and updates % self.every_updates == 0)
-                    or (self.every_seconds and time.monotonic() - self.last_time >= self.every_seconds))
+        due = bool(self.stop_requested
+                   or (self.every_updates and updates % self.every_updates == 0)
+                   or (self.every_seconds and time.monotonic() - self.last_time >= self.every_seconds))
+        if self.sharding is not None:  # --fsdp: a checkpoint is a collective (every process gathers), so process
+            # 0's clock and signals decide for all (one 1-element broadcast per update)
+            nccl = torch.distributed.get_backend() == "nccl"
+            flag = torch.tensor([float(due)], device=torch.cuda.current_device() if nccl else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
 
     def save(self, state, model, optimizer, scheduler, addon_tensors: dict[str, dict[str, torch.Tensor]],
              steps: list[tuple[int, float]], best: bool = False) -> Path | None:
+        if self.sharding is not None:  # a collective: every process gathers, process 0 receives the whole tensors
+            model_state, optimizer = self.sharding.model_state(model), self.sharding.optimizer_state(model, optimizer)
+        else:
+            model_state = None
         if not self.is_main:
             return None
         try:
-            return self._save(state, model, optimizer, scheduler, addon_tensors, steps, best)
+            return self._save(state, model.state_dict() if model_state is None else model_state, optimizer,
+                              scheduler, addon_tensors, steps, best)
         except OSError as e:  # a full disk, a quota, a file-size limit, lost permissions: the previous one is intact
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -295,7 +308,7 @@ class Checkpoints:
                 f"{last.path if last else 'none'}, is intact; {_REMEDY.get(e.errno, 'fix that')} and continue "
                 f"with `finetunekit fit --resume {self.root.parent}`") from None
 
-    def _save(self, state, model, optimizer, scheduler, addon_tensors, steps, best) -> Path:
+    def _save(self, state, model_state, optimizer, scheduler, addon_tensors, steps, best) -> Path:
         new = not self.steps_csv.exists()
         with self.steps_csv.open("a", encoding="utf-8") as f:
             if new:
@@ -303,7 +316,7 @@ class Checkpoints:
             f.writelines(f"{step},{loss!r}\n" for step, loss in steps)
         opt_tensors, opt_meta = optimizer_parts(optimizer)
         rng_tensors, rng_meta = rng_parts()
-        tensors = {"model.safetensors": model.state_dict(), "optimizer.safetensors": opt_tensors,
+        tensors = {"model.safetensors": model_state, "optimizer.safetensors": opt_tensors,
                    "rng.safetensors": rng_tensors}
         tensors.update(addon_tensors)  # e.g. ema.safetensors
         name = f"step-{state.step:08d}"

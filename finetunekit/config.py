@@ -253,6 +253,10 @@ class TrainConfig(_Section):
     sync_bn: bool = _opt(False, "with several processes, turn BatchNorm layers into SyncBatchNorm: statistics over "
                          "the global batch instead of each process's share (CNNs; GPUs only: torch's SyncBatchNorm "
                          "has no CPU kernel)")
+    fsdp: bool = _opt(False, "with several processes, shard the model, its gradients and optimizer state across "
+                      "them with torch's FSDP2 (each process holds about 1/N of the parameters): for models that do "
+                      "not fit one device; GPUs through accelerate's FSDP plugin, CPU processes (gloo) through "
+                      "fully_shard; one process: no effect (docs/distributed.md)")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass instead of "
                                     "keeping them: less memory, about a third more compute (timm and "
                                     "transformers models)")
@@ -408,6 +412,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("distillation", ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard",
                       "train.kd_cache")),
     ("devices, precision and memory", ("train.cpu", "train.precision", "train.processes", "train.sync_bn",
+                                       "train.fsdp",
                                        "train.grad_checkpointing", "train.compile", "train.qat",
                                        "train.max_accuracy_drop")),
     ("run directory, checkpoints and output", ("out", "overwrite", "resume", "resume_force", "train.checkpoint_every",

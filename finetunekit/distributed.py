@@ -83,8 +83,11 @@ def for_phase(accelerator, module: nn.Module) -> nn.Module:
 
 def drift(accelerator, model: nn.Module) -> float | None:
     """The largest |difference| between any parameter on any process and process 0's: 0.0 when the processes
-    trained in step, as DDP keeps them (None with one process). One broadcast per tensor: run once, at the end."""
-    if accelerator.num_processes < 2:
+    trained in step, as DDP keeps them (None with one process, or a sharded model: each parameter's shards are
+    held once, there is no copy to compare). One broadcast per tensor: run once, at the end."""
+    from .sharding import is_sharded
+
+    if accelerator.num_processes < 2 or is_sharded(model):
         return None
     worst = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
@@ -98,13 +101,31 @@ def drift(accelerator, model: nn.Module) -> float | None:
 
 
 def check_backend(accelerator) -> None:
-    """Sharded training (FSDP, DeepSpeed, Megatron) from an accelerate config: refused, before the run takes its
-    folder. Checkpoints, resume and the model folder read whole state dicts from the unwrapped model."""
+    """An accelerate config that selects sharded training: FSDP version 2 is taken (accelerate shards the model in
+    `prepare`; checkpoints and the model folder gather whole state dicts: finetunekit.sharding); FSDP version 1,
+    DeepSpeed and Megatron are refused before the run takes its folder (docs/distributed.md says why)."""
     kind = accelerator.distributed_type.value
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"accelerate config: distributed_type {kind}: not supported by finetunekit yet (its "
-                        f"checkpoints and model folder need whole state dicts); use DDP (MULTI_GPU, MULTI_CPU), "
-                        f"see docs/distributed.md")
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise UserError("accelerate config: fsdp_version 1: finetunekit shards with FSDP2 only (its phase changes "
+                        "flip requires_grad per parameter, which FSDP1's flat parameters do not allow); set "
+                        "fsdp_version: 2, or use --fsdp")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"accelerate config: distributed_type {kind}: not supported by finetunekit (its engine owns "
+                        f"the optimizer step, clipping and the optimizer's partitions, which the loop, phase changes "
+                        f"and checkpoints manage); for a model that does not fit one device use --fsdp (FSDP2, "
+                        f"ZeRO-3-like sharding) or distributed_type FSDP with fsdp_version 2; see docs/distributed.md")
+
+
+def shard_mode(accelerator, fsdp: bool) -> str | None:
+    """Who shards the model: "accelerate" (an FSDP accelerate state: GPUs, from --fsdp or an accelerate config),
+    "fully_shard" (--fsdp in several CPU processes, where accelerate keeps MULTI_CPU), or None (unsharded)."""
+    if accelerator.distributed_type.value == "FSDP":
+        return "accelerate"
+    if fsdp and accelerator.num_processes > 1:
+        return "fully_shard"
+    if fsdp:
+        log.info("--fsdp: one process, nothing to shard: the model trains unsharded")
+    return None
 
 
 def check_compile(accelerator, strategy: str, compile: bool) -> None:

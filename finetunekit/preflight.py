@@ -187,6 +187,31 @@ def _distributed(recipe: Recipe) -> None:
                         "drop it (each process normalizes over its own share of the batch), or use a model "
                         "without BatchNorm")
     check_world(t.processes)
+    if t.fsdp:
+        _fsdp(recipe)
+
+
+# options that do not work on a sharded model, and why (each tried in 2 CPU processes: docs/distributed.md)
+_NOT_FSDP = {
+    "--ema": ("train.ema", "its average is a deep copy of the model, and FSDP does not support deepcopy"),
+    "--l1-penalty": ("train.l1_penalty", "it would hold the head's weights from before they were sharded, and "
+                                         "penalize nothing"),
+    "--qat": ("train.qat", "its int8 conversion reads the whole model in process 0 alone"),
+    "--peft": ("model.peft", "its adapter's reload for the test set and --merge are not verified on sharded "
+                             "weights"),
+}
+
+
+def _fsdp(recipe: Recipe) -> None:
+    """--fsdp with an option that does not work on a sharded model: one line, before any process starts."""
+    from .config import flatten
+
+    values = flatten(recipe.model_dump())
+    for flag, (key, why) in _NOT_FSDP.items():
+        if values.get(key):
+            raise UserError(f"--fsdp: not with {flag} ({why}); drop one of them")
+    if recipe.task == "detection":
+        raise UserError("--fsdp: not with --task detection (torchvision's detectors are not sharded here); drop it")
 
 
 def _detection(recipe: Recipe) -> None:

@@ -96,9 +96,13 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
                         "its first batch", state.epoch + 1, state.batch)
             state.batch = state.seen = 0
             state.loss_sum = state.running = state.epoch_seconds = 0.0
-    model.load_state_dict(tensors["model.safetensors"])
-    optimizer.load_state_dict(checkpoint.optimizer_state(tensors.get("optimizer.safetensors", {}),
-                                                         meta["optimizer"]))
+    saved = checkpoint.optimizer_state(tensors.get("optimizer.safetensors", {}), meta["optimizer"])
+    if checkpoints.sharding is not None:  # --fsdp: each process keeps its shards of the whole tensors
+        checkpoints.sharding.load_model(model, tensors["model.safetensors"])
+        checkpoints.sharding.load_optimizer(model, optimizer, saved)
+    else:
+        model.load_state_dict(tensors["model.safetensors"])
+        optimizer.load_state_dict(saved)
     match_param_layout(optimizer)  # channels_last weights: their moments too (fused AdamW reads flat memory)
     if isinstance(scheduler, PlateauSchedule):  # timm's schedules are functions of the update count
         scheduler.load_state_dict(meta["scheduler"])

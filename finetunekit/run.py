@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
 from . import (build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, posthoc, pruning, runfiles,
-               tracking)
+               sharding, tracking)
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
@@ -107,7 +107,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     started = time.perf_counter()
     set_seed(recipe.train.seed)
     accelerator = build.accelerator(recipe.train.precision, recipe.train.grad_accum, recipe.train.cpu, out,
-                                    log_with=recipe.trackers)
+                                    log_with=recipe.trackers, fsdp=recipe.train.fsdp)
     gpu = accelerator.device.type == "cuda"
     distributed.check_backend(accelerator)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
@@ -152,10 +152,18 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher, accelerator.num_processes)
     addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
-    if recipe.modality == "image" and fastpath.channels_last(module):
+    shard_mode = distributed.shard_mode(accelerator, t.fsdp)  # --fsdp, or an accelerate config's FSDP
+    if shard_mode is None and recipe.modality == "image" and fastpath.channels_last(module):
         log.debug("channels_last memory format (a CNN)")  # cuDNN's and oneDNN's fastest convolution layout
+    shards = None
+    if shard_mode == "fully_shard":  # CPU processes: accelerate cannot shard there, fully_shard does
+        module, shards = sharding.shard(accelerator, module, optimizer, backbone.adapter.layer_groups(backbone))
+    elif shard_mode == "accelerate":
+        shards = sharding.for_accelerate(accelerator, module, backbone.adapter.layer_groups(backbone))
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, trained.train_loader,
                                                                       trained.val_loader)
+    if shard_mode == "accelerate":
+        sharding.log_share(accelerator, module, "accelerate's FSDP2 plugin")
     features = None
     if trained.features is not None:  # the staged strategy's head-only phase: the head on cached features
         head, features_train, features_val = trained.features
@@ -177,7 +185,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                    **({"peft": peft_methods.digest(backbone.peft)} if backbone.peft else {})}
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
-                                         is_main=accelerator.is_main_process)
+                                         is_main=accelerator.is_main_process, sharding=shards)
     state, rng = (None, None) if resume is None else \
         restore(resume, out, recipe.resume_force, accelerator.unwrap_model(module, keep_torch_compile=False),
                 optimizer, scheduler, checkpoints, accelerator)
@@ -192,6 +200,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     model_dir = out / "model"
 
     def on_best(epoch: int, val: dict, weights) -> None:
+        if shards is not None:  # every process takes part in gathering the whole weights; process 0 exports them
+            weights = shards.gathered(weights)
         if not accelerator.is_main_process:
             return
         full = build.with_head(backbone, weights) if trained.cached else weights
@@ -204,6 +214,9 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
             raise TrainingStopped(f"cannot write the model folder {model_dir} ({getattr(e, 'strerror', None) or e}); "
                                   f"the last complete checkpoint is {last.path if last else 'none yet'}; make room "
                                   f"and continue with `finetunekit fit --resume {out}`") from None
+        finally:
+            if shards is not None:
+                shards.release()
 
     accelerator.init_trackers(tracking.PROJECT, config=tracking.params(resolved))  # process 0 logs (tracking.py)
     cfg = loop.LoopConfig(epochs=t.epochs, plan=trained.plan, clip_grad=t.clip_grad, monitor=hyper.monitor,
@@ -228,6 +241,10 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                 f"batch: `finetunekit fit --resume {out} --batch-size {max(1, t.batch_size // 2)} --grad-accum "
                 f"{t.grad_accum * 2} --resume-force`") from None
     spread = distributed.drift(accelerator, accelerator.unwrap_model(module, keep_torch_compile=False))
+    held = sharding.held(accelerator, module) if shards is not None else None  # parameters per process
+    if held is not None:
+        log.info("--fsdp: parameters held per process: %s of %d (sharded: no copies to compare)",
+                 ", ".join(str(n) for n in held["per_process"]), held["total"])
     if spread is not None:
         (log.info if spread == 0 else log.warning)("processes in step: the largest parameter difference between "
                                                    "processes after training is %.3g", spread)
@@ -272,6 +289,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                     "each was replaced by the next image of its split", failed)
     if spread is not None:
         metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
+    if held is not None:
+        metrics["processes"] = {"count": accelerator.num_processes, "sharded": f"fsdp ({shards.engine})", **held}
     metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
