@@ -81,6 +81,8 @@ def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
         adapter_folder.load_tensors(module, folder)
         return
     state = read_weights(folder)
+    if unexpected_names(module, state):  # transformers 5 saves some models under their checkpoints' old names
+        state = _transformers_state(module, folder) or state
     if sharding.is_sharded(module):  # --fsdp: every process keeps its shards of the whole tensors
         missing, unexpected = sharding.load_whole(module, state, strict=False)
     else:
@@ -91,6 +93,24 @@ def load_weights_file(module: torch.nn.Module, folder: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"{folder}: weights do not fit the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
+
+
+def unexpected_names(module: torch.nn.Module, state: dict) -> bool:
+    return not set(state) <= set(module.state_dict())
+
+
+def _transformers_state(module: torch.nn.Module, folder: Path) -> dict | None:
+    """The folder's weights named as `module` names them, where `module` is (or holds) a transformers model
+    whose save_pretrained wrote them under the checkpoint format's names (revert_weight_conversion: a ViT's
+    `encoder.layer.N.attention.attention.key` for its `layers.N.attention.k_proj`): read back by the model
+    class's own from_pretrained, which converts them. None when `module` holds no transformers model."""
+    from transformers import PreTrainedModel
+
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel):
+            fresh = type(sub).from_pretrained(folder, config=sub.config)
+            return {f"{prefix}.{k}" if prefix else k: v for k, v in fresh.state_dict().items()}
+    return None
 
 
 def find_model_folder(path: Path) -> Path:

@@ -175,6 +175,9 @@ BROADCAST = textwrap.dedent("""
     # rank 0's epoch is worse than the median: pruned; the other ranks report nothing and follow it
     stop = report.after_epoch(1, {"accuracy": 0.5 if state.is_main_process else 0.99})
     print(json.dumps([state.process_index, state.num_processes, message, stop, report.pruned_at]))
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()  # as cli.main does at exit: a process may not leave gloo's threads running
 """)
 
 
