@@ -19,6 +19,9 @@ os.environ["FINETUNEKIT_CACHE"] = tempfile.mkdtemp(prefix="finetunekit-test-cach
 # fp32 on every CPU: the pinned numbers are fp32's, whatever `--precision auto` would pick on the machine
 # (tests/test_fastpath.py tests the detection itself)
 os.environ["FINETUNEKIT_CPU_BF16"] = "0"
+# no report.html at the end of every test run (1-3 s each, ~5 minutes over the suite); tests/test_report.py
+# turns it back on for its own runs
+os.environ["FINETUNEKIT_REPORT"] = "0"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CIFAR = SHARED_DATA / "cifar10-mini"
 

@@ -36,6 +36,19 @@ def _fit(out: Path, data: dict, task: str = "image-classification", model: str =
                             "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, **train}})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def reports_on():
+    """conftest turns fit's report off for the rest of the suite (FINETUNEKIT_REPORT=0): on for this module's runs
+    and the CLI processes they start."""
+    before = os.environ.get("FINETUNEKIT_REPORT")
+    os.environ["FINETUNEKIT_REPORT"] = "1"
+    yield
+    if before is None:
+        del os.environ["FINETUNEKIT_REPORT"]
+    else:
+        os.environ["FINETUNEKIT_REPORT"] = before
+
+
 @pytest.fixture(scope="module")
 def image_run(cifar_subset, tmp_path_factory):
     """A 2-epoch image classification run on 400 CIFAR images, validated on 200 others; report.html as fit
@@ -193,6 +206,13 @@ def test_a_report_that_fails_is_a_warning_and_the_run_succeeds(second_run):
     assert (run.run_dir / "metrics.json").is_file() and run.metrics["epochs_run"] == 1
     assert not (run.run_dir / "report.html").exists()
     assert any("report.html not written (RuntimeError: renderer broke)" in m for m in messages), messages
+
+
+def test_finetunekit_report_0_skips_the_report_at_the_end_of_fit(image_run, monkeypatch):
+    monkeypatch.setenv("FINETUNEKIT_REPORT", "0")
+    assert finetunekit.report.write_after_fit(image_run) is None
+    monkeypatch.setenv("FINETUNEKIT_REPORT", "1")
+    assert finetunekit.report.write_after_fit(image_run) == image_run / "report.html"
 
 
 def test_cli_report_prints_its_path_and_refuses_what_is_not_a_run(image_run, tmp_path):

@@ -7,6 +7,7 @@ imported only when a report is built."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,11 @@ def build(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def write_after_fit(run_dir: Path) -> Path | None:
-    """fit's last step: the report, its time and size in the log; a failure is a warning, never the run's."""
+    """fit's last step: the report, its time and size in the log; a failure is a warning, never the run's.
+    FINETUNEKIT_REPORT=0 in the environment skips it (a test suite, a sweep of many small runs)."""
+    if os.environ.get("FINETUNEKIT_REPORT", "1") == "0":
+        log.debug("report.html not written: FINETUNEKIT_REPORT=0")
+        return None
     started = time.perf_counter()
     try:
         path = build(run_dir)
