@@ -168,8 +168,9 @@ def test_process_zero_alone_writes_the_run_and_logs_each_line_once(images, tmp_p
             assert text.count("epoch 1/1  train loss") == 1
             assert text.count("done in") == 1
     assert sorted(p.name for p in out.iterdir()) == [".finetunekit-run.json", "checkpoints", "history.csv",
-                                                     "log.txt", "metrics.json", "model", "recipe.yaml",
-                                                     "split.json", "steps.csv", "tensorboard", "val_predictions.csv"]
+                                                     "log.txt", "metrics.json", "model", "progress.json",
+                                                     "recipe.yaml", "split.json", "steps.csv", "tensorboard",
+                                                     "val_predictions.csv"]
 
 
 @pytest.mark.distributed
