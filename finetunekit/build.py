@@ -434,8 +434,9 @@ def _teacher_inputs(recipe: Recipe, inputs: Prepared, trained: Trained, teacher,
         PadCollate(tok.pad_token_id, tok.padding_side == "left", torch.float32)
 
 
-def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher=None, processes: int = 1) -> AddOns:
-    """The run's add-ons, in the order their hooks run."""
+def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher=None, processes: int = 1,
+           workers: int = 0) -> AddOns:
+    """The run's add-ons, in the order their hooks run. `workers`: the target images' loader's (--domain-adapt)."""
     out = AddOns()
     if t.sync_bn:  # first: every later hook sees the model's final layers
         out.append(ADDONS["sync-bn"](processes))
@@ -448,6 +449,8 @@ def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher
     if teacher is not None:  # after MixUp/CutMix: the teacher sees the mixed batch
         out.append(ADDONS["distill"](teacher, t.kd_alpha, t.kd_temperature, t.kd_hard, task.kind == "multilabel",
                                      getattr(task, "threshold", 0.5)))
+    if t.domain_adapt != "none":  # after MixUp and the teacher: they see the source batch alone
+        out.append(domain_adaptation(d, t, backbone, workers))
     if t.l1_penalty:
         head_weights = [p for n, p in backbone.module.named_parameters() if backbone.is_head(n) and p.ndim >= 2]
         out.append(ADDONS["l1"](t.l1_penalty, head_weights))
@@ -458,6 +461,40 @@ def addons(d: DataConfig, t: TrainConfig, modality: str, backbone, task, teacher
     if modality == "image" and d.tta != "none":
         out.append(ADDONS["tta"](d.tta))
     return out
+
+
+def domain_adaptation(d: DataConfig, t: TrainConfig, backbone, workers: int):
+    """--domain-adapt: the target images (scanned once: the unreadable ones left out, their content hashed) on a
+    loader with the training transforms, and the add-on that aligns each training batch with a batch of them."""
+    from .addons.domain_adapt import content_hash, target_loader
+    from .data import build_transform
+    from .data.images import scan_images
+    from .imagefiles import images_under
+
+    flag = f"--domain-adapt {t.domain_adapt}"
+    if t.strategy == "linear-probe":  # --strategy auto chose it (preflight refuses it when it is given)
+        raise UserError(f"{flag}: --strategy auto chose linear-probe, which trains the head alone on the frozen "
+                        f"backbone's features: nothing the alignment could move; pass --strategy full (or lp-ft)")
+    if len(backbone.heads) != 1:
+        raise UserError(f"{flag}: the model's head is several modules ({backbone.head}); one is needed")
+    paths = images_under(d.target_data)
+    report = scan_images(paths)
+    if report.bad:
+        log.warning("domain adaptation: skipped %d unreadable target image(s) of %d (first: %s: %s)", len(report.bad),
+                    len(paths), *report.bad[0])
+        paths = [p for p, ok in zip(paths, report.ok) if ok]
+    if len(paths) < 2:
+        raise UserError(f"--target-data {d.target_data}: {len(paths)} readable image(s); the alignment needs at "
+                        f"least 2")
+    transform = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    loader, sampler = target_loader(paths, transform, t.batch_size, seed=t.seed + 1_000_003 * rank, workers=workers)
+    digest = content_hash(d.target_data, paths)
+    log.info("domain adaptation: %s (weight %g) between each training batch and a batch of the %d unlabeled images "
+             "of %s (content %s), on the features the head reads", t.domain_adapt, t.da_weight, len(paths),
+             d.target_data, digest[:12])
+    return ADDONS["domain-adapt"](t.domain_adapt, t.da_weight, backbone, loader, sampler, folder=d.target_data,
+                                  images=len(paths), digest=digest)
 
 
 def resolved_recipe(recipe: Recipe, out: Path, hyper: Hyper, inputs: Prepared, trained: Trained) -> Recipe:

@@ -69,6 +69,10 @@ class DataConfig(_Section):
         "auto", "images: decode and resize each training and validation image once into a memory-mapped uint8 "
         "cache on disk (reused by later runs; rebuilt when a file changes); auto = when it pays (2+ epochs or "
         "already cached, and it fits in half the free disk); off = decode the files every epoch")
+    target_data: Path | None = _opt(
+        None, "images, --domain-adapt: a folder of unlabeled images of the target domain (sub-folders are read too, "
+        "their names ignored), read with the training transforms; each training batch is aligned with a batch of "
+        "them (docs/domain-adaptation.md)")
     max_bad_fraction: float = _opt(0.05, "stop before training when more than this fraction of the image "
                                    "files or table rows cannot be read", ge=0, le=1)
     num_workers: int | None = _opt(None, "data-loading worker processes; default: from the CPU count "
@@ -279,6 +283,13 @@ class TrainConfig(_Section):
                                  "at T, scaled by T^2 (multi-label: per label, on sigmoids)", gt=0, le=100)
     kd_hard: bool = _opt(False, "--teacher: hard-label distillation instead: cross-entropy on the teacher's "
                          "top class (multi-label: BCE on its labels at --threshold)")
+    domain_adapt: Literal["none", "coral", "mmd"] = _opt(
+        "none", "images: align the backbone's features (the head's input) of each training batch with those of a "
+        "batch of --target-data images: coral = Deep CORAL, ||C_s - C_t||_F^2 / (4 d^2) of the two covariances; mmd = "
+        "squared maximum mean discrepancy, Gaussian kernels at 5 bandwidths around the median distance "
+        "(docs/domain-adaptation.md)")
+    da_weight: float = _opt(1.0, "--domain-adapt: the loss is the task's loss + this x the CORAL or MMD loss", ge=0,
+                            le=1e6)
     kd_cache: Literal["auto", "off"] = _opt(
         "auto", "--teacher: auto = compute the teacher's logits once and reuse them every epoch (cached on disk) "
         "when the student's inputs are the same every epoch (no augmentation, or cached features); off = run "
@@ -383,7 +394,8 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "none")  # --log-with (tracking.py
 
 # The options that name files or folders. In a YAML recipe a relative one is relative to the recipe file's
 # folder (`relative_to`); on the command line, to the current directory. `train.teacher` also takes hf:<folder>.
-PATH_KEYS = ("data.path", "data.val", "data.test", "data.synonyms", "model.weights", "train.teacher", "out", "resume")
+PATH_KEYS = ("data.path", "data.val", "data.test", "data.synonyms", "data.target_data", "model.weights", "train.teacher",
+             "out", "resume")
 
 # `fit --help` by topic: (title, keys). Every leaf option is in exactly one group (tests/test_config_cli.py).
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -411,6 +423,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                          "model.lora_targets", "model.prompt_tokens", "train.merge")),
     ("distillation", ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard",
                       "train.kd_cache")),
+    ("domain adaptation", ("data.target_data", "train.domain_adapt", "train.da_weight")),
     ("devices, precision and memory", ("train.cpu", "train.precision", "train.processes", "train.sync_bn",
                                        "train.fsdp",
                                        "train.grad_checkpointing", "train.compile", "train.qat",

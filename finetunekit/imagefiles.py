@@ -49,6 +49,16 @@ def no_images(where: str) -> str:
     return f"{where}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
 
 
+def images_under(folder: str | os.PathLike) -> list[str]:
+    """The image files (by suffix) in `folder` and its sub-folders, hidden names skipped, sorted."""
+    out = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [os.path.join(parent, n) for n in names
+                if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(out)
+
+
 def expand_inputs(images: Any) -> list[Any]:
     """A path, a folder (its image files, sorted, recursively), or a sequence of those and of images."""
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):

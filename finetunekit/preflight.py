@@ -92,6 +92,7 @@ def preflight(recipe: Recipe) -> None:
     if t.metric != "auto" and t.metric not in monitors:
         raise UserError(f"--metric {t.metric}: for --task {recipe.task} expected one of {', '.join(monitors)}")
     _distillation(recipe)
+    _domain_adaptation(recipe)
     from .checkpoint import parse_period
     from .models import check_spec, modality as model_modality  # imports torch: after the instant checks
     if t.qat:
@@ -148,6 +149,42 @@ def _distillation(recipe: Recipe) -> None:
                         f"{recipe.task}")
     if t.kd_hard and t.kd_temperature != type(t).model_fields["kd_temperature"].default:
         raise UserError("--kd-temperature: does not apply to --kd-hard (cross-entropy on the teacher's top class)")
+
+
+# tasks whose batches are (image tensor, targets) through one model call: the target batch can ride along
+_ADAPTABLE = ("image-classification", "image-multilabel", "image-regression")
+
+
+def _domain_adaptation(recipe: Recipe) -> None:
+    """--domain-adapt, --target-data and --da-weight: set together, for image tasks whose backbone trains; the
+    target folder holds images (the count is a walk of names only: the files are read at the start of training)."""
+    d, t = recipe.data, recipe.train
+    if t.domain_adapt == "none":
+        if d.target_data is not None:
+            raise UserError("--target-data: needs --domain-adapt coral or mmd (the loss that aligns the training "
+                            "images' features with the target images')")
+        if t.da_weight != type(t).model_fields["da_weight"].default:
+            raise UserError("--da-weight: needs --domain-adapt coral or mmd")
+        return
+    flag = f"--domain-adapt {t.domain_adapt}"
+    if recipe.task not in _ADAPTABLE:
+        raise UserError(f"{flag}: for --task {', '.join(_ADAPTABLE)}, not {recipe.task}")
+    if d.target_data is None:
+        raise UserError(f"{flag}: needs --target-data DIR, a folder of unlabeled images of the target domain")
+    if not d.target_data.is_dir():
+        raise UserError(f"--target-data {d.target_data}: "
+                        f"{'not a folder' if d.target_data.exists() else 'no such folder'} (expected a folder of "
+                        f"unlabeled target-domain images, sub-folders allowed)")
+    from .imagefiles import images_under, no_images
+
+    found = len(images_under(d.target_data))
+    if not found:
+        raise UserError(no_images(f"--target-data {d.target_data}"))
+    if found < 2:
+        raise UserError(f"--target-data {d.target_data}: one image; the alignment compares batches of at least 2")
+    if t.strategy == "linear-probe":
+        raise UserError(f"{flag}: --strategy linear-probe trains the head alone on the frozen backbone's features: "
+                        f"nothing the alignment could move; use full (or lp-ft, freeze-unfreeze, gradual)")
 
 
 def _peft_options(recipe: Recipe) -> None:

@@ -82,7 +82,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
         d = recipe.data
         check_out(out, overwrite=recipe.overwrite, inputs={
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
-            "--weights": recipe.model.weights, "--synonyms": d.synonyms,
+            "--weights": recipe.model.weights, "--synonyms": d.synonyms, "--target-data": d.target_data,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
     files = runfiles.RunFiles(out, resumed=resume is not None) if main else None
@@ -149,7 +149,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         trained = build.fast_inputs(recipe, inputs, plan, split_hashes, accelerator.device, pin_memory=gpu,
                                     processes=accelerator.num_processes)
         trained = build.teacher_logits(recipe, inputs, trained, teacher, split_hashes, accelerator.device)
-    addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher, accelerator.num_processes)
+    addons = build.addons(recipe.data, t, recipe.modality, backbone, task, teacher, accelerator.num_processes,
+                          workers=inputs.num_workers)
     addons.extend(extra_addons)
     module = addons.wrap_model(trained.module)
     shard_mode = distributed.shard_mode(accelerator, t.fsdp)  # --fsdp, or an accelerate config's FSDP
