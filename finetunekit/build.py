@@ -122,6 +122,9 @@ def playbook(recipe: Recipe, inputs: Prepared) -> tuple[Recipe, list[str]]:
                            f"epoch") if m.peft else \
             choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
                    inputs.sources.get("train"), inputs.image_size)
+        if choice.strategy == "linear-probe" and t.domain_adapt != "none":  # a frozen backbone aligns nothing
+            choice = Choice("lp-ft", f"{choice.reason}; but --domain-adapt {t.domain_adapt} needs the backbone to "
+                                     f"train: the head first on fixed features, then every layer with the alignment")
         resolved.train.strategy = choice.strategy
         lines.append(choice.line())
     return resolved, lines
@@ -471,12 +474,9 @@ def domain_adaptation(d: DataConfig, t: TrainConfig, backbone, workers: int):
     from .data.images import scan_images
     from .imagefiles import images_under
 
-    flag = f"--domain-adapt {t.domain_adapt}"
-    if t.strategy == "linear-probe":  # --strategy auto chose it (preflight refuses it when it is given)
-        raise UserError(f"{flag}: --strategy auto chose linear-probe, which trains the head alone on the frozen "
-                        f"backbone's features: nothing the alignment could move; pass --strategy full (or lp-ft)")
     if len(backbone.heads) != 1:
-        raise UserError(f"{flag}: the model's head is several modules ({backbone.head}); one is needed")
+        raise UserError(f"--domain-adapt {t.domain_adapt}: the model's head is several modules ({backbone.head}); "
+                        f"one is needed")
     paths = images_under(d.target_data)
     report = scan_images(paths)
     if report.bad:

@@ -16,7 +16,9 @@ from finetunekit.config import build_recipe
 from finetunekit.errors import UserError
 from finetunekit.preflight import preflight
 
-from conftest import CIFAR, cli
+from safetensors.torch import load_file
+
+from conftest import CIFAR, cli, run_cli
 
 SQUARE = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])  # covariance diag(4/3, 4/3)
 
@@ -133,16 +135,19 @@ CORAL_LOSS = [0.005476]
 
 
 def test_while_the_head_trains_alone_nothing_changes_then_mmd_does(shifted):
-    """lp-ft: in its head-only epoch the features are fixed, so no target image is read and training is
-    bit-identical to the run without adaptation; from the next epoch on, the MMD loss changes it."""
+    """--strategy auto picks lp-ft, not the linear probe it would pick for 10 images a class without adaptation. In
+    lp-ft's head-only epoch (on cached features) the features are fixed, so no target image is read and training
+    is bit-identical to lp-ft without adaptation; from the next epoch on, the MMD loss changes it."""
     plain, plain_steps = _fit(shifted, "plain-lpft", strategy="lp-ft", epochs=2, head_epochs=1)
-    run, steps = _fit(shifted, "mmd-lpft", domain_adapt="mmd", da_weight=1.0, strategy="lp-ft", epochs=2,
-                      head_epochs=1)
+    run, steps = _fit(shifted, "mmd-auto", domain_adapt="mmd", da_weight=1.0, strategy="auto", epochs=2)
     half = len(steps) // 2
     assert len(steps) == len(plain_steps) == 10
     assert steps[:half] == plain_steps[:half] and steps[half] != plain_steps[half]
     assert [round(v, 4) for v in steps] == MMD_STEPS
     log = (run.run_dir / "log.txt").read_text()
+    assert "strategy auto -> lp-ft: 9 samples per class at 32 px (<= 200): few enough that the pretrained features " \
+           "with a new head generalize best, on cached features; but --domain-adapt mmd needs the backbone to train" in log
+    assert "the head-only phase (1 epoch) trains on cached features" in log
     assert "domain adaptation: off while the head alone trains (the features it aligns do not change) from epoch 1" \
         in log
     assert "domain adaptation: mmd on from epoch 2" in log
@@ -151,6 +156,26 @@ def test_while_the_head_trains_alone_nothing_changes_then_mmd_does(shifted):
 
 MMD_STEPS = [2.3001, 2.3055, 2.2853, 2.3051, 2.3169, 2.2357, 2.4042, 2.406, 2.2927, 2.3189]
 MMD_LOSS = [0.397438]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_the_same_target_stream(shifted, tmp_path):
+    """Killed inside epoch 1 (its last checkpoint at update 2 of 5), then --resume: the same task losses, weights
+    and per-epoch alignment losses as the run that was never stopped (the target batches come back in order)."""
+    args = ["fit", "--data", str(shifted / "train.csv"), "--model", "timm:test_efficientnet", "--no-pretrained",
+            "--image-size", "32", "--augment", "light", "--num-workers", "0", "--epochs", "2", "--batch-size", "16",
+            "--strategy", "full", "--domain-adapt", "mmd", "--target-data", str(shifted / "target"),
+            "--checkpoint-every", "2", "--quiet"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli(*args, "--out", str(whole)).returncode == 0
+    assert run_cli(*args, "--out", str(cut), env={"FINETUNEKIT_FAULT": "batch@4"}).returncode == -9
+    r = run_cli("fit", "--resume", str(cut), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (whole / "steps.csv").read_text() == (cut / "steps.csv").read_text()
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(cut / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads((r / "metrics.json").read_text())["domain_adapt"]["loss_by_epoch"] for r in (whole, cut)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 2
 
 
 # --- errors -----------------------------------------------------------------------------------------------------

@@ -147,8 +147,8 @@ class DomainAdapt(AddOn):
         self._stream: Iterator | None = None
         self._epoch: int | None = None  # the epoch whose target stream `_stream` is
         self._batches = 0  # target batches this epoch has used (checkpointed: a resume continues the stream)
-        self._resume: tuple[int, int] | None = None
         self._active: bool | None = None
+        self._checked = False  # whether this epoch's first batch has decided `_active`
         self._pending: torch.Tensor | None = None  # the target batch the next forward appends
         self._split: int | None = None  # rows of the current forward that are the source's
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -194,14 +194,16 @@ class DomainAdapt(AddOn):
 
     def train_batch(self, batch, epoch: int):
         if epoch != self._epoch:
+            if self._count:  # resumed after the end-of-epoch checkpoint: that epoch's after_epoch did not run here
+                self.by_epoch.append(float(self._sum) / self._count)
+            self._epoch, self._batches, self._stream, self._sum, self._count = epoch, 0, None, None, 0
+            self._checked = False
+        if not self._checked:  # the epoch's first batch: the phase (what trains) is set for the epoch
             active = self._is_active()
             if active != self._active:
                 log.info("domain adaptation: %s from epoch %d", f"{self.method} on" if active else
                          "off while the head alone trains (the features it aligns do not change)", epoch + 1)
-            self._active, self._epoch = active, epoch
-            first = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
-            self._resume, self._batches, self._stream = None, first, None
-            self._sum, self._count = None, 0
+            self._active, self._checked = active, True
         if not self._active:
             return batch
         if self._stream is None:
@@ -234,13 +236,22 @@ class DomainAdapt(AddOn):
         return False
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"domain_adapt.safetensors": {"position": torch.tensor([self._epoch if self._epoch is not None else -1,
-                                                                       self._batches])}}
+        """Where the epoch's target stream is, the epoch's loss so far, and the earlier epochs' means."""
+        return {"domain_adapt.safetensors": {
+            "position": torch.tensor([self._epoch if self._epoch is not None else -1, self._batches, self._count]),
+            "loss_sum": torch.tensor([0.0 if self._sum is None else float(self._sum)], dtype=torch.float64),
+            "by_epoch": torch.tensor(self.by_epoch, dtype=torch.float64)}}
 
     def load_state_dict(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        if "domain_adapt.safetensors" in tensors:
-            epoch, batches = (int(v) for v in tensors["domain_adapt.safetensors"]["position"])
-            self._resume = (epoch, batches)
+        """A resumed run: its first batch continues the saved epoch's target stream (or, saved at an epoch's end,
+        the next epoch's stream starts afresh, as it would have)."""
+        saved = tensors.get("domain_adapt.safetensors")
+        if saved is None:
+            return
+        epoch, self._batches, self._count = (int(v) for v in saved["position"])
+        self._epoch = epoch if epoch >= 0 else None
+        self._sum = torch.tensor(float(saved["loss_sum"][0])) if self._count else None
+        self.by_epoch = [float(v) for v in saved["by_epoch"]]
 
     def finish(self, best, folder, score) -> dict[str, Any]:
         for h in self._hooks:
