@@ -21,7 +21,7 @@ adds nothing to the loss: it separates what the joint BatchNorm statistics do fr
 Rows go to bench/domain_adapt.jsonl (one per run, with the machine's load average: the CPUs are shared); the
 table printed at the end has each run's gain over `none`, measured in the same invocation.
 
-    .venv/bin/python bench/bench_domain_adapt.py                       # ~25 minutes on 2 idle CPU cores
+    .venv/bin/python bench/bench_domain_adapt.py                       # ~5 minutes (4 runs) on 2 CPU cores
     .venv/bin/python bench/bench_domain_adapt.py --runs none,coral:1,mmd:1 --per-class 50 --epochs 1
 """
 
