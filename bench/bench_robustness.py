@@ -11,6 +11,10 @@ RUN: a `finetunekit fit` run; docs/robustness.md trains the one measured there (
 in a subprocess, timed (wall clock, model loading included), and appends one row to bench/robustness.jsonl:
 the clean accuracy, each condition's accuracy and its ratio to clean, each condition's seconds and their ratio
 to the clean pass's, the environment. No --data: the run's test set.
+
+Then, in this process, side by side on the same images at the largest eps: PGD as evaluate runs it (a sample
+that is fooled keeps that iterate and leaves the batch) against plain PGD (every sample takes all the steps,
+the last iterate scored): the accuracy and the seconds of each, and the ratio (row "pgd_variants").
 """
 
 from __future__ import annotations
@@ -69,12 +73,44 @@ def main() -> None:
            "device": report["device"], "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or "cpu", "cores": len(os.sched_getaffinity(0)), "load_1min": os.getloadavg()[0],
            "date": time.strftime("%Y-%m-%d")}
+    row["pgd_variants"] = pgd_variants(args.run, Path(report["data"]), args.eps.split(",")[-1], args.limit)
+    print(json.dumps(row["pgd_variants"]))
     with OUT.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     worst = min(conditions, key=lambda k: conditions[k][metric])
     print(f"SUMMARY robustness: samples={row['samples']} clean={row['clean']:.4f} "
           + " ".join(f"{k}={v:.4f}" for k, v in row["accuracy"].items() if k.startswith(("fgsm", "pgd")))
           + f" worst={worst} wall={row['wall_seconds']}s")
+
+
+def pgd_variants(run: Path, data: Path, eps_text: str, limit: int | None) -> dict:
+    """PGD with the first success kept (evaluate's) against plain PGD (last iterate), timed on the same batches."""
+    import torch
+
+    import finetunekit
+    from finetunekit import robustness
+    from finetunekit.robustness import attacks, runner
+
+    model = finetunekit.load(run)
+    eps = robustness.parse_fraction(eps_text, "--eps")
+    loader, net, _ = runner.pixel_loader(model, data, robustness.Plan(limit=limit))
+    net.eval().requires_grad_(False)
+    batches = list(loader)
+    x, y = batches[0]
+    attacks.pgd(net, x, y, model.task.eval_loss, eps, range(len(x)), steps=2, keep_first_success=False)  # warm-up
+    out = {"eps": eps_text, "steps": 10}
+    for name, keep in (("first_success", True), ("last_iterate", False)):
+        right = n = 0
+        started = time.perf_counter()
+        for x, y in batches:
+            seeds = [n + i for i in range(len(x))]  # as evaluate seeds them with --seed 0
+            adv = attacks.pgd(net, x, y, model.task.eval_loss, eps, seeds, steps=10, keep_first_success=keep)
+            with torch.no_grad():
+                right += int((net(adv).argmax(-1) == y).sum())
+            n += len(x)
+        out[name] = {"accuracy": right / n, "seconds": round(time.perf_counter() - started, 2)}
+    out["seconds_ratio_last_over_first"] = round(out["last_iterate"]["seconds"] / out["first_success"]["seconds"], 2)
+    return out
 
 
 if __name__ == "__main__":

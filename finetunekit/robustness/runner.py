@@ -184,23 +184,26 @@ def evaluate_robustness(run: Path, data: Path, plan: Plan, cpu: bool = False, mo
 
 
 def table(report: dict) -> str:
-    """The report as an aligned text table: one row per condition, its figure and its drop from clean."""
-    metric = report["metric"]
-    rows = [("clean", "", f"{report['clean'][metric]:.4f}", "", f"{report['clean']['seconds']:.1f}")]
-    for a in report["attacks"]:
-        setting = f"eps {a['eps_text']}" + (f", {a['steps']} steps" if "steps" in a else "")
-        rows.append((a["attack"], setting, f"{a[metric]:.4f}", f"{a[metric] - report['clean'][metric]:+.4f}",
-                     f"{a['seconds']:.1f}"))
-    for c in report["corruptions"]:
-        setting = f"severity {c['severity']}" + (f" ({c['parameter']} {c['value']:g})" if c["value"] is not None
-                                                 else " (unchanged)")
-        rows.append((c["corruption"], setting, f"{c[metric]:.4f}", f"{c[metric] - report['clean'][metric]:+.4f}", f"{c['seconds']:.1f}"))
+    """The report as an aligned text table: one row per condition, its figure and its change from clean."""
+    metric, clean = report["metric"], report["clean"][report["metric"]]
+    rows = [("clean", "", f"{clean:.4f}", "", f"{report['clean']['seconds']:.1f}")]
+    for r in report["attacks"] + report["corruptions"]:
+        if "attack" in r:
+            name, setting = r["attack"], f"eps {r['eps_text']}" + (f", {r['steps']} steps" if "steps" in r else "")
+        else:
+            name = r["corruption"]
+            setting = f"severity {r['severity']} " + (f"({r['parameter']} {r['value']:g})" if r["value"] is not None
+                                                       else "(unchanged)")
+        rows.append((name, setting, f"{r[metric]:.4f}", f"{r[metric] - clean:+.4f}", f"{r['seconds']:.1f}"))
     head = ("condition", "setting", metric, "change", "seconds")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: tuple) -> str:  # names and settings to the left, figures to the right
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+
     out = [f"robustness of {report['model']} on {report['data']}: {report['samples']} images, {report['device']}, "
            f"{report['seconds']:.1f} s"]
-    out += [line(head).rstrip(), *(line(r).rstrip() for r in rows)]
+    out += [line(head), *(line(r) for r in rows)]
     if report["tta"] != "none":
         out.append(f"test-time augmentation: {report['tta']}")
     return "\n".join(out) + "\n"
