@@ -213,3 +213,26 @@ def test_multilabel_scores_are_label_accuracy_and_pgd_runs_on_soft_targets():
     bce = lambda out, t: nn.functional.binary_cross_entropy_with_logits(out, t, reduction="none").mean(-1)  # noqa: E731
     adv = attacks.pgd(model, x, torch.rand(8, 3).round(), bce, 0.05, list(range(8)), steps=3)
     assert (adv - x).abs().max() <= 0.05 + 1e-7 and not torch.equal(adv, x)
+
+
+def test_a_multilabel_model_end_to_end(tmp_path):
+    """A multi-label folder (its table columns as a multi-label run records them) scored from a labels table:
+    label accuracy, eps 0 equal to clean, PGD on its sigmoid loss below it."""
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} not found")
+    labels = ["airplane", "cat", "animal", "vehicle"]
+    folder = _saved(tmp_path, "timm:test_efficientnet", labels, "image-multilabel", 32)
+    config = json.loads((folder / "config.json").read_text())
+    config["finetunekit"].update(path_column="path", label_columns=["labels"], label_delimiter="|")
+    (folder / "config.json").write_text(json.dumps(config))
+    table = tmp_path / "t.csv"
+    rows = [f"{p},{c}|{'animal' if c == 'cat' else 'vehicle'}" for c in ("airplane", "cat")
+            for p in sorted((CIFAR / "test" / c).glob("*.jpg"))[:5]]
+    table.write_text("path,labels\n" + "\n".join(rows) + "\n")
+    plan = robustness.Plan(attacks=["pgd"], eps=[0.0, 8 / 255], eps_text=["0", "8/255"], pgd_steps=3,
+                           corruptions=["brightness"], severities=[0], batch_size=4)
+    report = runner.evaluate_robustness(folder, table, plan)
+    clean = report["clean"]["label_accuracy"]
+    assert (report["metric"], report["samples"]) == ("label_accuracy", 10)
+    assert [a["label_accuracy"] for a in report["attacks"]][0] == clean == report["corruptions"][0]["label_accuracy"]
+    assert report["attacks"][1]["label_accuracy"] < clean and "success_rate" not in report["attacks"][1]
