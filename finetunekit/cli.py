@@ -160,7 +160,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                     help="images: folder of class folders or CSV manifest; text: a table with the training columns "
                          "(required, except with --attack/--corruptions: the run's test set by default)")
     ev.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per batch (default: 64)")
-    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE (--attack/--corruptions: "
+                    "the report, by default RUN/robustness.json)")
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     robustness.add_flags(ev)
     _add_verbose(ev)

@@ -174,6 +174,9 @@ def test_cli_writes_the_report_and_never_overwrites_another_file(tiny, tmp_path)
     (["--corruptions", "jpeg", "--severities", "6"], "--severities 6: expected integers from 0 to 5, e.g. 1,3,5"),
     (["--attack", "fgsm", "--limit", "0"], "--limit 0: expected at least 1"),
     ([], "evaluate: --data PATH is required (only --attack/--corruptions default to the run's test set)"),
+    (["--eps", "8/255"], "evaluate: --eps applies with --attack"),
+    (["--attack", "fgsm", "--severities", "5"], "evaluate: --severities applies with --corruptions"),
+    (["--data", ".", "--limit", "5"], "evaluate: --limit applies with --attack or --corruptions"),
 ])
 def test_flag_errors_are_one_line(tmp_path, args, expected):
     code, out, err = cli("evaluate", str(tmp_path), *args)

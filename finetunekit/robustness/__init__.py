@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -49,9 +50,24 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    help="seeds --limit's draw, PGD's random start and the noise (default: 0)")
 
 
+ATTACK_FLAGS = {"eps": "2/255,8/255", "pgd_steps": 10, "pgd_step_size": None}
+CORRUPTION_FLAGS = {"severities": "1,3,5"}
+SHARED_FLAGS = {"limit": None, "seed": 0}
+
+
 def requested(args: argparse.Namespace) -> bool:
-    """Whether `evaluate` was asked for robustness (an attack or a corruption)."""
-    return bool(getattr(args, "attack", None) or getattr(args, "corruptions", None))
+    """Whether `evaluate` was asked for robustness (an attack or a corruption); a flag of theirs given without
+    them is a one-line error, not ignored."""
+    attack, corruptions = getattr(args, "attack", None), getattr(args, "corruptions", None)
+    unused = {**(ATTACK_FLAGS if not attack else {}), **(CORRUPTION_FLAGS if not corruptions else {}),
+              **(SHARED_FLAGS if not attack and not corruptions else {})}
+    given = [name for name, default in unused.items() if getattr(args, name, default) != default]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        needs = "--corruptions" if given[0] in CORRUPTION_FLAGS else \
+            "--attack" if given[0] in ATTACK_FLAGS else "--attack or --corruptions"
+        raise UserError(f"evaluate: {flag} applies with {needs}")
+    return bool(attack or corruptions)
 
 
 def parse_fraction(text: str, flag: str) -> float:
@@ -189,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
     """`finetunekit evaluate RUN --attack ... --corruptions ...`: checks first, then the pass, the table, the JSON."""
     from ..artifacts import find_model_folder
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("evaluate --attack/--corruptions runs in one process; start it without a launcher")
     runs = args.run if isinstance(args.run, list) else [args.run]
     if len(runs) != 1:
         raise UserError("evaluate --attack/--corruptions: give one run (an ensemble is not attacked)")
