@@ -132,11 +132,11 @@ def evaluate_robustness(run: Path, data: Path, plan: Plan, cpu: bool = False, mo
     sums = [0.0] * len(rows)
     fooled = [0] * len(rows)  # single-label attacks: clean-correct samples the attack turned wrong
     seconds = [0.0] * len(rows)
-    n = clean_right = 0
+    n = clean_right = width = 0
     started = time.perf_counter()
     passes = Progress(loader, desc="robustness", total=len(loader))
     for x, y in passes:
-        x, y = x.to(device), y.to(device)
+        x, y, width = x.to(device), y.to(device), x.shape[-1]
         seeds = [plan.seed * 1_000_003 + n + i for i in range(len(x))]
         clean = None
         for i, row in enumerate(rows):
@@ -175,8 +175,7 @@ def evaluate_robustness(run: Path, data: Path, plan: Plan, cpu: bool = False, mo
             report["attacks"].append({**entry, **figures})
         else:
             corruption = CORRUPTIONS[row["corruption"]]
-            size = int(model.backbone.preprocessing.input_size)
-            value = corruption.setting(row["severity"], size) if row["severity"] else None
+            value = corruption.setting(row["severity"], width) if row["severity"] else None
             report["corruptions"].append({"corruption": row["corruption"], "severity": row["severity"],
                                           "parameter": corruption.parameter, "value": value, **figures})
     report["seconds"] = round(time.perf_counter() - started, 3)
