@@ -10,8 +10,8 @@ taken with respect to the images only (torch.autograd.grad on the input); the mo
     fgsm   Goodfellow et al. 2015: one step of eps along the sign of the loss gradient
     pgd    Madry et al. 2018: a uniform random start in the eps-ball, `steps` steps of `step_size` along the
            sign of the gradient, each projected back onto the eps-ball and [0, 1]; for single-label
-           classification a sample keeps the first iterate that the model gets wrong (the attack succeeded;
-           later steps could only undo it)
+           classification a sample keeps the first iterate that the model gets wrong (an adversarial example;
+           later steps might undo it)
 """
 
 from __future__ import annotations
