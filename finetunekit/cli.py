@@ -19,6 +19,7 @@ from . import __version__
 from .errors import UserError, did_you_mean, first_line
 from .explain import DEFAULT_METHOD as EXPLAIN_DEFAULTS
 from .explain import METHODS as EXPLAIN_METHODS
+from . import robustness
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EXPORT_FORMATS = ("onnx", "torchscript")  # export.EXPORTERS less the model folder (tests/test_registries.py)
@@ -155,11 +156,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 
     ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
-    ev.add_argument("--data", required=True, metavar="PATH",
-                    help="images: folder of class folders or CSV manifest; text: a table with the training columns")
+    ev.add_argument("--data", metavar="PATH",
+                    help="images: folder of class folders or CSV manifest; text: a table with the training columns "
+                         "(required, except with --attack/--corruptions: the run's test set by default)")
     ev.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per batch (default: 64)")
-    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE (--attack/--corruptions: "
+                    "the report, by default RUN/robustness.json)")
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    robustness.add_flags(ev)
     _add_verbose(ev)
 
     pr = sub.add_parser("predict", help="predictions for images (files, folders) or texts (--text, files)")
@@ -538,6 +542,10 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
 def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit evaluate RUN DATA`: a saved model's metrics on labelled data."""
     _at_least_1(args.batch_size, "--batch-size")
+    if robustness.requested(args):  # --attack / --corruptions: docs/robustness.md
+        return robustness.main(args)
+    if not args.data:
+        raise UserError("evaluate: --data PATH is required (only --attack/--corruptions default to the run's test set)")
     from .run import evaluate
 
     metrics = evaluate(args.run, args.data, batch_size=args.batch_size, cpu=args.cpu)

@@ -161,23 +161,25 @@ class ImageModel(FineTunedModel):
         items = expand_inputs(inputs)
         return items, [{"path": str(i)} if isinstance(i, (str, os.PathLike)) else {} for i in items]
 
-    def labelled_loader(self, data: Path, batch_size: int) -> tuple[DataLoader, int]:
+    def labelled_loader(self, data: Path, batch_size: int, transform=None) -> tuple[DataLoader, int]:
+        """`transform`: in place of the model's (robustness: its pixels before the normalization)."""
         check_batch_size(batch_size)
         from .data import ImageDataset, default_workers, make_loader
         from .data.sources import drop_unreadable, labeled_split, read_labeled_files
 
+        transform = transform or self.transform
         if self.table.get("task", "image-classification") != "image-classification":
             from .data.sources import read_table_split
 
             split, skipped = read_table_split(self.table["task"], data, self.table["path_column"],
                                               self.table["label_columns"], self.table.get("label_delimiter"),
                                               self.classes)
-            return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
+            return make_loader(ImageDataset(split, transform), batch_size, train=False,
                                workers=default_workers(), seed=0), skipped
         files = read_labeled_files(data, "--data")
         skipped, _ = drop_unreadable([files])
         split = labeled_split(files, self.classes, "the model's classes")
-        return make_loader(ImageDataset(split, self.transform), batch_size, train=False,
+        return make_loader(ImageDataset(split, transform), batch_size, train=False,
                            workers=default_workers(), seed=0), len(skipped)
 
 
