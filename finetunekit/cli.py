@@ -476,7 +476,9 @@ def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 def _lr_find(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit lr-find`: the learning-rate range test."""
-    recipe = recipe_from_args(args, dests)
+    from .twostage import resolve as resolve_init
+
+    recipe = resolve_init(recipe_from_args(args, dests))  # --init: its model
     from .lr_find import lr_range_test
     from .run import default_out
     from .runlog import RunLog
