@@ -11,7 +11,8 @@ Stage 2, the small target: the other five classes (dog, frog, horse, ship, truck
 64 px, the default recipe otherwise (auto: full, 10 epochs). Two arms per seed: from ImageNet (`--model
 efficientnet_lite0`), and `--init STAGE1` (stage 1's backbone; a new head, as the classes differ). Seeds 0, 1, 2.
 
-The data folders are symlinks under --work (the shared data is read in place, never written). Rows go to
+The data folders are symlinks under --work (WORK/data/stage1, WORK/data/target-n20-v10; the shared data is
+read in place, never written). `--per-class 100` repeats stage 2 with 100 training images a class. Rows go to
 bench/two_stage.jsonl, one per target fit and one summary.
 
     .venv/bin/python bench/bench_two_stage.py --work /tmp/ftk19-init     # ~15 minutes on 2 idle CPU cores
@@ -51,11 +52,12 @@ def make_data(work: Path, per_class: int, val_per_class: int) -> Path:
     for c in SOURCE:
         link(sorted((CIFAR / "train" / c).glob("*.jpg")), data / "stage1" / "train" / c)
         link(sorted((CIFAR / "test" / c).glob("*.jpg")), data / "stage1" / "test" / c)
+    target = data / f"target-n{per_class}-v{val_per_class}"
     for c in TARGET:
         files = sorted((CIFAR / "train" / c).glob("*.jpg"))
-        link(files[:per_class], data / "target" / "train" / c)
-        link(files[per_class:per_class + val_per_class], data / "target" / "val" / c)
-        link(sorted((CIFAR / "test" / c).glob("*.jpg")), data / "target" / "test" / c)
+        link(files[:per_class], target / "train" / c)
+        link(files[per_class:per_class + val_per_class], target / "val" / c)
+        link(sorted((CIFAR / "test" / c).glob("*.jpg")), target / "test" / c)
     return data
 
 
@@ -93,8 +95,9 @@ def main() -> None:
     stage1 = runs / "stage1"
     s1, s1_wall = fit(stage1, ["--data", str(data / "stage1" / "train"), "--test", str(data / "stage1" / "test"),
                                *STAGE1])
-    target = ["--data", str(data / "target" / "train"), "--val", str(data / "target" / "val"), "--test",
-              str(data / "target" / "test"), *TARGET_RECIPE]
+    folder = data / f"target-n{args.per_class}-v{args.val_per_class}"
+    target = ["--data", str(folder / "train"), "--val", str(folder / "val"), "--test", str(folder / "test"),
+              *TARGET_RECIPE]
     arms = {"imagenet": ["--model", "efficientnet_lite0"], "init": ["--init", str(stage1)]}
     scores: dict[str, list[float]] = {arm: [] for arm in arms}
     for seed in SEEDS:

@@ -559,6 +559,9 @@ def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 def _evaluate_ensemble(args: argparse.Namespace) -> int:
     """`finetunekit evaluate RUN_A RUN_B ... --data D`: each member's metrics, the ensemble's, and its gain."""
+    for flag in ("attack", "corruptions"):  # robustness flags (another module's) score one model
+        if getattr(args, flag, None):
+            raise UserError(f"--{flag}: for one model, not an ensemble")
     from .ensemble import evaluate
 
     result = evaluate([args.run, *args.more], args.data, batch_size=args.batch_size, cpu=args.cpu)
