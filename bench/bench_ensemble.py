@@ -11,7 +11,7 @@ Each member is an ordinary `finetunekit fit` (fitted here unless RUNS/<name>/met
 earlier with the same command are reused); the scores come from `finetunekit.ensemble.evaluate`, the function
 behind `finetunekit evaluate RUN_A RUN_B RUN_C --data D`. Rows go to bench/ensemble.jsonl.
 
-    .venv/bin/python bench/bench_ensemble.py --runs /tmp/ftk19-init/runs     # ~12 minutes on 2 idle CPU cores
+    .venv/bin/python bench/bench_ensemble.py --runs /tmp/ftk19-init/runs     # about 4 minutes here (2 CPU cores)
 """
 
 from __future__ import annotations
