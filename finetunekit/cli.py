@@ -156,6 +156,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 
     ev = sub.add_parser("evaluate", help="metrics of a fine-tuned model on labelled data")
     ev.add_argument("run", metavar="RUN", help="run directory (or model folder)")
+    ev.add_argument("more", nargs="*", metavar="RUN", help="more runs: an ensemble, their calibrated probabilities "
+                    "averaged; each member's metrics, the ensemble's and its gain (docs/ensembles.md)")
     ev.add_argument("--data", metavar="PATH",
                     help="images: folder of class folders or CSV manifest; text: a table with the training columns "
                          "(required, except with --attack/--corruptions: the run's test set by default)")
@@ -170,7 +172,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     pr.add_argument("run", metavar="RUN", help="run directory (or model folder), or an ONNX export (its folder "
                     "or model.onnx: onnxruntime only, no torch)")
     pr.add_argument("inputs", nargs="*", metavar="INPUT",
-                    help="images: files or folders; text: .txt files (one text per line) or tables")
+                    help="images: files or folders; text: .txt files (one text per line) or tables; run or "
+                    "model folders first (after RUN): an ensemble, their calibrated probabilities averaged "
+                    "(docs/ensembles.md)")
     pr.add_argument("--text", action="append", metavar="TEXT", default=[],
                     help="a text to classify (repeatable; 'first ||| second' for a sentence pair)")
     pr.add_argument("--threshold", type=float, metavar="X", help="multi-label: override the saved threshold")
@@ -476,7 +480,9 @@ def _fit(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
 def _lr_find(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit lr-find`: the learning-rate range test."""
-    recipe = recipe_from_args(args, dests)
+    from .twostage import resolve as resolve_init
+
+    recipe = resolve_init(recipe_from_args(args, dests))  # --init: its model
     from .lr_find import lr_range_test
     from .run import default_out
     from .runlog import RunLog
@@ -542,6 +548,8 @@ def _search(args: argparse.Namespace, dests: dict[str, str]) -> int:
 def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit evaluate RUN DATA`: a saved model's metrics on labelled data."""
     _at_least_1(args.batch_size, "--batch-size")
+    if args.more:  # several runs: an ensemble (ensemble.py)
+        return _evaluate_ensemble(args)
     if robustness.requested(args):  # --attack / --corruptions: docs/robustness.md
         return robustness.main(args)
     if not args.data:
@@ -557,14 +565,44 @@ def _evaluate(args: argparse.Namespace, dests: dict[str, str]) -> int:
     return 0
 
 
+def _evaluate_ensemble(args: argparse.Namespace) -> int:
+    """`finetunekit evaluate RUN_A RUN_B ... --data D`: each member's metrics, the ensemble's, and its gain."""
+    for flag in ("attack", "corruptions"):  # robustness flags (another module's) score one model
+        if getattr(args, flag, None):
+            raise UserError(f"--{flag}: for one model, not an ensemble")
+    if not args.data:
+        raise UserError("evaluate: --data PATH is required with several runs")
+    from .ensemble import evaluate
+
+    result = evaluate([args.run, *args.more], args.data, batch_size=args.batch_size, cpu=args.cpu)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    for row in result["members"]:
+        print(f"member {row['run']}:")
+        _print_metrics({k: v for k, v in row.items() if k not in ("per_class", "per_label", "confusion_matrix")})
+    print(f"ensemble of {len(result['members'])} (mean of the calibrated probabilities):")
+    _print_metrics(result["ensemble"])
+    g = result["gain"]
+    print(f"ensemble gain in {g['metric']}: {g['vs_best_member']:+.4f} over the best member, "
+          f"{g['vs_mean_member']:+.4f} over the members' mean")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
     """`finetunekit predict RUN INPUT...`: predictions as csv, json or a table."""
     _at_least_1(args.top_k, "--top-k")
     _at_least_1(args.batch_size, "--batch-size")
+    from .ensemble import members
+
+    runs, args.inputs = members(args.run, args.inputs)  # leading run folders: an ensemble (ensemble.py)
     if not args.inputs and not args.text:
         raise UserError("predict: give input files or folders, or --text TEXT")
     from .runtime import export_format
 
+    if len(runs) > 1 and export_format(args.run) is not None:
+        raise UserError(f"{args.run}: an export; an ensemble's members are run directories or model folders")
     if export_format(args.run) == "torchscript":
         raise UserError(f"{args.run}: a TorchScript export; load it in PyTorch with torch.jit.load (predict reads "
                         f"runs, model folders and ONNX exports)")
@@ -572,6 +610,11 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         from .runtime import load as load_export
 
         model = load_export(args.run)
+        is_text = model.modality == "text"
+    elif len(runs) > 1:
+        from .ensemble import Ensemble
+
+        model = Ensemble.load(runs)
         is_text = model.modality == "text"
     else:
         from .artifacts import load

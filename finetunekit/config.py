@@ -108,6 +108,9 @@ class ModelConfig(_Section):
     weights: Path | None = _opt(None, "initial weights (.safetensors, or a weights-only .pt/.pth/.bin state "
                                 "dict) instead of the source's pretrained weights")
     pretrained: bool = _opt(True, "start from the source's pretrained weights (off: random init)")
+    init: Path | None = _opt(None, "two-stage transfer: start from an earlier run's fine-tuned weights (its run "
+                             "folder or model folder; same task, its --model is taken); its head is kept when the "
+                             "class names match in order, else a new head (docs/two-stage.md)")
     head: str = _opt("linear", "images: the new head: linear, or mlp:N (Dropout, Linear N, GELU, Dropout, "
                      "Linear)", min_length=1)
     dropout: float | None = _opt(None, "dropout before the classifier (timm's drop_rate; transformers' "
@@ -394,15 +397,15 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "none")  # --log-with (tracking.py
 
 # The options that name files or folders. In a YAML recipe a relative one is relative to the recipe file's
 # folder (`relative_to`); on the command line, to the current directory. `train.teacher` also takes hf:<folder>.
-PATH_KEYS = ("data.path", "data.val", "data.test", "data.synonyms", "data.target_data", "model.weights", "train.teacher",
-             "out", "resume")
+PATH_KEYS = ("data.path", "data.val", "data.test", "data.synonyms", "data.target_data", "model.weights", "model.init",
+             "train.teacher", "out", "resume")
 
 # `fit --help` by topic: (title, keys). Every leaf option is in exactly one group (tests/test_config_cli.py).
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("task and data", ("task", "description", "data.path", "data.val", "data.test", "data.val_fraction",
                        "data.label_column", "data.label_delimiter", "data.max_bad_fraction", "data.num_workers")),
-    ("model", ("model.name", "model.weights", "model.pretrained", "model.head", "model.dropout", "model.drop_path",
-               "model.prune", "model.trust_remote_code")),
+    ("model", ("model.name", "model.weights", "model.init", "model.pretrained", "model.head", "model.dropout",
+               "model.drop_path", "model.prune", "model.trust_remote_code")),
     ("what trains", ("train.strategy", "train.head_epochs", "train.unfreeze_every", "train.freeze",
                      "train.freeze_types", "train.freeze_layers", "train.layer_decay", "train.head_lr_mult")),
     ("training", ("train.epochs", "train.batch_size", "train.grad_accum", "train.lr", "train.optimizer",

@@ -28,6 +28,7 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     from .build import peft, plan_and_optimizer, playbook
     from .inputs import prepare_inputs
     from .preflight import preflight
+    from . import twostage
     from .strategies import apply_phase, set_train_mode
 
     if not 0 < start < end:
@@ -37,10 +38,13 @@ def lr_range_test(recipe: Recipe, out: Path, *, start: float = 1e-7, end: float 
     if recipe.train.batch_size == "auto":
         raise UserError("--batch-size auto: is for fit; give lr-find the batch size fit will use")
     preflight(recipe)
+    recipe = twostage.resolve(recipe)  # --init: its model, and its weights below
     t = recipe.train
     set_seed(t.seed)
     accelerator = make_accelerator(t.precision, 1, t.cpu, None)
     inputs = prepare_inputs(recipe.task, recipe.data, recipe.model, t, gpu=accelerator.device.type == "cuda")
+    if twostage.apply(recipe.model, inputs):
+        log.info("%s", inputs.summary[-1])
     accelerator = with_model_precision(accelerator, t, inputs.backbone.module, None)
     recipe, decided = playbook(recipe, inputs)
     for line in decided + [peft(recipe.model, inputs)]:  # --peft: the adapters are what the range test trains

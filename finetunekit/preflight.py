@@ -51,6 +51,9 @@ def _set(recipe: Recipe, table: dict[str, tuple[str, ...]]) -> str | None:
 
 def preflight(recipe: Recipe) -> None:
     """Checks that need no data scan: paths exist, options fit the task, the model name resolves."""
+    from .twostage import resolve as resolve_init
+
+    recipe = resolve_init(recipe)  # --init: its folder checked, its --model taken (twostage.py)
     d, m, t = recipe.data, recipe.model, recipe.train
     modality, losses, monitors = TASKS[recipe.task]
     if d.path is None:

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
 from . import (build, checkpoint, datachecks, distributed, fastpath, loop, peft_methods, posthoc, pruning, runfiles,
-               sharding, tracking)
+               sharding, tracking, twostage)
 from .addons import AddOn
 from .artifacts import load, load_weights_file, write_history, write_json
 from .config import Recipe, build_recipe
@@ -75,6 +75,7 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
     if recipe.resume:
         recipe, resume = resume_recipe(recipe)
     preflight(recipe)
+    recipe = twostage.resolve(recipe)  # --init: its --model taken
     out = recipe.out or default_out(recipe.model_name)
     run_dir = None
     main = distributed.is_main()
@@ -82,7 +83,8 @@ def fit(recipe: Recipe | dict | str | Path | None = None, *, addons: Sequence[Ad
         d = recipe.data
         check_out(out, overwrite=recipe.overwrite, inputs={
             "--data": d.path, "--val": d.val, "--test": d.test, "--config": recipe.config_path,
-            "--weights": recipe.model.weights, "--synonyms": d.synonyms, "--target-data": d.target_data,
+            "--weights": recipe.model.weights, "--init": recipe.model.init, "--synonyms": d.synonyms,
+            "--target-data": d.target_data,
             "--teacher": folder_of(recipe.train.teacher) if recipe.train.teacher else None})
         run_dir = RunDir(out) if main else None  # process 0 alone writes the run directory
     files = runfiles.RunFiles(out, resumed=resume is not None) if main else None
@@ -111,6 +113,7 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     gpu = accelerator.device.type == "cuda"
     distributed.check_backend(accelerator)
     recipe, inputs = build.inputs(recipe, accelerator)  # --batch-size auto fills in its numbers
+    initialized = twostage.apply(recipe.model, inputs)  # --init: the earlier run's weights, before anything reads them
     accelerator = build.with_model_precision(accelerator, recipe.train, inputs.backbone.module, out, recipe.trackers)
     recipe, decided = build.playbook(recipe, inputs)  # --strategy auto, the default --epochs
     distributed.check_compile(accelerator, recipe.train.strategy, recipe.train.compile)
@@ -292,6 +295,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
         metrics["processes"] = {"count": accelerator.num_processes, "max_param_difference": spread}
     if held is not None:
         metrics["processes"] = {"count": accelerator.num_processes, "sharded": f"fsdp ({shards.engine})", **held}
+    if initialized is not None:
+        metrics["init"] = initialized
     metrics["warnings"] = run_log.warnings  # every warning line of this run, in order
     if main:
         write_json(out / "metrics.json", metrics)
