@@ -26,11 +26,7 @@ class Seq2SeqModel(TextModel):
         self.text_columns = [config.get("source_column") or "source"]
         self.label_columns = [config.get("target_column") or "target"]
         self.max_target_length = int(config.get("max_target_length") or self.max_length)
-        task.tokenizer = backbone.tokenizer
-        if config.get("src_lang") and hasattr(backbone.tokenizer, "src_lang"):
-            backbone.tokenizer.src_lang = config["src_lang"]
-        if config.get("tgt_lang") and hasattr(backbone.tokenizer, "tgt_lang"):
-            backbone.tokenizer.tgt_lang = config["tgt_lang"]
+        task.tokenizer = backbone.tokenizer  # its languages (--src-lang/--tgt-lang) set by the source's load
 
     @staticmethod
     def overrides(num_beams: int | None = None, max_new_tokens: int | None = None,

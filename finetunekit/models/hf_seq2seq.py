@@ -159,6 +159,8 @@ class HfSeq2SeqSource(HfSource):
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+        ours = config.get("finetunekit") or {}
+        set_languages(tokenizer, ours.get("src_lang"), ours.get("tgt_lang"), str(folder))
         backbone = wrap(module, tokenizer)
         module.eval()
         return backbone, "seq2seq", []
