@@ -53,14 +53,15 @@ def build_tokenizer(texts: list[str], folder: Path):
     return hf
 
 
-def save_tiny_t5(folder: Path, texts: list[str], d_model: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_t5(folder: Path, texts: list[str], d_model: int = 32, layers: int = 2, seed: int = 0,
+                 heads: int = 2) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     tok = build_tokenizer(texts, folder)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tok), d_model=d_model, d_ff=2 * d_model, num_layers=layers, num_heads=2,
-                      d_kv=d_model // 2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_ff=2 * d_model, num_layers=layers, num_heads=heads,
+                      d_kv=d_model // heads, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     return folder
 
