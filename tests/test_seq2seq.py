@@ -180,6 +180,10 @@ def test_predict_and_evaluate_commands(t5_run, corpus):
     assert float(figures["loss"]) == pytest.approx(t5_run.metrics["val"]["loss"], abs=1e-4)
     code, _, err = cli("predict", run, "--text", text, "--num-beams", "0")
     assert code == 2 and "--num-beams 0" in err
+    code, _, err = cli("export", run)
+    assert code == 2 and "export of seq2seq models is not supported" in err
+    code, _, err = cli("explain", run, "--text", text)
+    assert code == 2 and "is a seq2seq (text generation) model" in err
 
 
 def test_report_of_a_seq2seq_run(t5_run, monkeypatch):
@@ -223,3 +227,14 @@ def test_seq2seq_options_belong_to_seq2seq(tmp_path, corpus):
     code, _, err = cli("fit", "--task", "text-classification", "--data", str(corpus["train"]), "--num-beams", "3",
                        "--out", str(tmp_path / "run"))
     assert code == 2 and "--num-beams: does not apply to --task text-classification" in err
+
+
+def test_layer_groups_run_from_the_embeddings_through_the_encoder_to_the_decoder(t5):
+    from finetunekit.models.groups import layer_groups
+    from finetunekit.models.hf_seq2seq import HfSeq2SeqSource, Seq2SeqOptions
+
+    backbone = HfSeq2SeqSource.create(str(t5), 0, Seq2SeqOptions(spec=f"hf:{t5}"))
+    groups = layer_groups(backbone)
+    assert [g.name for g in groups] == ["shared", "encoder.block.0", "encoder.block.1", "encoder.final_layer_norm",
+                                        "decoder.block.0", "decoder.block.1", "decoder.final_layer_norm"]
+    assert sum(len(g.params) for g in groups) == len(list(backbone.module.named_parameters()))

@@ -135,6 +135,35 @@ class HfSeq2SeqSource(HfSource):
         return backbone
 
     @classmethod
+    def layer_groups(cls, backbone: Backbone):
+        """Input to output: the embeddings, each encoder layer, the encoder's final norm, each decoder layer, the
+        decoder's rest; the head (lm_head, when it is not tied to the embeddings) last."""
+        from .groups import Group, _finish, _span, _split
+
+        module = backbone.module
+        body, head = _split(backbone)
+        lists = [name for name, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+                 and name.rpartition(".")[0].rpartition(".")[2] in ("encoder", "decoder")]
+        groups: list[Group] = []
+        run: list[str] = []
+        for n in body:
+            owner = next((b for b in lists if n.startswith(b + ".")), None)
+            if owner is None:
+                run.append(n)
+                continue
+            if run:
+                groups.append(Group(_span(run), run))
+                run = []
+            name = f"{owner}.{n[len(owner) + 1:].split('.', 1)[0]}"
+            if groups and groups[-1].name == name:
+                groups[-1].params.append(n)
+            else:
+                groups.append(Group(name, [n]))
+        if run:
+            groups.append(Group(_span(run), run))
+        return _finish(groups, head)
+
+    @classmethod
     def reset_head(cls, backbone: Backbone, num_outputs: int) -> None:
         raise UserError("seq2seq models keep their language-model head (the vocabulary is the output)")
 
