@@ -250,9 +250,9 @@ class TrainConfig(_Section):
                     "spearman", "bleu", "chrf", "rouge_l", "loss"] = _opt(
         "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
         "accuracy (classification), micro_f1 (multi-label), rmse (regression), map50 (detection: mAP at IoU "
-        "0.5; map = mAP@[.5:.95], mar = mean recall at 100 detections), loss (seq2seq: the teacher-forced "
-        "token loss over the whole validation set; bleu, chrf, rouge_l score generated texts on the "
-        "--eval-generate-max subset)")
+        "0.5; map = mAP@[.5:.95], mar = mean recall at 100 detections), bleu (seq2seq: over the texts generated for "
+        "the --eval-generate-max subset; chrf, rouge_l likewise; loss = the teacher-forced token loss over the whole "
+        "validation set, the default when --eval-generate-max is 0)")
     eval_generate_max: int = _opt(200, "seq2seq: after each epoch, generate for at most this many validation "
                                   "samples (per process) to score BLEU, chrF and ROUGE-L (the loss covers them all); "
                                   "the best model is scored on the whole validation and test sets (0 = no "

@@ -356,6 +356,8 @@ def prepare_seq2seq(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfi
     n_val = len(splits.val)
     if t.eval_generate_max < n_val:  # a fixed seeded subset, spread over the set (the loader sorts by length)
         task.eval_subset = set(random.Random(t.seed).sample(range(n_val), t.eval_generate_max))
+    if t.eval_generate_max == 0:  # no generated texts per epoch: the best epoch by the loss
+        task.default_monitor = "loss"
     collate = Seq2SeqCollate(tok.pad_token_id, multiple=8 if gpu else 1)
 
     def loader(split, train: bool) -> DataLoader:

@@ -274,6 +274,9 @@ def _seq2seq(recipe: Recipe) -> None:
             model_type = None  # the loader names what is wrong with the folder
     else:
         model_type = next((k for k in FP16_OVERFLOWS if k in spec.lower()), None)
+    if t.metric in ("bleu", "chrf", "rouge_l") and t.eval_generate_max == 0:
+        raise UserError(f"--metric {t.metric}: scores the texts generated after each epoch, and --eval-generate-max 0 "
+                        f"generates none; raise it or use --metric loss")
     if t.precision == "fp16" and model_type in FP16_OVERFLOWS:
         raise UserError(f"--precision fp16: {spec} is a {model_type} model, whose activations overflow float16 "
                         f"(inf/NaN losses); use --precision bf16 (GPUs since Ampere) or no")

@@ -134,7 +134,7 @@ def test_t5_fit_scores_generations_and_writes_a_folder_plain_transformers_loads(
     assert [h["epoch"] for h in history] == ["1", "2"]
     assert {"val_loss", "val_bleu", "val_chrf", "val_rouge_l", "train_token_accuracy"} <= set(history[0])
     assert float(history[1]["train_loss"]) < float(history[0]["train_loss"])
-    assert metrics["monitor"] == "loss"
+    assert (metrics["monitor"], metrics["best_epoch"]) == ("bleu", 2)  # bleu on the per-epoch subset
     # the best model over the whole validation and test sets (per epoch: 8 generated pairs)
     assert (metrics["val"]["generated"], metrics["test"]["generated"]) == (24, 16)
     assert metrics["val"]["loss"] == pytest.approx(float(history[int(metrics["best_epoch"]) - 1]["val_loss"]), rel=1e-6)
@@ -209,6 +209,7 @@ def test_bart_fits_and_its_folder_loads_with_plain_transformers(tmp_path, bart, 
 @pytest.mark.parametrize("extra, message", [
     (["--source-column", "english"], "--source-column english: no such column in --data"),
     (["--precision", "fp16"], "--precision fp16: hf:{t5} is a t5 model"),
+    (["--metric", "bleu", "--eval-generate-max", "0"], "--metric bleu: scores the texts generated after each epoch"),
     (["--metric", "accuracy"], "--metric accuracy: for --task seq2seq expected one of loss, bleu, chrf, rouge_l"),
     (["--text-column", "source"], "--text-column: does not apply to --task seq2seq"),
     (["--model", "minilm"], "--model minilm: not an encoder-decoder model"),
