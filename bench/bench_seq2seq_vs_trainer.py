@@ -104,7 +104,8 @@ def _fit(m: dict, out: Path, args, epochs: int, generate_max: int, test: bool = 
         "model": {"name": f"hf:{m['model']}", "num_beams": args.num_beams, "max_new_tokens": args.max_length},
         "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 0.05,
                   "warmup": 0.1 * epochs, "scheduler": "linear", "label_smoothing": 0.1, "clip_grad": 1.0,
-                  "precision": "no", "seed": 0, "eval_generate_max": generate_max, "calibration": False}})
+                  "precision": "no", "seed": 0, "eval_generate_max": generate_max, "calibration": False,
+                  "metric": getattr(args, "metric", "auto")}})
 
 
 def run_finetunekit(args) -> dict:
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--quality-epochs", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--metric", default="auto", help="quality: the monitor that picks the best epoch")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--side", choices=("trainer", "trainer-grouped", "finetunekit"), help=argparse.SUPPRESS)
     args = p.parse_args()
