@@ -132,6 +132,10 @@ def load(path: str | os.PathLike):
     task = build_task(task_name, classes, threshold=ours.get("threshold") or 0.5)
     if task.kind == "detection":
         return DetectionModel(backbone, task, folder)
+    if task.kind == "seq2seq":
+        from .generation import Seq2SeqModel
+
+        return Seq2SeqModel(backbone, task, folder, ours)
     if backbone.adapter.modality == "text":
         model = TextModel(backbone, task, folder, ours, task_name)
     else:

@@ -91,7 +91,15 @@ def accelerator(precision: str, grad_accum: int, cpu: bool, run_dir: Path | None
 def with_model_precision(accel, t: TrainConfig, module: nn.Module, run_dir: Path | None, log_with: Sequence[str] = ()):
     """The run's Accelerator once its model is built: `--precision auto` on the CPU decides per model (bf16
     for transformers on CPUs with bf16 instructions, fp32 for CNNs), so the one built before the model
-    (fp32) is replaced where the model takes bf16. (`--batch-size auto` probed in fp32: bf16 needs less.)"""
+    (fp32) is replaced where the model takes bf16. (`--batch-size auto` probed in fp32: bf16 needs less.)
+    A T5-family model on a GPU without bf16 trains in fp32, not fp16 (its activations overflow float16)."""
+    from .preflight import FP16_OVERFLOWS
+
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if t.precision == "auto" and accel.mixed_precision == "fp16" and model_type in FP16_OVERFLOWS:
+        log.info("--precision auto: fp32, not fp16, for this %s model (it overflows float16; this GPU has no bf16)",
+                 model_type)
+        return accelerator("no", t.grad_accum, t.cpu, run_dir, module, log_with, fsdp=t.fsdp)
     if t.precision != "auto" or accel.device.type != "cpu" or not fastpath.cpu_bf16(module):
         return accel
     return accelerator(t.precision, t.grad_accum, t.cpu, run_dir, module, log_with, fsdp=t.fsdp)

@@ -195,6 +195,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                          "probability, its entropy, mutual information, variance")
     pr.add_argument("--ood-score", metavar="{energy,msp}",
                     help="with --uncertainty: the out-of-distribution score (default: energy)")
+    pr.add_argument("--num-beams", type=int, metavar="N",
+                    help="seq2seq: beam width (default: the model folder's generation_config.json)")
+    pr.add_argument("--max-new-tokens", type=int, metavar="N",
+                    help="seq2seq: at most N generated tokens (default: the model folder's)")
+    pr.add_argument("--length-penalty", type=float, metavar="X",
+                    help="seq2seq: beam search's length penalty (default: the model folder's)")
     _add_verbose(pr)
 
     xp = sub.add_parser("explain", help="why the model predicts what it does: Grad-CAM heatmaps over images (PNG), "
@@ -370,6 +376,8 @@ def _rows(preds: list[dict], top_k: int, key: str, kind: str, error_column: bool
         return [key, *cols] + (["error"] if error_column else []), rows
     if kind == "value":  # regression
         cols, cells = ["value"], lambda p: [f"{p['value']:.6g}"]
+    elif kind == "generated":  # seq2seq
+        cols, cells = ["generated"], lambda p: [p["generated"]]
     elif kind == "labels":  # multi-label
         cols, cells = ["labels"], lambda p: ["|".join(p["labels"])]
     else:
@@ -416,7 +424,7 @@ def _format_predictions(preds: list[dict], fmt: str, top_k: int, key: str, kind:
 
 def _print_metrics(metrics: dict) -> None:
     keys = [k for k in ("accuracy", "top5_accuracy", "macro_f1", "micro_f1", "map50", "map", "map75", "mar",
-                        "exact_match", "mae", "rmse",
+                        "exact_match", "mae", "rmse", "bleu", "chrf", "rouge_l", "generated",
                         "r2", "spearman", "loss", "samples") if k in metrics]
     print("  ".join(f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                     for k in keys))
@@ -631,7 +639,12 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
         model.task.threshold = args.threshold
     if args.text and not is_text:
         raise UserError("--text: this is an image model; pass image files or folders")
-    kind = {"regression": "value", "multilabel": "labels", "detection": "boxes"}.get(model.task.kind, "label")
+    kind = {"regression": "value", "multilabel": "labels", "detection": "boxes",
+            "seq2seq": "generated"}.get(model.task.kind, "label")
+    generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty")
+                  if getattr(args, k) is not None}
+    if generation and kind != "generated":
+        raise UserError(f"--{next(iter(generation)).replace('_', '-')}: for seq2seq models")
     if args.draw and kind != "boxes":
         raise UserError("--draw: for detection models")
     top_k = args.top_k
@@ -646,8 +659,11 @@ def _predict(args: argparse.Namespace, dests: dict[str, str]) -> int:
 
         extra = dict(uncertainty=True, mc_dropout=args.mc_dropout, ood_score=args.ood_score)
         model._check_uncertainty(args.mc_dropout, args.ood_score, SCORES)  # one line before any image is read
+    if kind == "generated":
+        extra.update(generation)  # seq2seq: the generation settings that override the model folder's
     if is_text:
-        texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t else t for t in args.text]
+        texts = [tuple(part.strip() for part in t.split("|||")) if "|||" in t and kind != "generated" else t
+                 for t in args.text]
         preds = model.predict(texts, batch_size=args.batch_size, top_k=top_k, **extra) if texts else []
         for item in args.inputs:
             preds += model.predict(Path(item), batch_size=args.batch_size, top_k=top_k, **extra)

@@ -97,6 +97,12 @@ class DataConfig(_Section):
                                  "words per line (comma- or tab-separated)")
     synonym_prob: float = _opt(0.2, "text augmentation: probability of replacing a word that has synonyms",
                                ge=0, le=1)
+    source_column: str | None = _opt(None, "seq2seq: the input text column; default: detected from common names "
+                                     "(source, src, input, ...)")
+    target_column: str | None = _opt(None, "seq2seq: the output text column; default: detected from common names "
+                                     "(target, tgt, output, ...)")
+    max_target_length: int | None = _opt(None, "seq2seq: target tokens per sample after truncation (the labels); "
+                                         "default: --max-length's value", ge=2, le=65_536)
 
 
 class ModelConfig(_Section):
@@ -160,6 +166,17 @@ class ModelConfig(_Section):
                                 "model's (853 for the built-in, 1333 for torchvision's)", ge=32, le=8192)
     trainable_layers: int | None = _opt(None, "detection: backbone stages that train, from the top (0 = the "
                                         "backbone frozen); default 3, as torchvision's", ge=0, le=8)
+    num_beams: int = _opt(4, "seq2seq: beam search width when generating (1 = greedy); saved in the model folder's "
+                          "generation_config.json", ge=1, le=64)
+    max_new_tokens: int = _opt(128, "seq2seq: at most this many generated tokens per text (saved with the model)",
+                               ge=1, le=65_536)
+    length_penalty: float = _opt(1.0, "seq2seq: beam search's length penalty (> 1 favours longer outputs, < 1 "
+                                 "shorter; saved with the model)", ge=-10, le=10)
+    src_lang: str | None = _opt(None, "seq2seq, mBART/NLLB-style multilingual tokenizers: the source language code "
+                                "(en_XX); saved with the tokenizer")
+    tgt_lang: str | None = _opt(None, "seq2seq, multilingual tokenizers: the target language code (ro_RO); its token "
+                                "is also the forced first generated token (forced_bos_token_id) where the tokenizer "
+                                "has it")
 
 
 class TrainConfig(_Section):
@@ -237,10 +254,16 @@ class TrainConfig(_Section):
     early_stopping_delta: float = _opt(0.0, "early stopping: the smallest change of the metric that counts as "
                                        "an improvement", ge=0)
     metric: Literal["auto", "accuracy", "macro_f1", "micro_f1", "map", "map50", "mar", "mae", "rmse", "r2",
-                    "spearman", "loss"] = _opt(
+                    "spearman", "bleu", "chrf", "rouge_l", "loss"] = _opt(
         "auto", "validation metric that picks the best checkpoint and drives early stopping; auto = "
         "accuracy (classification), micro_f1 (multi-label), rmse (regression), map50 (detection: mAP at IoU "
-        "0.5; map = mAP@[.5:.95], mar = mean recall at 100 detections)")
+        "0.5; map = mAP@[.5:.95], mar = mean recall at 100 detections), bleu (seq2seq: over the texts generated for "
+        "the --eval-generate-max subset; chrf, rouge_l likewise; loss = the teacher-forced token loss over the whole "
+        "validation set, the default when --eval-generate-max is 0)")
+    eval_generate_max: int = _opt(200, "seq2seq: after each epoch, generate for at most this many validation "
+                                  "samples (per process) to score BLEU, chrF and ROUGE-L (the loss covers them all); "
+                                  "the best model is scored on the whole validation and test sets (0 = no "
+                                  "generation per epoch)", ge=0)
     checkpoint_every: str = _opt("30m", "write a resumable checkpoint every N updates (500), every so long "
                                  "(10m, 90s, 1h), or only after each epoch (epoch); one is also written after "
                                  "each epoch and on SIGTERM/SIGINT")
@@ -308,12 +331,15 @@ TASKS = {
     "text-multilabel": ("text", ("bce", "focal"), ("micro_f1", "macro_f1", "map", "loss")),
     "text-regression": ("text", ("mse", "l1", "huber"), ("rmse", "mae", "r2", "spearman", "loss")),
     "detection": ("image", ("rcnn",), ("map50", "map", "mar", "loss")),
+    "seq2seq": ("text", ("ce",), ("loss", "bleu", "chrf", "rouge_l")),
 }
 # the head and targets each task needs (tasks.TASKS's classes say the same: tests/test_registries.py)
 TASK_KIND = {"image-classification": "classification", "image-multilabel": "multilabel",
              "image-regression": "regression", "text-classification": "classification",
-             "text-multilabel": "multilabel", "text-regression": "regression", "detection": "detection"}
-DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm", "detection": "fasterrcnn_efficientnet_lite0"}
+             "text-multilabel": "multilabel", "text-regression": "regression", "detection": "detection",
+             "seq2seq": "seq2seq"}
+DEFAULT_MODEL = {"image": "efficientnet_lite0", "text": "minilm", "detection": "fasterrcnn_efficientnet_lite0",
+                 "seq2seq": "hf:t5-small"}
 # what --model accepts: <prefix>:<name>, or a built-in name (models.registry maps each onto its adapter)
 MODEL_PREFIXES = ("timm", "torchvision", "hf")
 BUILTIN_MODELS = {"efficientnet_lite0": "image", "minilm": "text", "fasterrcnn_efficientnet_lite0": "image"}
@@ -323,8 +349,9 @@ class Recipe(_Section):
     """Everything a fine-tuning run needs. `Recipe(**dict)`, `Recipe.load(yaml)`, or flags."""
 
     task: Literal["image-classification", "image-multilabel", "image-regression", "text-classification",
-                  "text-multilabel", "text-regression", "detection"] = _opt(
-        "image-classification", "what to learn (detection: boxes; Pascal VOC, COCO or YOLO data)")
+                  "text-multilabel", "text-regression", "detection", "seq2seq"] = _opt(
+        "image-classification", "what to learn (detection: boxes; Pascal VOC, COCO or YOLO data; seq2seq: a text "
+        "from a text with an encoder-decoder model: T5, BART, mBART, Marian; docs/seq2seq.md)")
     description: str = _opt("", "one line on what this recipe is for (shown by `finetunekit recipes`)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -422,6 +449,9 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("detection", ("model.anchor_sizes", "model.aspect_ratios", "model.anchors", "model.hard_examples",
                    "model.nms_threshold", "model.score_threshold", "model.detections_per_image", "model.min_size",
                    "model.max_size", "model.trainable_layers")),
+    ("sequence-to-sequence", ("data.source_column", "data.target_column", "data.max_target_length",
+                              "model.num_beams", "model.max_new_tokens", "model.length_penalty", "model.src_lang",
+                              "model.tgt_lang", "train.eval_generate_max")),
     ("parameter-efficient fine-tuning", ("model.peft", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
                                          "model.lora_targets", "model.prompt_tokens", "train.merge")),
     ("distillation", ("train.teacher", "train.kd_alpha", "train.kd_temperature", "train.kd_hard",

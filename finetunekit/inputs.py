@@ -326,6 +326,71 @@ def prepare_detection(task_name: str, d: DataConfig, m: ModelConfig, t: TrainCon
                     test_paths=[Path(p) for p in splits.test.paths] if splits.test is not None else [])
 
 
+def prepare_seq2seq(task_name: str, d: DataConfig, m: ModelConfig, t: TrainConfig, *, gpu: bool) -> Prepared:
+    """Source/target pairs from a table, an AutoModelForSeq2SeqLM with its generation settings, the task (with the
+    per-epoch generation subset: --eval-generate-max) and length-grouped, dynamically padded loaders."""
+    import random
+
+    from .data.seq2seq import Seq2SeqCollate, Seq2SeqDataset, resolve_pair_splits
+    from .data.text import make_text_loader
+    from .models.hf_seq2seq import Seq2SeqOptions
+    from .models.hf_source import model_max_length
+    from .models.registry import resolve
+
+    name = _model_name(task_name, m)
+    splits = resolve_pair_splits(d.path, d.val, d.test, source_column=d.source_column, target_column=d.target_column,
+                                 val_fraction=d.val_fraction, seed=t.seed, max_bad_fraction=d.max_bad_fraction)
+    task = build_task(task_name, [], label_smoothing=t.label_smoothing)
+    source, arch = resolve(name, "seq2seq")
+    backbone = source.create(arch, 0, Seq2SeqOptions(
+        pretrained=m.pretrained, weights=m.weights, trust_remote_code=m.trust_remote_code, spec=name,
+        num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, length_penalty=m.length_penalty,
+        src_lang=m.src_lang, tgt_lang=m.tgt_lang))
+    tok = task.tokenizer = backbone.tokenizer
+    limit = model_max_length(backbone)
+    for flag, value in (("--max-length", d.max_length), ("--max-target-length", d.max_target_length)):
+        if value is not None and value > limit:
+            raise UserError(f"{flag} {value}: {name} takes at most {limit} tokens")
+    max_length = d.max_length or limit
+    max_target = d.max_target_length or max_length
+    n_val = len(splits.val)
+    if t.eval_generate_max < n_val:  # a fixed seeded subset, spread over the set (the loader sorts by length)
+        task.eval_subset = set(random.Random(t.seed).sample(range(n_val), t.eval_generate_max))
+    if t.eval_generate_max == 0:  # no generated texts per epoch: the best epoch by the loss
+        task.default_monitor = "loss"
+    collate = Seq2SeqCollate(tok.pad_token_id, multiple=8 if gpu else 1)
+
+    def loader(split, train: bool) -> DataLoader:
+        ds = Seq2SeqDataset(split, tok, max_length, max_target)
+        return make_text_loader(ds, t.batch_size * (1 if train else 2), train=train,
+                                group_by_length=d.group_by_length, seed=t.seed, collate=collate)
+
+    train_loader = loader(splits.train, True)
+    ds = train_loader.dataset
+    how = splits.record["columns_chosen"]
+    gen = backbone.module.generation_config
+    summary = [f"source column: {splits.source_column} ({how['source']}); target column: {splits.target_column} "
+               f"({how['target']})",
+               f"pairs: {len(splits.train)} train, {n_val} val"
+               f"{f', {len(splits.test)} test' if splits.test else ''} (val: {splits.record['val']['from']})",
+               f"tokens per training pair: source mean {sum(ds.source_lengths) / len(ds):.1f} (max "
+               f"{max(ds.source_lengths)}, {sum(n >= max_length for n in ds.source_lengths)} truncated to "
+               f"{max_length}), target mean {sum(ds.target_lengths) / len(ds):.1f} (max {max(ds.target_lengths)}, "
+               f"{sum(n >= max_target for n in ds.target_lengths)} truncated to {max_target})",
+               f"generation: {gen.num_beams} beam(s), at most {gen.max_new_tokens} new tokens, length penalty "
+               f"{gen.length_penalty:g}" + (f", forced first token {gen.forced_bos_token_id} ({m.tgt_lang})"
+                                            if m.tgt_lang and gen.forced_bos_token_id is not None else "")
+               + f"; per epoch on {min(t.eval_generate_max, n_val)} of {n_val} validation pairs, on all at the end"]
+    record = {"classes": [], **splits.record, "skipped": [{"row": w, "reason": r} for w, r in splits.skipped]}
+    extra = {"source_column": splits.source_column, "target_column": splits.target_column, "max_length": max_length,
+             "max_target_length": max_target, **({"src_lang": m.src_lang} if m.src_lang else {}),
+             **({"tgt_lang": m.tgt_lang} if m.tgt_lang else {})}
+    return Prepared(backbone, task, train_loader, loader(splits.val, False),
+                    loader(splits.test, False) if splits.test is not None else None, record, len(splits.skipped),
+                    name, 0, None, max_length, f"max {max_length} source, {max_target} target tokens", summary,
+                    extra_config=extra, sources={"tables": [p for p in (d.path, d.val) if p is not None]})
+
+
 # task name -> the stage that reads its data and builds its model, task and loaders (a new task with data of
 # its own kind adds its function here; tests/test_registries.py checks the keys against the schema)
 PREPARERS = {
@@ -336,4 +401,5 @@ PREPARERS = {
     "text-multilabel": prepare_text,
     "text-regression": prepare_text,
     "detection": prepare_detection,
+    "seq2seq": prepare_seq2seq,
 }

@@ -10,7 +10,13 @@ from .strategies import make_plan, plural
 def describe(spec: str, *, strategy: str = "full", epochs: int = 10, num_classes: int = 2,
              pretrained: bool = False, **plan_options) -> str:
     """A table: group, tensors, parameters, and the epoch from which the group trains (or 'frozen')."""
-    if modality(spec) == "text":
+    if modality(spec) == "seq2seq":
+        from .models import resolve
+        from .models.hf_seq2seq import Seq2SeqOptions
+
+        source, name = resolve(spec, "seq2seq")
+        backbone = source.create(name, 0, Seq2SeqOptions(pretrained=pretrained, spec=spec))
+    elif modality(spec) == "text":
         backbone = create_text_backbone(spec, [str(i) for i in range(num_classes)], "classification",
                                         pretrained=pretrained)
     else:

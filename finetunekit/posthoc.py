@@ -10,6 +10,7 @@ The passes go through evaluation.evaluate (gather_for_metrics: each sample once,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -35,9 +36,12 @@ class Scored:
 def score_best(accelerator, module: torch.nn.Module, loaders: dict, task, quiet: bool) -> dict[str, Scored]:
     """Each split's metrics and gathered outputs, from one evaluation pass of `module` (the best weights)."""
     out = {}
+    # a task that scores a subset per epoch (seq2seq: generation) scores every sample here
+    whole = getattr(task, "scoring_best", contextlib.nullcontext)
     for split, loader in loaders.items():
         kept, started = Outputs(), time.perf_counter()
-        metrics = evaluate(accelerator, module, loader, task, desc=split, quiet=quiet, keep=kept)
+        with whole():
+            metrics = evaluate(accelerator, module, loader, task, desc=split, quiet=quiet, keep=kept)
         out[split] = Scored(metrics, *kept.joined(), seconds=time.perf_counter() - started)
     return out
 

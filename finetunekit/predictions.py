@@ -7,6 +7,7 @@ sample in dataset order (the order of split.json / the input table), with the co
     multi-label      item,label,prediction,score,score_uncalibrated,loss,p_CLASS...
     regression       item,label,prediction,loss
     detection        item,true_boxes,predicted_boxes,true_positives,false_positives,missed
+    seq2seq          item,reference,prediction,loss
 
 item: the image path as read (text: the text; a sentence pair joined with " [SEP] "; shard data: the sample's
 index). label, prediction: class names (multi-label: joined with ";", the prediction being the classes whose
@@ -134,5 +135,16 @@ def _detection(task, outputs: list[dict], targets: list[dict], temperature):
     return ["true_boxes", "predicted_boxes", "true_positives", "false_positives", "missed"], rows
 
 
+def _seq2seq(task, outputs: list[dict], targets: list, temperature):
+    """The source text (item), the reference and the generated text as the tokenizer decodes them, and the
+    sample's mean plain token loss."""
+    refs = task.decode(targets)
+    made = [o["ids"] for o in outputs]
+    hyps = task.decode([m for m in made if m is not None])
+    it = iter(hyps)
+    rows = [[r, next(it) if m is not None else "", _g(float(o["loss"].sum()))] for r, m, o in zip(refs, made, outputs)]
+    return ["reference", "prediction", "loss"], rows
+
+
 ROWS = {"classification": _classification, "multilabel": _multilabel, "regression": _regression,
-        "detection": _detection}
+        "detection": _detection, "seq2seq": _seq2seq}

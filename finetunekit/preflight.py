@@ -29,6 +29,17 @@ _NOT_DETECTION = {"data": ("image_size", "mixup", "cutmix", "mixup_off_epoch", "
                   "train": ("class_weights", "label_smoothing", "focal_gamma", "threshold", "l1_penalty",
                             "grad_checkpointing", "freeze_layers", "qat", "merge")}
 
+# options only --task seq2seq reads, and the text-classification ones it does not
+_SEQ2SEQ_ONLY = {"data": ("source_column", "target_column", "max_target_length"),
+                 "model": ("num_beams", "max_new_tokens", "length_penalty", "src_lang", "tgt_lang"),
+                 "train": ("eval_generate_max",)}
+_NOT_SEQ2SEQ = {"data": ("text_column", "label_column", "label_delimiter", "token_delete", "token_swap", "token_mask",
+                         "synonyms", "synonym_prob"),
+                "model": ("dropout", "peft"),
+                "train": ("class_weights", "focal_gamma", "threshold", "l1_penalty", "qat", "merge", "teacher")}
+# T5-family models overflow in float16 (their feed-forward activations pass 65504): bf16 or fp32 only
+FP16_OVERFLOWS = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
 # --prune with strategies that train none of the backbone's convolutions: nothing would recover what pruning removed
 _NO_RECOVERY = ("linear-probe", "bitfit", "norm-head")
 # the options each --peft method reads (the others set with it are a mistake worth a message)
@@ -68,8 +79,9 @@ def preflight(recipe: Recipe) -> None:
             shard_files(path, flag)  # each file of a pattern exists, or the one-line error names the first missing
         elif path is not None and not path.exists():
             raise UserError(f"{flag} {path}: no such file or folder")
-    detection = recipe.task == "detection"
-    for wrong in (_TEXT_ONLY if modality == "image" else _IMAGE_ONLY, _NOT_DETECTION if detection else _DETECTION_ONLY):
+    detection, seq2seq = recipe.task == "detection", recipe.task == "seq2seq"
+    for wrong in (_TEXT_ONLY if modality == "image" else _IMAGE_ONLY, _NOT_DETECTION if detection else _DETECTION_ONLY,
+                  _NOT_SEQ2SEQ if seq2seq else _SEQ2SEQ_ONLY):
         flag = _set(recipe, wrong)
         if flag is not None:
             hint = " (a detector resizes by --min-size/--max-size)" if flag == "--image-size" else ""
@@ -117,6 +129,9 @@ def preflight(recipe: Recipe) -> None:
             raise UserError(hint)
     if detection:
         _detection(recipe)
+    if seq2seq:
+        _seq2seq(recipe)
+        return
     check_spec(recipe.model_name, "detection" if detection else modality)
     _detector_fits(recipe.model_name, detection)
     if model_modality(recipe.model_name, modality) != modality:  # hf: reads what the task needs
@@ -270,6 +285,41 @@ def _detection(recipe: Recipe) -> None:
     if backend() is None:
         raise UserError("--task detection: needs pycocotools or faster-coco-eval for mean average precision "
                         "(pip install pycocotools)")
+
+
+def _seq2seq(recipe: Recipe) -> None:
+    """--task seq2seq: an encoder-decoder model (hf:), the metrics' libraries installed, no fp16 for T5."""
+    import json
+    from pathlib import Path
+
+    from .models import check_spec, resolve
+
+    spec, t = recipe.model_name, recipe.train
+    source = resolve(spec, "seq2seq")[0]
+    if source.modality != "seq2seq":
+        raise UserError(f"--model {spec}: not an encoder-decoder model; --task seq2seq takes hf:<hub id or folder> "
+                        f"of a T5, BART, mBART, Marian or other AutoModelForSeq2SeqLM model")
+    check_spec(spec, "seq2seq")
+    missing = [name for name, module in (("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"--task seq2seq: needs {' and '.join(missing)} for BLEU, chrF and ROUGE-L "
+                        f"(pip install 'finetunekit[seq2seq]')")
+    config = Path(spec.partition(":")[2]).expanduser() / "config.json"
+    model_type = None
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # the loader names what is wrong with the folder
+    else:
+        model_type = next((k for k in FP16_OVERFLOWS if k in spec.lower()), None)
+    if t.metric in ("bleu", "chrf", "rouge_l") and t.eval_generate_max == 0:
+        raise UserError(f"--metric {t.metric}: scores the texts generated after each epoch, and --eval-generate-max 0 "
+                        f"generates none; raise it or use --metric loss")
+    if t.precision == "fp16" and model_type in FP16_OVERFLOWS:
+        raise UserError(f"--precision fp16: {spec} is a {model_type} model, whose activations overflow float16 "
+                        f"(inf/NaN losses); use --precision bf16 (GPUs since Ampere) or no")
 
 
 def _prunable(recipe: Recipe) -> None:

@@ -271,6 +271,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
     scored = posthoc.score_best(accelerator, addons.eval_model(scorer), splits, task, recipe.quiet)
     if "test" in scored:
         metrics["test"] = scored["test"].metrics
+    if hasattr(task, "scoring_best"):  # the loop scored a subset (seq2seq's generation): the whole set's figures
+        metrics["val"] = scored["val"].metrics
     metrics.update(posthoc.finish(scored, task, {"val": inputs.val_loader, "test": inputs.test_loader},
                                   out if main else None, model_dir if main else None, calibrate=t.calibration))
 

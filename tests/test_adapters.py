@@ -49,10 +49,10 @@ def test_registry_keys_are_what_the_spec_parser_accepts():
     from finetunekit.config import BUILTIN_MODELS, MODEL_PREFIXES, ModelConfig
     from finetunekit.models.registry import BY_MODALITY
 
-    accepted = {BY_MODALITY.get(p, {}).get(m, p) for p in MODEL_PREFIXES for m in ("image", "text", "detection")
+    accepted = {BY_MODALITY.get(p, {}).get(m, p) for p in MODEL_PREFIXES for m in ("image", "text", "detection", "seq2seq")
                 if m in BY_MODALITY.get(p, {}) or p not in BY_MODALITY} | set(BUILTIN_MODELS)
-    assert set(SOURCES) == accepted == {"timm", "torchvision", "hf", "hf-image", "efficientnet_lite0", "minilm",
-                                        "torchvision-detection", "fasterrcnn_efficientnet_lite0"}
+    assert set(SOURCES) == accepted == {"timm", "torchvision", "hf", "hf-image", "hf-seq2seq", "efficientnet_lite0",
+                                        "minilm", "torchvision-detection", "fasterrcnn_efficientnet_lite0"}
     for name, kind in BUILTIN_MODELS.items():
         assert SOURCES[name].modality == kind
     for key, source in SOURCES.items():  # a folder records source.name, which must load back

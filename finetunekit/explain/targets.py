@@ -31,9 +31,10 @@ class Target:
 def check_task(model) -> None:
     """A UserError for tasks without per-output attributions (detection)."""
     kind = model.task.kind
-    if kind == "detection":
-        raise UserError(f"explain: {model.folder} is an object detector; explain takes classification, "
-                        f"multi-label and regression models")
+    if kind in ("detection", "seq2seq"):
+        what = "an object detector" if kind == "detection" else "a seq2seq (text generation) model"
+        raise UserError(f"explain: {model.folder} is {what}; explain takes classification, multi-label and "
+                        f"regression models")
 
 
 def check_target(model, target: str | None) -> None:

@@ -52,6 +52,9 @@ def check(run: str | os.PathLike, fmt: str, *, out: str | os.PathLike | None = N
     task = _task_of(folder)
     if task == "detection" or task.endswith("-detection"):
         raise UserError(f"{path}: export of detection models is not supported yet")
+    if task == "seq2seq":
+        raise UserError(f"{path}: export of seq2seq models is not supported (its model folder is a standard "
+                        f"transformers folder: export it with optimum's ONNX exporter, which splits encoder and decoder)")
     text = task.startswith("text-")
     if quantize == "static" and text:
         raise UserError("--quantize static: calibrated int8 is for image models; text encoders take "

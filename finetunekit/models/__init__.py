@@ -75,8 +75,11 @@ def folder_source(folder: Path, config: dict) -> type[Source]:
             raise UserError(f"{folder / model_folder.CONFIG}: field finetunekit.source: missing (not a finetunekit "
                             f"or Hugging Face model folder)")
         archs = config.get("architectures") or []
+        from .registry import is_seq2seq
+
         image = isinstance(archs, list) and any(str(a).endswith("ForImageClassification") for a in archs)
-        recorded = "hf-image" if image else "hf"
+        seq2seq = isinstance(archs, list) and any(is_seq2seq(str(a)) for a in archs)
+        recorded = "hf-image" if image else "hf-seq2seq" if seq2seq else "hf"
     if recorded not in SOURCES or SOURCES[recorded].name != recorded:
         names = sorted(k for k, v in SOURCES.items() if v.name == k)
         raise UserError(f"{folder / model_folder.CONFIG}: field finetunekit.source: {recorded!r}, expected one of "

@@ -7,8 +7,8 @@
     minilm                   builtin.MiniLM             text (a transformers backbone)
     fasterrcnn_efficientnet_lite0  detection.BuiltinDetector  images, --task detection (torchvision + timm)
     torchvision:fasterrcnn_* detection.DetectorSource   images, --task detection (the task's kind "detection")
-    hf:<hub id or folder>    HfTextSource (text tasks), HfImageSource (image tasks; without a task: from
-                             the folder's config.json architectures, else text)
+    hf:<hub id or folder>    HfTextSource (text tasks), HfImageSource (image tasks), HfSeq2SeqSource (--task
+                             seq2seq); without a task: from the folder's config.json architectures, else text
 
 tests/test_adapters.py checks that these keys are what config.MODEL_PREFIXES and config.BUILTIN_MODELS
 accept.
@@ -23,6 +23,7 @@ from .builtin import EfficientNetLite0, MiniLM
 from .detection import TORCHVISION as TORCHVISION_DETECTORS
 from .detection import BuiltinDetector, DetectorSource
 from .hf_image import HfImageSource, architectures
+from .hf_seq2seq import HfSeq2SeqSource
 from .hf_source import HfTextSource, _local
 from .timm_source import TimmSource
 from .torchvision_source import TorchvisionSource
@@ -32,14 +33,20 @@ SOURCES: dict[str, type[Source]] = {
     "torchvision": TorchvisionSource,
     "hf": HfTextSource,
     "hf-image": HfImageSource,
+    "hf-seq2seq": HfSeq2SeqSource,
     "efficientnet_lite0": EfficientNetLite0,
     "minilm": MiniLM,
     "torchvision-detection": DetectorSource,
     "fasterrcnn_efficientnet_lite0": BuiltinDetector,
 }
 # a prefix whose models read either kind of input (or are detectors): the key of each kind's adapter
-BY_MODALITY = {"hf": {"text": "hf", "image": "hf-image"},
+BY_MODALITY = {"hf": {"text": "hf", "image": "hf-image", "seq2seq": "hf-seq2seq"},
                "torchvision": {"image": "torchvision", "detection": "torchvision-detection"}}
+
+
+def is_seq2seq(architecture: str) -> bool:
+    """A transformers encoder-decoder LM class name (T5ForConditionalGeneration, MarianMTModel, ...)."""
+    return architecture.endswith(("ForConditionalGeneration", "MTModel"))
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -63,6 +70,7 @@ def resolve(spec: str, modality: str | None = None) -> tuple[type[Source], str]:
         modality = "detection" if name in TORCHVISION_DETECTORS else "image"
     if modality is None:
         local = _local(name)
-        image = local is not None and any(a.endswith("ForImageClassification") for a in architectures(local))
-        modality = "image" if image else "text"
+        archs = architectures(local) if local is not None else []
+        image = any(a.endswith("ForImageClassification") for a in archs)
+        modality = "image" if image else "seq2seq" if any(is_seq2seq(a) for a in archs) else "text"
     return SOURCES[kinds.get(modality, kinds["image"])], name

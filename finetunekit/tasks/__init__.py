@@ -15,8 +15,9 @@ from .classification import Classification
 from .detection import Detection
 from .multilabel import MultiLabel
 from .regression import Regression
+from .seq2seq import Seq2Seq
 
-__all__ = ["Classification", "Detection", "LogitsTask", "MultiLabel", "Regression", "Step", "TASKS", "build_task", "logits_of",
+__all__ = ["Classification", "Detection", "LogitsTask", "MultiLabel", "Regression", "Seq2Seq", "Step", "TASKS", "build_task", "logits_of",
            "LOWER_IS_BETTER"]
 
 TASKS: dict[str, type] = {
@@ -27,6 +28,7 @@ TASKS: dict[str, type] = {
     "text-multilabel": MultiLabel,
     "text-regression": Regression,
     "detection": Detection,
+    "seq2seq": Seq2Seq,
 }
 LOWER_IS_BETTER = {"loss", "mae", "rmse"}
 
