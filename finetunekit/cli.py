@@ -337,7 +337,9 @@ def recipe_from_args(args: argparse.Namespace, dests: dict[str, str]):
         if hasattr(args, dest):
             value = getattr(args, dest)
             # 'none' unsets an optional option, unless 'none' is one of the option's own values (--augment none)
-            if isinstance(value, str) and value.lower() in ("none", "null") and value not in _literals(infos[dest]):
+            # ('none' stays a word for an option that cannot be unset: --log-with none)
+            if (isinstance(value, str) and value.lower() in ("none", "null") and value not in _literals(infos[dest])
+                    and type(None) in get_args(infos[dest].annotation)):
                 value = None
             key = dest.replace("__", ".")
             overrides[key], names[key] = value, flag

@@ -314,6 +314,10 @@ def _seq2seq(recipe: Recipe) -> None:
             model_type = None  # the loader names what is wrong with the folder
     else:
         model_type = next((k for k in FP16_OVERFLOWS if k in spec.lower()), None)
+    if t.strategy in ("linear-probe", "lp-ft", "freeze-unfreeze", "gradual"):  # lm_head is tied to the embeddings
+        raise UserError(f"--strategy {t.strategy}: starts with the head alone, and a seq2seq model's output layer "
+                        f"shares its weights with the embeddings (T5, BART), so that phase trains nothing of its own; "
+                        f"use full (the default for seq2seq)")
     if t.metric in ("bleu", "chrf", "rouge_l") and t.eval_generate_max == 0:
         raise UserError(f"--metric {t.metric}: scores the texts generated after each epoch, and --eval-generate-max 0 "
                         f"generates none; raise it or use --metric loss")

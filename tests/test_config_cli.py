@@ -175,3 +175,14 @@ def test_a_recipe_files_paths_are_relative_to_it_and_flags_to_the_cwd(tmp_path):
     assert sst2.data.path.resolve() == (SHARED_DATA / "sst2" / "train.tsv").resolve()
     cifar = recipe_from_args(parser.parse_args(["fit", "--config", "cifar10-lite0-full"]), dests)
     assert cifar.data.path.resolve() == (SHARED_DATA / "cifar10-mini").resolve()
+
+
+def test_none_unsets_an_optional_option_but_is_a_word_for_one_that_cannot_be_unset():
+    from finetunekit.cli import _build_parser, recipe_from_args
+
+    parser, dests = _build_parser()
+    recipe = recipe_from_args(parser.parse_args(["fit", "--data", "d", "--log-with", "none", "--val", "none",
+                                                 "--augment", "none"]), dests)
+    assert recipe.log_with == "none" and recipe.trackers == []
+    assert recipe.data.val is None
+    assert recipe.data.augment == "none"

@@ -213,6 +213,7 @@ def test_bart_fits_and_its_folder_loads_with_plain_transformers(tmp_path, bart, 
     (["--metric", "accuracy"], "--metric accuracy: for --task seq2seq expected one of loss, bleu, chrf, rouge_l"),
     (["--text-column", "source"], "--text-column: does not apply to --task seq2seq"),
     (["--model", "minilm"], "--model minilm: not an encoder-decoder model"),
+    (["--strategy", "lp-ft"], "--strategy lp-ft: starts with the head alone"),
 ])
 def test_mistakes_are_one_line_errors(extra, message, t5, corpus, tmp_path):
     args = ["fit", "--task", "seq2seq", "--data", str(corpus["train"]), "--model", f"hf:{t5}", "--out",
