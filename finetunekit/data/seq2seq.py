@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from ..errors import UserError
 from .order import split_key
 from .splits import check_bad, lookup, random_split
-from .tables import _MAX_LISTED, Table, _has_surrogates, _text, read_table, log
+from .tables import Table, _has_surrogates, _text, read_table, warn_skipped
 
 IGNORE = -100  # the label id the loss skips (padding)
 SOURCE_NAMES = ("source", "src", "input", "inputs", "input_text", "text", "document", "article", "question",
@@ -119,12 +119,7 @@ def resolve_pair_splits(path: Path, val: Path | None, test: Path | None, *, sour
         check_bad(rows, t, max_bad_fraction)
         parsed.append(rows)
     skipped = [b for rows in parsed for b in rows.bad]
-    if skipped:
-        log.warning("skipped %d unusable row(s):", len(skipped))
-        for where, reason in skipped[:_MAX_LISTED]:
-            log.warning("  %s: %s", where, reason)
-        if len(skipped) > _MAX_LISTED:
-            log.warning("  ... and %d more (all listed in split.json)", len(skipped) - _MAX_LISTED)
+    warn_skipped(skipped)
     it = iter(parsed)
     train = _split(next(it))
     record: dict[str, Any] = {"task": "seq2seq", "source_column": source, "target_column": target,

@@ -346,12 +346,7 @@ def resolve_text_splits(task: str, path: Path, val: Path | None, test: Path | No
         check_bad(rows, t, max_bad_fraction)
         parsed.append(rows)
     skipped = [b for rows in parsed for b in rows.bad]
-    if skipped:
-        log.warning("skipped %d unusable row(s):", len(skipped))
-        for where, reason in skipped[:_MAX_LISTED]:
-            log.warning("  %s: %s", where, reason)
-        if len(skipped) > _MAX_LISTED:
-            log.warning("  ... and %d more (all listed in split.json)", len(skipped) - _MAX_LISTED)
+    warn_skipped(skipped)
     it = iter(parsed)
     train_rows = next(it)
     val_rows = next(it) if val_t else None
@@ -439,3 +434,13 @@ def read_texts(path: Path, text_columns: list[str], option: str) -> list[tuple[s
         where, reason = table.bad[0]
         raise UserError(f"{table.origin}, line {where.rsplit(':', 1)[1]}: {reason}")
     return out
+
+
+def warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    """The unusable rows of every table read, in the log: the first few by place and reason (split.json has all)."""
+    if skipped:
+        log.warning("skipped %d unusable row(s):", len(skipped))
+        for where, reason in skipped[:_MAX_LISTED]:
+            log.warning("  %s: %s", where, reason)
+        if len(skipped) > _MAX_LISTED:
+            log.warning("  ... and %d more (all listed in split.json)", len(skipped) - _MAX_LISTED)
