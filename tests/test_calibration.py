@@ -245,7 +245,7 @@ def test_regression_is_not_calibrated_and_writes_its_errors(tmp_path, caplog):
 
 
 def test_no_calibration_writes_predictions_but_no_temperature(run, tmp_path):
-    from finetunekit.cli import _build_parser, recipe_from_args
+    from finetunekit.cli_parser import build_parser as _build_parser, recipe_from_args
     from finetunekit.posthoc import Scored, finish
 
     parser, dests = _build_parser()

@@ -113,7 +113,7 @@ def test_shipped_recipes_parse_and_are_listed():
 
 
 def _parser():
-    from finetunekit.cli import _build_parser
+    from finetunekit.cli_parser import build_parser as _build_parser
 
     return _build_parser()[0]
 
@@ -157,7 +157,7 @@ def test_a_recipe_files_paths_are_relative_to_it_and_flags_to_the_cwd(tmp_path):
     path = tmp_path / "exp" / "r.yaml"
     path.write_text("data:\n  path: ../data/train\n  val: /abs/val\n  test: test.csv\nmodel:\n  weights: w.safetensors\n"
                     "train:\n  teacher: hf:../teacher\nout: ../runs/a\n")
-    from finetunekit.cli import _build_parser
+    from finetunekit.cli_parser import build_parser as _build_parser
 
     parser, dests = _build_parser()
     recipe = recipe_from_args(parser.parse_args(["fit", "--config", str(path)]), dests)
@@ -178,7 +178,7 @@ def test_a_recipe_files_paths_are_relative_to_it_and_flags_to_the_cwd(tmp_path):
 
 
 def test_none_unsets_an_optional_option_but_is_a_word_for_one_that_cannot_be_unset():
-    from finetunekit.cli import _build_parser, recipe_from_args
+    from finetunekit.cli_parser import build_parser as _build_parser, recipe_from_args
 
     parser, dests = _build_parser()
     recipe = recipe_from_args(parser.parse_args(["fit", "--data", "d", "--log-with", "none", "--val", "none",

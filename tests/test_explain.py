@@ -50,7 +50,7 @@ def _saved(tmp_path: Path, spec: str, classes: list[str], task: str, size: int |
 def test_methods_are_the_libraries_and_the_clis():
     import pytorch_grad_cam
 
-    from finetunekit.cli import _build_parser
+    from finetunekit.cli_parser import build_parser as _build_parser
 
     assert all(isinstance(getattr(pytorch_grad_cam, name), type) for name in cam.METHODS.values())
     assert METHODS == {**{m: ("image", "cam") for m in cam.METHODS}, "integrated-gradients": ("text", "tokens")}

@@ -64,7 +64,7 @@ def test_every_addon_is_switched_on_by_a_recipe_option():
 
 
 def test_exporters_registry():
-    from finetunekit.cli import EXPORT_FORMATS
+    from finetunekit.cli_parser import EXPORT_FORMATS
 
     # the run writes the model folder; `finetunekit export --format` offers the others
     assert set(EXPORTERS) == {"model-folder", *EXPORT_FORMATS}
@@ -72,7 +72,8 @@ def test_exporters_registry():
 
 
 def test_cli_commands_match_the_parser():
-    from finetunekit.cli import COMMANDS, _build_parser
+    from finetunekit.cli import COMMANDS
+    from finetunekit.cli_parser import build_parser as _build_parser
 
     parser, _ = _build_parser()
     assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices)
