@@ -85,6 +85,8 @@ def restore(resume: Resume, run: Path, force: bool, model, optimizer, scheduler,
     changes += [c for c in resume.changed if not c.startswith(("train.batch_size", "train.grad_accum"))]
     if old.get("teacher") != new.get("teacher") and "train.teacher" not in " ".join(resume.changed):
         changes.append("the teacher's weights (SHA-256)")  # --teacher: the same folder, trained again since
+    if old.get("target_data") != new.get("target_data") and "data.target_data" not in " ".join(resume.changed):
+        changes.append("the target-domain images' content (SHA-256)")  # --target-data: the same folder, edited
     state = TrainState.from_dict(meta["train"])
     if changes:
         if not force:

@@ -186,7 +186,8 @@ def _train(recipe: Recipe, out: Path, resume: Resume | None, run_dir: RunDir | N
                    "processes": accelerator.num_processes,
                    **({"pruned": pruning.digest(backbone.pruned_layers)} if backbone.pruned_layers else {}),
                    **({"teacher": teacher.digest} if teacher is not None else {}),
-                   **({"peft": peft_methods.digest(backbone.peft)} if backbone.peft else {})}
+                   **({"peft": peft_methods.digest(backbone.peft)} if backbone.peft else {}),
+                   **addons.fingerprint()}  # --target-data: the target images' content
     checkpoints = checkpoint.Checkpoints(out, every=t.checkpoint_every, keep=t.keep_checkpoints,
                                          fingerprint=fingerprint, scaler=accelerator.scaler,
                                          is_main=accelerator.is_main_process, sharding=shards)

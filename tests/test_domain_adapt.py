@@ -178,6 +178,24 @@ def test_a_killed_run_resumes_the_same_target_stream(shifted, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 2
 
 
+def test_resume_refuses_a_target_folder_whose_images_changed(shifted, tmp_path):
+    """The target images' content is in the checkpoint's fingerprint: the same folder with an image added since is
+    drift, refused in one line (exit 2) unless --resume-force."""
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(shifted / "target", target)
+    args = ["fit", "--data", str(shifted / "train.csv"), "--model", "timm:test_efficientnet", "--no-pretrained",
+            "--image-size", "32", "--augment", "none", "--num-workers", "0", "--epochs", "1", "--batch-size", "16",
+            "--strategy", "full", "--domain-adapt", "coral", "--target-data", str(target), "--checkpoint-every", "2",
+            "--quiet", "--out", str(tmp_path / "run")]
+    assert run_cli(*args, env={"FINETUNEKIT_FAULT": "batch@4"}).returncode == -9
+    shutil.copy(target / "cat" / sorted(p.name for p in (target / "cat").iterdir())[0], target / "cat" / "new.png")
+    r = run_cli("fit", "--resume", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert "the run changed since its checkpoint: the target-domain images' content (SHA-256)" in r.stderr
+
+
 # --- errors -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, expected", [

@@ -78,6 +78,11 @@ class AddOn:
     def model_config(self) -> dict[str, Any]:
         return {}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the add-on reads besides the training data, as digests in the checkpoint's fingerprint: a resume
+        whose add-on reads something else is stopped by the drift guard (resume.py)."""
+        return {}
+
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {}
 
@@ -135,6 +140,9 @@ class AddOns(list):
 
     def model_config(self) -> dict[str, Any]:
         return {k: v for a in self for k, v in a.model_config().items()}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for a in self for k, v in a.fingerprint().items()}
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {k: v for a in self for k, v in a.state_dict().items()}

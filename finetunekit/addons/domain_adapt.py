@@ -235,6 +235,9 @@ class DomainAdapt(AddOn):
         self._sum, self._count = None, 0
         return False
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {"target_data": self.digest}  # the target images' content: resume's drift guard compares it
+
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Where the epoch's target stream is, the epoch's loss so far, and the earlier epochs' means."""
         return {"domain_adapt.safetensors": {
