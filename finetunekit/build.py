@@ -130,6 +130,9 @@ def playbook(recipe: Recipe, inputs: Prepared) -> tuple[Recipe, list[str]]:
                            f"epoch") if m.peft else \
             choose(recipe.task, recipe.modality, TASK_KIND[recipe.task], inputs.train_targets,
                    inputs.sources.get("train"), inputs.image_size)
+        if m.init:  # --init: the features the head starts on are the earlier run's, not the source's
+            choice = Choice(choice.strategy, choice.reason.replace("the pretrained features",
+                                                                   f"the features of --init {m.init}"))
         if choice.strategy == "linear-probe" and t.domain_adapt != "none":  # a frozen backbone aligns nothing
             choice = Choice("lp-ft", f"{choice.reason}; but --domain-adapt {t.domain_adapt} needs the backbone to "
                                      f"train: the head first on fixed features, then every layer with the alignment")

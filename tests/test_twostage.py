@@ -85,9 +85,12 @@ def test_a_stage_2_fit_records_its_init_keys_features_on_its_weights_and_resumes
     # the same model, unpretrained, same data and transform: features that a key without the weights would serve
     code, _, err = cli("fit", "--data", new, *TINY, *probe, "--no-pretrained", "--out", str(d / "plain"))
     assert code == 0, err
-    code, _, err = cli("fit", "--data", new, *TINY, *probe, "--init", str(stages["stage1"]), "--out", str(d / "b"))
+    auto = ("--strategy", "auto", "--seed", "0", "--epochs", "1")  # picks the probe, on the --init run's features
+    code, _, err = cli("fit", "--data", new, *TINY, *auto, "--init", str(stages["stage1"]), "--out", str(d / "b"))
     assert code == 0, err
     log = (d / "b" / "log.txt").read_text()
+    assert "strategy auto -> linear-probe: 7 samples per class at 32 px" in log, log
+    assert f"few enough that the features of --init {stages['stage1'].resolve()} with a new head" in log
     assert "features (train and val, pooled): 16 x 256, computed in" in log and "read from the cache" not in log
     assert "head new (its 2 classes differ from these 2)" in log
     metrics = json.loads((d / "b" / "metrics.json").read_text())
