@@ -63,6 +63,10 @@ def check(models: Sequence[Any], paths: Sequence[str | os.PathLike]) -> None:
             raise UserError(f"{path}: its classes ({', '.join(model.classes or [])}) are not {paths[0]}'s "
                             f"({', '.join(first.classes or [])}); an ensemble's members need the same classes in "
                             f"the same order")
+        if first.task.kind == "multilabel" and model.task.threshold != first.task.threshold:
+            raise UserError(f"{path}: its multi-label threshold is {model.task.threshold:g}, {paths[0]}'s "
+                            f"{first.task.threshold:g}; an ensemble thresholds its mean probability once, so its "
+                            f"members need the same threshold")
 
 
 def combine(kind: str, logits: Sequence[Any], temperatures: Sequence[Any]):
@@ -91,8 +95,8 @@ def mean_probabilities(kind: str, pseudo):
 
 class Ensemble(Predictor):
     """Several loaded models (artifacts.load) of one task and class list; `predict` as a single model's, from the
-    mean of the members' calibrated probabilities. The first member's task formats the results (and its
-    multi-label threshold applies)."""
+    mean of the members' calibrated probabilities. The first member's task formats the results (multi-label:
+    every member has the same threshold, `check`)."""
 
     calibration = None  # each member's temperature is applied before averaging
 

@@ -128,6 +128,21 @@ def test_members_with_other_classes_and_uncertainty_are_one_line_exit_2(runs, tm
                                 "threshold and dropout passes are a single model's)\n"
 
 
+def test_multilabel_members_with_other_thresholds_are_one_line_exit_2(tmp_path):
+    """An ensemble thresholds its mean probability once: members saved with 0.5 and 0.3 are refused, naming both."""
+    from test_explain import _saved
+
+    a = _saved(tmp_path / "a", "timm:test_efficientnet", ["cat", "animal"], "image-multilabel", 32)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    config = json.loads((b / "config.json").read_text())
+    config["finetunekit"]["threshold"] = 0.3
+    (b / "config.json").write_text(json.dumps(config))
+    code, out, err = cli("predict", str(a), str(b), str(CIFAR / "test" / "cat" / "0000.jpg"))
+    assert code == 2 and err == (f"finetunekit: error: {b}: its multi-label threshold is 0.3, {a}'s 0.5; an ensemble "
+                                 f"thresholds its mean probability once, so its members need the same threshold\n")
+
+
 def test_combine_is_exact_for_every_kind():
     from finetunekit.ensemble import combine, mean_probabilities
 
