@@ -358,3 +358,28 @@ def test_compile_with_a_staged_strategy_in_several_processes_is_refused():
     Accelerator.num_processes = 1
     check_compile(Accelerator(), "gradual", True)
 
+
+
+@pytest.mark.distributed
+def test_domain_adaptation_in_two_processes_stays_in_step_through_lp_ft(images, tmp_path):
+    """--domain-adapt under DDP: the target rows ride in the wrapped model's forward on each process (its own
+    target stream), the head-only epoch reads none, the phase change rebuilds DDP, and both processes end with
+    the same weights; the alignment loss of the one adapting epoch is the mean over both processes' batches (as logged)."""
+    import shutil
+
+    target = tmp_path / "target"
+    target.mkdir()
+    for p in sorted((CIFAR / "test" / "cat").glob("*.jpg"))[:24]:
+        shutil.copy(p, target / p.name)
+    two = torchrun(*_fit_args(images, tmp_path / "two", 8, "--strategy", "lp-ft", "--head-epochs", "1", *SGD,
+                              "--domain-adapt", "coral", "--da-weight", "10", "--target-data", str(target)))
+    assert two.returncode == 0, two.stderr[-3000:]
+    m = _metrics(tmp_path / "two")
+    assert m["processes"] == {"count": 2, "max_param_difference": 0.0}
+    entry = m["domain_adapt"]
+    assert entry["method"] == "coral" and entry["target_images"] == 24 and len(entry["loss_by_epoch"]) == 1
+    process_0 = [float(line.split("mean coral loss ")[1].split()[0]) for line in two.stderr.splitlines()
+                 if "domain adaptation: epoch 2, mean coral loss" in line]
+    assert len(process_0) == 1 and entry["loss_by_epoch"][0] == pytest.approx(process_0[0], rel=1e-3)
+    assert entry["loss_by_epoch"][0] > 0
+    assert two.stderr.count("domain adaptation: coral on from epoch 2") == 1

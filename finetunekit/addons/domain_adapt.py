@@ -228,7 +228,7 @@ class DomainAdapt(AddOn):
 
     def after_epoch(self, epoch: int, val: dict[str, Any]) -> bool:
         if self._count:
-            mean = float(self._sum) / self._count
+            mean = _mean_over_processes(float(self._sum), self._count)
             self.by_epoch.append(mean)
             log.info("domain adaptation: epoch %d, mean %s loss %.4g (x %g in the loss)", epoch, self.method, mean,
                      self.weight)
@@ -263,3 +263,16 @@ class DomainAdapt(AddOn):
         return {"domain_adapt": {"method": self.method, "weight": self.weight, "target_data": str(self.folder),
                                  "target_images": self.images, "target_hash": self.digest,
                                  "loss_by_epoch": [round(v, 6) for v in self.by_epoch]}}
+
+
+def _mean_over_processes(total: float, count: int) -> float:
+    """The epoch's mean alignment loss over every process's batches (each process aligns its own target stream);
+    one process: total / count. Every process calls it after each epoch (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return total / count
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    both = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
