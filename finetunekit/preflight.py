@@ -267,6 +267,12 @@ def _fsdp(recipe: Recipe) -> None:
             raise UserError(f"--fsdp: not with {flag} ({why}); drop one of them")
     if recipe.task == "detection":
         raise UserError("--fsdp: not with --task detection (torchvision's detectors are not sharded here); drop it")
+    if recipe.task == "seq2seq":
+        raise UserError("--fsdp: not with --task seq2seq (its embeddings are tied to the output layer across layer "
+                        "groups, which this sharding does not verify); drop it")
+    if recipe.train.domain_adapt != "none":
+        raise UserError(f"--fsdp: not with --domain-adapt {recipe.train.domain_adapt} (its hooks on the head and the "
+                        f"model's forward are not verified on a sharded model); drop one of them")
 
 
 def _detection(recipe: Recipe) -> None:

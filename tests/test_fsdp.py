@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_distributed import PARITY, SGD, _final, _fit_args, _max_diff, _metrics, images, one, torchrun  # noqa: F401
+from conftest import CIFAR
 
 STRATEGIES = {"full": (), "freeze-unfreeze": (), "lp-ft": ("--head-epochs", "1")}
 
@@ -96,6 +97,7 @@ def test_fsdp_killed_then_resumed_reproduces_the_uninterrupted_run(images, tmp_p
     (("--ema", "0.99"), "--fsdp: not with --ema (its average is a deep copy of the model"),
     (("--l1-penalty", "1e-4"), "--fsdp: not with --l1-penalty"),
     (("--qat",), "--fsdp: not with --qat"),
+    (("--domain-adapt", "coral", "--target-data", str(CIFAR / "test" / "cat")), "--fsdp: not with --domain-adapt coral"),
 ])
 def test_fsdp_refuses_what_does_not_work_sharded_in_one_line(images, tmp_path, extra, message):
     from conftest import cli
