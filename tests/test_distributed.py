@@ -383,3 +383,24 @@ def test_domain_adaptation_in_two_processes_stays_in_step_through_lp_ft(images, 
     assert len(process_0) == 1 and entry["loss_by_epoch"][0] == pytest.approx(process_0[0], rel=1e-3)
     assert entry["loss_by_epoch"][0] > 0
     assert two.stderr.count("domain adaptation: coral on from epoch 2") == 1
+
+
+@pytest.mark.distributed
+def test_seq2seq_in_two_processes_generates_each_pair_once(tmp_path):
+    """--task seq2seq under DDP: both processes end with the same weights, and the generated texts of validation
+    (the per-epoch subset and the whole set at the end) are gathered once each, matching the pairs' count."""
+    from seq2seq_helper import reverse, save_tiny_t5, sst2_sentences, write_pairs
+
+    s = sst2_sentences(max_words=8, limit=120)
+    t5 = save_tiny_t5(tmp_path / "t5", s + [reverse(x) for x in s])
+    train, val = write_pairs(tmp_path / "train.csv", s[:96]), write_pairs(tmp_path / "val.csv", s[96:119])  # 23: odd
+    two = torchrun("fit", "--task", "seq2seq", "--data", str(train), "--val", str(val), "--model", f"hf:{t5}",
+                   "--epochs", "2", "--batch-size", "8", "--num-beams", "1", "--max-new-tokens", "10",
+                   "--eval-generate-max", "12", "--num-workers", "0", "--cpu", "--log-with", "none",
+                   "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    m = _metrics(tmp_path / "two")
+    assert m["processes"] == {"count": 2, "max_param_difference": 0.0}
+    assert m["val"]["generated"] == 23
+    rows = list(csv.DictReader((tmp_path / "two" / "val_predictions.csv").open()))
+    assert len(rows) == 23 and sorted(r["reference"] for r in rows) == sorted(reverse(x) for x in s[96:119])
