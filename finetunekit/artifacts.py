@@ -23,14 +23,12 @@ from typing import Any
 import torch
 
 from . import __version__, calibration, sharding
-from .errors import UserError
 from .models import Backbone, load_folder
 from .models.folder import read_weights
+from .rundir import find_model_folder
 from .tasks import build_task
 
-MODEL_DIR = "model"
 WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -111,16 +109,6 @@ def _transformers_state(module: torch.nn.Module, folder: Path) -> dict | None:
             fresh = type(sub).from_pretrained(folder, config=sub.config)
             return {f"{prefix}.{k}" if prefix else k: v for k, v in fresh.state_dict().items()}
     return None
-
-
-def find_model_folder(path: Path) -> Path:
-    """The model folder of a run directory or a model folder (a one-line UserError when it is neither)."""
-    path = Path(path)
-    if (path / CONFIG).is_file():  # a missing model.safetensors is the loader's one line
-        return path
-    if (path / MODEL_DIR / CONFIG).is_file():
-        return path / MODEL_DIR
-    raise UserError(f"{path}: not a finetunekit run or model folder (no {MODEL_DIR}/{CONFIG})")
 
 
 def load(path: str | os.PathLike):

@@ -36,6 +36,26 @@ OWNED = (MARKER, "recipe.yaml", "split.json", "log.txt", "metrics.json", "progre
          "test_predictions.csv")
 
 
+MODEL_DIR, CONFIG = "model", "config.json"  # a run's model folder, and the file that makes a folder one
+
+
+def model_folder(path: Path) -> Path | None:
+    """The model folder of a run directory or a model folder (its config.json there, or in model/), else None."""
+    path = Path(path)
+    for folder in (path, path / MODEL_DIR):
+        if (folder / CONFIG).is_file():  # a missing model.safetensors is the loader's one line
+            return folder
+    return None
+
+
+def find_model_folder(path: Path) -> Path:
+    """The model folder of a run directory or a model folder (a one-line UserError when it is neither)."""
+    folder = model_folder(path)
+    if folder is None:
+        raise UserError(f"{path}: not a finetunekit run or model folder (no {MODEL_DIR}/{CONFIG})")
+    return folder
+
+
 def is_run(path: Path) -> bool:
     """Whether `path` holds a finetunekit run (its marker, or the files of a run from before the marker)."""
     path = Path(path)

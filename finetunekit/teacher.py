@@ -41,7 +41,7 @@ FORMAT = 1  # of a cached entry of teacher logits
 
 def folder_of(spec: str) -> Path:
     """The model folder a --teacher value names (its config.json is there; no weights read yet)."""
-    from .artifacts import find_model_folder
+    from .rundir import find_model_folder
     from .config import BUILTIN_MODELS
 
     if spec.startswith(("timm:", "torchvision:")) or spec in BUILTIN_MODELS:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .rundir import CONFIG, find_model_folder
 
-MODEL_DIR, CONFIG = "model", "config.json"
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,10 @@ def folder_of(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"--init {path}: no such file or folder")
-    for folder in (path, path / MODEL_DIR):
-        if (folder / CONFIG).is_file():
-            return folder
-    raise UserError(f"--init {path}: not a finetunekit run or model folder (no {MODEL_DIR}/{CONFIG})")
+    try:
+        return find_model_folder(path)
+    except UserError as e:
+        raise UserError(f"--init {e}") from None
 
 
 def read(path: Path) -> InitSource:

@@ -29,7 +29,7 @@ _DROP = ("version", "task", "source", "model", "head", "peft", "preprocessing") 
 
 def default_out(run: Path) -> Path:
     """RUN/merged for a run directory; beside the folder for a model folder."""
-    from ..artifacts import find_model_folder
+    from ..rundir import find_model_folder
 
     return find_model_folder(Path(run)).parent / MERGED_DIR
 

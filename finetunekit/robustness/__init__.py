@@ -203,7 +203,7 @@ def is_report(path: Path) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """`finetunekit evaluate RUN --attack ... --corruptions ...`: checks first, then the pass, the table, the JSON."""
-    from ..artifacts import find_model_folder
+    from ..rundir import find_model_folder
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("evaluate --attack/--corruptions runs in one process; start it without a launcher")
