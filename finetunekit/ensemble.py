@@ -28,11 +28,11 @@ EPS = 1e-12  # multi-label: probabilities kept inside (0, 1) before the inverse 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
     """A run directory or model folder (config.json here or in model/), not an export: what an ensemble member is."""
+    from .rundir import model_folder
     from .runtime import export_format
 
     p = Path(path)
-    return p.is_dir() and ((p / "config.json").is_file() or (p / "model" / "config.json").is_file()) and \
-        export_format(p) is None
+    return p.is_dir() and model_folder(p) is not None and export_format(p) is None
 
 
 def members(run: str, inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -142,27 +142,6 @@ class Ensemble(Predictor):
                         "single model's)")
 
 
-def _member_pass(model, data: Path, batch_size: int, quiet: bool, cpu: bool) -> tuple[dict, Any, Any]:
-    """(metrics as `finetunekit evaluate` gives them, logits, targets) of one member on `data`."""
-    from . import build
-    from .calibration import figures
-    from .evaluation import Outputs, evaluate as evaluate_loader
-
-    loader, skipped = model.labelled_loader(Path(data), batch_size)
-    accelerator = build.accelerator("auto", 1, cpu, None, model.module)
-    module, loader = accelerator.prepare(model.module, loader)
-    kept = Outputs()
-    metrics = evaluate_loader(accelerator, model.eval_module(module), loader, model.task, quiet=quiet, keep=kept)
-    logits, targets = kept.joined()
-    if model.calibration is not None:
-        after, before = figures(model.task.kind, logits, targets, model.temperature), \
-            figures(model.task.kind, logits, targets)
-        metrics.update(ece=after["ece"], nll=after["nll"], ece_uncalibrated=before["ece"],
-                       nll_uncalibrated=before["nll"], temperature=model.temperature)
-    metrics["skipped"] = skipped
-    return metrics, logits, targets
-
-
 def evaluate(paths: Sequence[str | os.PathLike], data: str | os.PathLike, batch_size: int = 64, quiet: bool = True,
              cpu: bool = False) -> dict:
     """Each member's metrics on labelled `data` (as `finetunekit evaluate` gives one model's), the ensemble's (the
@@ -172,13 +151,14 @@ def evaluate(paths: Sequence[str | os.PathLike], data: str | os.PathLike, batch_
     import torch
 
     from .calibration import figures
+    from .run import evaluate_model
     from .tasks import LOWER_IS_BETTER
 
     ensemble = Ensemble.load(paths)
     task, kind = ensemble.task, ensemble.task.kind
     rows, logits, targets = [], [], None
     for path, model in zip(ensemble.paths, ensemble.models):
-        metrics, z, y = _member_pass(model, Path(data), batch_size, quiet, cpu)
+        metrics, z, y = evaluate_model(model, Path(data), batch_size, quiet, cpu, keep=True)
         if targets is not None and not torch.equal(y, targets):
             raise UserError(f"{path}: read other samples from {data} than {ensemble.paths[0]} did")
         targets = y

@@ -386,19 +386,27 @@ def evaluate(run: str | Path, data: str | Path, batch_size: int = 64, quiet: boo
     """Metrics of a saved model on labelled data in the form it was trained on (image folder or manifest;
     a table with the same columns for text). Labels must be the model's. A calibrated model's also carry
     ece and nll (with its temperature), ece_uncalibrated, nll_uncalibrated and the temperature."""
-    model = load(run)
+    return evaluate_model(load(run), data, batch_size, quiet, cpu)[0]
+
+
+def evaluate_model(model, data: str | Path, batch_size: int = 64, quiet: bool = True, cpu: bool = False,
+                   keep: bool = False) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    """`evaluate` of a loaded model: (its metrics, the gathered logits, the targets). The outputs are kept for a
+    calibrated model (its figures need them) or when `keep` (an ensemble averages them), else (metrics, None, None)."""
     loader, skipped = model.labelled_loader(Path(data), batch_size)
     accelerator = build.accelerator("auto", 1, cpu, None, model.module)  # fit's precision for this model
     module, loader = accelerator.prepare(model.module, loader)
-    kept = Outputs() if model.calibration is not None else None
+    kept = Outputs() if keep or model.calibration is not None else None
     metrics = evaluate_loader(accelerator, model.eval_module(module), loader, model.task, quiet=quiet, keep=kept)
-    if kept is not None and kept.outputs:  # a calibrated model: its ECE and NLL with and without the temperature
+    logits = targets = None
+    if kept is not None and kept.outputs:
+        logits, targets = kept.joined()
+    if model.calibration is not None and logits is not None:  # its ECE and NLL with and without the temperature
         from .calibration import figures
 
-        logits, targets = kept.joined()
         after, before = figures(model.task.kind, logits, targets, model.temperature), \
             figures(model.task.kind, logits, targets)
         metrics.update(ece=after["ece"], nll=after["nll"], ece_uncalibrated=before["ece"],
                        nll_uncalibrated=before["nll"], temperature=model.temperature)
     metrics["skipped"] = skipped
-    return metrics
+    return metrics, logits, targets
