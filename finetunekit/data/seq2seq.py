@@ -108,16 +108,8 @@ def resolve_pair_splits(path: Path, val: Path | None, test: Path | None, *, sour
     val_t = read_table(val, "--val") if val else None
     test_t = read_table(test, "--test") if test else None
     source, target, how = pick_columns(train_t, source_column, target_column)
-    parsed = []
-    for t in (x for x in (train_t, val_t, test_t) if x is not None):
-        cols = lookup(t.columns)
-        missing = [c for c in (source, target) if c.lower() not in cols]
-        if missing:
-            raise UserError(f"{t.origin}: no column {missing[0]!r} (the training table has it; columns here: "
-                            f"{t.columns})")
-        rows = parse_pairs(t, cols[source.lower()], cols[target.lower()])
-        check_bad(rows, t, max_bad_fraction)
-        parsed.append(rows)
+    parsed = [_pairs(t, source, target, max_bad_fraction, "the training table has it")
+              for t in (train_t, val_t, test_t) if t is not None]
     skipped = [b for rows in parsed for b in rows.bad]
     warn_skipped(skipped)
     it = iter(parsed)
@@ -145,15 +137,21 @@ def resolve_pair_splits(path: Path, val: Path | None, test: Path | None, *, sour
 def read_pairs(path: Path, source_column: str, target_column: str, option: str = "--data",
                max_bad_fraction: float = 0.05) -> tuple[PairSplit, list[tuple[str, str]]]:
     """A table read with a saved model's columns (for `evaluate`): the pairs and the skipped rows."""
-    table = read_table(path, option)
-    have = lookup(table.columns)
-    missing = [c for c in (source_column, target_column) if c.lower() not in have]
-    if missing:
-        raise UserError(f"{table.origin}: no column {missing[0]!r} (the model was trained on columns "
-                        f"{source_column}, {target_column}; columns here: {table.columns})")
-    rows = parse_pairs(table, have[source_column.lower()], have[target_column.lower()])
-    check_bad(rows, table, max_bad_fraction)
+    rows = _pairs(read_table(path, option), source_column, target_column, max_bad_fraction,
+                  f"the model was trained on columns {source_column}, {target_column}")
     return _split(rows), rows.bad
+
+
+def _pairs(table: Table, source: str, target: str, max_bad_fraction: float, hint: str):
+    """A table's pairs from its `source` and `target` columns (names matched case-insensitively); one line naming a
+    missing column (`hint`: why it was expected), or too many unusable rows."""
+    have = lookup(table.columns)
+    missing = [c for c in (source, target) if c.lower() not in have]
+    if missing:
+        raise UserError(f"{table.origin}: no column {missing[0]!r} ({hint}; columns here: {table.columns})")
+    rows = parse_pairs(table, have[source.lower()], have[target.lower()])
+    check_bad(rows, table, max_bad_fraction)
+    return rows
 
 
 def encode_targets(tokenizer, targets: list[str], max_length: int) -> list[list[int]]:
