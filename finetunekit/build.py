@@ -498,8 +498,8 @@ def domain_adaptation(d: DataConfig, t: TrainConfig, backbone, workers: int):
         raise UserError(f"--target-data {d.target_data}: {len(paths)} readable image(s); the alignment needs at "
                         f"least 2")
     transform = build_transform(backbone.preprocessing, d.augment, rotate=d.rotate, elastic=d.elastic, vflip=d.vflip)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    loader, sampler = target_loader(paths, transform, t.batch_size, seed=t.seed + 1_000_003 * rank, workers=workers)
+    loader, sampler = target_loader(paths, transform, t.batch_size, seed=t.seed + 1_000_003 * distributed.rank(),
+                                    workers=workers)
     digest = content_hash(d.target_data, paths)
     log.info("domain adaptation: %s (weight %g) between each training batch and a batch of the %d unlabeled images "
              "of %s (content %s), on the features the head reads", t.domain_adapt, t.da_weight, len(paths),
